@@ -1,0 +1,3 @@
+"""asmtp: an asyncio SMTP client with concurrent fan-out."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""The one exception tree of asmtp.
+
+Every error asmtp raises derives from :class:`SMTPError`. Each carries ``permanent``
+(will retrying ever help?) and, where known, ``stage`` (the step of the SMTP exchange
+it ended at), so the dispatcher can turn any failure into a recipient result without
+special cases. Raw ``OSError``, ``ssl.SSLError`` or anyio exceptions never reach callers:
+the transport translates them into the classes below in one place.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "AuthUnavailableError",
+    "CertificateError",
+    "ConnectError",
+    "ConnectionLostError",
+    "InputError",
+    "LocalProtocolError",
+    "NoAddressError",
+    "NoSuchDomainError",
+    "NullMXError",
+    "MessageRejectedError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ReplyError",
+    "ResolveError",
+    "SMTPError",
+    "SMTPTimeoutError",
+    "TLSError",
+    "TemporaryResolveError",
+    "TLSUnavailableError",
+    "TransportError",
+]
+
+
+class SMTPError(Exception):
+    """Root of every asmtp error.
+
+    ``permanent`` says whether the same attempt could succeed later (False: a network
+    or configuration problem, a 4xx reply) or never will (True: a 5xx reply, a message
+    the server cannot take). ``stage`` names where the exchange ended ("connect",
+    "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "message", ...).
+    """
+
+    permanent: bool = False
+
+    def __init__(self, message: str, *, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.stage = stage
+
+
+class InputError(SMTPError, ValueError):
+    """Bad input from the caller (an address or header with CR/LF/NUL, an address that
+    does not parse, a bad option). Raised before any connection is made."""
+
+    permanent = True
+
+
+class ProtocolError(SMTPError):
+    """The SMTP exchange went outside the protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """asmtp's own state machine was asked to do something the protocol forbids now
+    (a bug in the caller of the sans-IO core, not the server's fault)."""
+
+    permanent = True
+
+
+class RemoteProtocolError(ProtocolError):
+    """The server sent something that is not SMTP: a malformed or oversized reply,
+    a reply nobody asked for, data before the TLS handshake."""
+
+
+class TransportError(SMTPError):
+    """The connection failed: could not connect, was closed, or timed out."""
+
+
+class ConnectError(TransportError):
+    """The TCP connection could not be made (refused, unreachable, name unknown)."""
+
+
+class ConnectionLostError(TransportError):
+    """The server closed the connection (or it broke) in the middle of the exchange."""
+
+
+class SMTPTimeoutError(TransportError, TimeoutError):
+    """A network step (a command and its whole reply, or connect plus greeting) took
+    longer than the timeout."""
+
+
+class TLSError(TransportError):
+    """The TLS handshake failed."""
+
+
+class CertificateError(TLSError):
+    """The server's certificate could not be verified for the host name."""
+
+
+class TLSUnavailableError(TLSError):
+    """TLS was required but the server does not offer STARTTLS."""
+
+
+class ReplyError(SMTPError):
+    """The server answered with an error reply (4xx or 5xx).
+
+    >>> err = ReplyError(550, "no such user", enhanced_status="5.1.1", stage="rcpt")
+    >>> err.permanent, str(err)
+    (True, 'RCPT TO refused: 550 5.1.1 no such user')
+    """
+
+    def __init__(
+        self,
+        code: int,
+        text: str,
+        *,
+        enhanced_status: str | None = None,
+        stage: str | None = None,
+    ) -> None:
+        self.code = code
+        self.text = text
+        self.enhanced_status = enhanced_status
+        what = _STAGE_TEXT.get(stage or "", "server")
+        status = f" {enhanced_status}" if enhanced_status else ""
+        super().__init__(f"{what} refused: {code}{status} {text}".rstrip(), stage=stage)
+        self.permanent = code >= 500
+
+
+class AuthenticationError(ReplyError):
+    """AUTH was rejected (535 and kin). Transient: the credentials can be fixed and the
+    recipients tried again, as Postfix defers rather than bounces on an AUTH failure."""
+
+    def __init__(
+        self,
+        code: int,
+        text: str,
+        *,
+        enhanced_status: str | None = None,
+        stage: str | None = "auth",
+    ) -> None:
+        super().__init__(code, text, enhanced_status=enhanced_status, stage=stage)
+        self.permanent = False
+
+
+class AuthUnavailableError(SMTPError):
+    """AUTH cannot be done: no mechanism in common, or the connection is not encrypted
+    and ``allow_plaintext_auth`` was not given. Transient: a configuration problem."""
+
+
+class MessageRejectedError(SMTPError):
+    """This server can never take this message as it is: it exceeds the server's SIZE,
+    or needs 8BITMIME or SMTPUTF8 and the server does not offer them."""
+
+    permanent = True
+
+
+class ResolveError(SMTPError):
+    """The recipient domain's mail exchangers could not be found.
+
+    ``permanent`` is True when the domain takes no mail (NXDOMAIN, null MX, no
+    address) and False for a temporary DNS failure (timeout, SERVFAIL).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        domain: str,
+        permanent: bool,
+        enhanced_status: str | None = None,
+    ) -> None:
+        super().__init__(message, stage="dns")
+        self.domain = domain
+        self.permanent = permanent
+        self.enhanced_status = enhanced_status
+
+    #: how ``asmtp mx --json`` names this outcome
+    kind: str = "temporary"
+
+
+class NoSuchDomainError(ResolveError):
+    """NXDOMAIN: the recipient domain does not exist (permanent, 5.1.2)."""
+
+    kind = "nxdomain"
+
+
+class NullMXError(ResolveError):
+    """The domain publishes a null MX (``0 .``, RFC 7505): it takes no mail
+    (permanent, 5.1.10)."""
+
+    kind = "null_mx"
+
+
+class NoAddressError(ResolveError):
+    """None of the domain's mail exchangers has an address (permanent, 5.1.2)."""
+
+    kind = "no_address"
+
+
+class TemporaryResolveError(ResolveError):
+    """DNS did not answer in time or answered SERVFAIL (transient, 4.4.3)."""
+
+    kind = "temporary"
+
+
+_STAGE_TEXT = {
+    "greeting": "greeting",
+    "ehlo": "EHLO",
+    "helo": "HELO",
+    "starttls": "STARTTLS",
+    "auth": "AUTH",
+    "mail": "MAIL FROM",
+    "rcpt": "RCPT TO",
+    "data": "DATA",
+    "message": "message",
+    "rset": "RSET",
+    "noop": "NOOP",
+    "quit": "QUIT",
+}

@@ -1,0 +1,145 @@
+"""What a send returns: one :class:`RecipientResult` per recipient, gathered in a
+:class:`Report`. Pure data, no I/O; also how any :class:`~asmtp.errors.SMTPError`
+becomes a result (:func:`result_from_error`), so there is one classification rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ReplyError, ResolveError, SMTPError
+
+__all__ = ["Attempt", "RecipientResult", "Report", "Status", "TLSState", "result_from_error"]
+
+Status = Literal["delivered", "transient", "permanent", "unknown"]
+TLSState = Literal["verified", "unverified", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try at one address of one host (direct delivery walks several)."""
+
+    host: str
+    address: str
+    stage: str
+    code: int | None
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """The outcome for one recipient.
+
+    ``status`` is "delivered"; "transient" (may succeed later); "permanent" (will not);
+    or "unknown" (the end-of-data dot was sent and no reply came: it may have been
+    delivered, so it must not be blindly retried). ``stage`` says where it ended.
+    """
+
+    recipient: str
+    status: Status
+    code: int | None = None
+    enhanced_status: str | None = None
+    message: str = ""
+    stage: str = "message"
+    host: str | None = None
+    tls: TLSState = "none"
+    elapsed: float = 0.0
+    tried: tuple[Attempt, ...] = ()
+    key: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "delivered"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (``asmtp send --json`` prints one per line)."""
+        out: dict[str, Any] = {
+            "recipient": self.recipient,
+            "status": self.status,
+            "code": self.code,
+            "enhanced_status": self.enhanced_status,
+            "message": self.message,
+            "stage": self.stage,
+            "host": self.host,
+            "tls": self.tls,
+            "elapsed": round(self.elapsed, 6),
+        }
+        if self.tried:
+            out["tried"] = [a.as_dict() for a in self.tried]
+        if self.key is not None:
+            out["key"] = self.key
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Report(Sequence[RecipientResult]):
+    """Every recipient's result, in the order the recipients were given."""
+
+    results: tuple[RecipientResult, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        """True when every recipient was delivered (and there was at least one)."""
+        return bool(self.results) and all(r.status == "delivered" for r in self.results)
+
+    def counts(self) -> Mapping[str, int]:
+        """How many recipients ended in each status."""
+        return Counter(r.status for r in self.results)
+
+    def failed(self) -> tuple[RecipientResult, ...]:
+        return tuple(r for r in self.results if r.status != "delivered")
+
+    def __getitem__(self, index: int) -> RecipientResult:  # type: ignore[override]
+        return self.results[index]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[RecipientResult]:
+        return iter(self.results)
+
+
+def result_from_error(
+    recipient: str,
+    error: SMTPError,
+    *,
+    host: str | None = None,
+    tls: TLSState = "none",
+    elapsed: float = 0.0,
+    dot_sent: bool = False,
+    tried: tuple[Attempt, ...] = (),
+    key: Any = None,
+) -> RecipientResult:
+    """Classify a failure: a reply error keeps its code; a local failure after the
+    end-of-data dot was sent is "unknown" (RFC 5321 section 6.1: it may have arrived)."""
+    code: int | None = None
+    enhanced: str | None = None
+    if isinstance(error, ReplyError):
+        code, enhanced = error.code, error.enhanced_status
+    elif isinstance(error, ResolveError):
+        enhanced = error.enhanced_status
+    status: Status
+    if dot_sent and not isinstance(error, ReplyError):
+        status = "unknown"
+    else:
+        status = "permanent" if error.permanent else "transient"
+    return RecipientResult(
+        recipient=recipient,
+        status=status,
+        code=code,
+        enhanced_status=enhanced,
+        message=error.message,
+        stage=error.stage or "connect",
+        host=host,
+        tls=tls,
+        elapsed=elapsed,
+        tried=tried,
+        key=key,
+    )
