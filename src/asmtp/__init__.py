@@ -1,3 +1,85 @@
-"""asmtp: an asyncio SMTP client with concurrent fan-out."""
+"""asmtp: an asyncio SMTP client with concurrent fan-out.
+
+One message to many recipients, one connection each, concurrently, one result per
+recipient::
+
+    report = await asmtp.sendmail(
+        to="jack@example.org, Ann (work) <ann@example.net>",
+        from_="someone@example.com",
+        subject="Test Subject",
+        body="<h1>This is a test mail</h1>",
+        mailtype="html",
+        relay=asmtp.Relay("smtp.example.com", 587, username="u", password="p"),
+    )
+"""
 
 __version__ = "0.1.0"
+
+from .api import ConnectedSession, connect, send, sendmail
+from .capabilities import Capabilities
+from .config import Relay, Timeouts
+from .errors import (
+    AuthenticationError,
+    AuthUnavailableError,
+    CertificateError,
+    ConnectError,
+    ConnectionLostError,
+    InputError,
+    LocalProtocolError,
+    MessageRejectedError,
+    NoAddressError,
+    NoSuchDomainError,
+    NullMXError,
+    ProtocolError,
+    RemoteProtocolError,
+    ReplyError,
+    ResolveError,
+    SMTPError,
+    SMTPTimeoutError,
+    TemporaryResolveError,
+    TLSError,
+    TLSUnavailableError,
+    TransportError,
+)
+from .message import PreparedMessage, build_message, prepare_message
+from .reply import Reply
+from .results import Attempt, RecipientResult, Report
+
+__all__ = (
+    "Attempt",
+    "AuthenticationError",
+    "AuthUnavailableError",
+    "Capabilities",
+    "CertificateError",
+    "ConnectError",
+    "ConnectedSession",
+    "ConnectionLostError",
+    "InputError",
+    "LocalProtocolError",
+    "MessageRejectedError",
+    "NoAddressError",
+    "NoSuchDomainError",
+    "NullMXError",
+    "PreparedMessage",
+    "ProtocolError",
+    "RecipientResult",
+    "Relay",
+    "RemoteProtocolError",
+    "Reply",
+    "ReplyError",
+    "Report",
+    "ResolveError",
+    "SMTPError",
+    "SMTPTimeoutError",
+    "TLSError",
+    "TLSUnavailableError",
+    "TemporaryResolveError",
+    "Timeouts",
+    "TransportError",
+    "__version__",
+    "build_message",
+    "connect",
+    "prepare_message",
+    "send",
+    "sendmail",
+)

@@ -1,0 +1,259 @@
+"""The public entry points: :func:`sendmail` (build a message and fan it out),
+:func:`send` (fan out a message the caller built) and :func:`connect` (one session the
+caller drives). Every input is checked here, before any connection is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Literal
+
+import anyio
+
+from .address import check_mailbox, parse_address_list, unique_addresses
+from .config import Direct, Relay, Timeouts, TimeoutSpec
+from .direct import DirectDelivery, plan_jobs
+from .dispatch import Job, deliver_one, run_pool
+from .errors import InputError
+from .message import Attachment, PreparedMessage, build_message, envelope_of, prepare_message
+from .results import RecipientResult, Report
+from .session import Endpoint, Session, default_helo
+
+__all__ = ["connect", "send", "sendmail"]
+
+logger = logging.getLogger("asmtp")
+
+AddressList = str | Iterable[str] | None
+Headers = Mapping[str, str | None] | Iterable[tuple[str, str | None]] | None
+
+
+async def sendmail(
+    to: AddressList,
+    from_: str,
+    subject: str = "",
+    body: str = "",
+    mailtype: Literal["text", "html"] = "text",
+    *,
+    alt_text: str | None = None,
+    cc: AddressList = None,
+    bcc: AddressList = None,
+    headers: Headers = None,
+    attachments: Iterable[Attachment] = (),
+    relay: Relay | Direct | None,
+    concurrency: int = 100,
+    timeout: TimeoutSpec = 30.0,
+    debug: bool = False,
+    log_file: str | os.PathLike[str] | None = None,
+) -> Report:
+    """Send one message to every address in ``to``, ``cc`` and ``bcc``, one session
+    per recipient, at most ``concurrency`` at once. Returns one result per recipient
+    (in input order, a recipient named twice counted once); raises only for bad input,
+    before anything is sent.
+
+    >>> import asyncio, asmtp
+    >>> async def main() -> None:
+    ...     report = await asmtp.sendmail(
+    ...         to="jack@example.org, Ann (work) <ann@example.net>",
+    ...         from_="someone@example.com", subject="Hello", body="Hi!",
+    ...         relay=asmtp.Relay("smtp.example.com", 587, username="u", password="p"),
+    ...     )
+    ...     print(report.ok)
+    """
+    recipients = [a for _, a in parse_address_list(to, field="to")]
+    recipients += [a for _, a in parse_address_list(cc, field="cc")]
+    recipients += [a for _, a in parse_address_list(bcc, field="bcc")]
+    senders = parse_address_list(from_, field="from_")
+    if len(senders) != 1:
+        raise InputError(f"from_ must be exactly one address: {from_!r}")
+    message = build_message(
+        to=to,
+        from_=from_,
+        subject=subject,
+        body=body,
+        mailtype=mailtype,
+        alt_text=alt_text,
+        cc=cc,
+        headers=headers,
+        attachments=attachments,
+    )
+    return await send(
+        message,
+        sender=senders[0][1],
+        recipients=recipients,
+        relay=relay,
+        concurrency=concurrency,
+        timeout=timeout,
+        debug=debug,
+        log_file=log_file,
+    )
+
+
+async def send(
+    message: EmailMessage | bytes,
+    *,
+    sender: str | None = None,
+    recipients: AddressList = None,
+    relay: Relay | Direct | None,
+    concurrency: int = 100,
+    timeout: TimeoutSpec = 30.0,
+    debug: bool = False,
+    log_file: str | os.PathLike[str] | None = None,
+) -> Report:
+    """Fan out a message the caller built (an :class:`~email.message.EmailMessage`
+    or ready bytes). The envelope comes from Sender/From and To/Cc/Bcc unless
+    ``sender``/``recipients`` are given; Bcc is never sent; the message is serialized
+    once for all recipients."""
+    sender, rcpts, prepared = _envelope(message, sender, recipients)
+    concurrency = _check_concurrency(concurrency)
+    timeouts = Timeouts.of(timeout)
+    if debug:
+        enable_debug()
+    if relay is None:
+        relay = Direct()
+    if isinstance(relay, Direct):
+        direct = DirectDelivery(
+            relay, timeouts, helo=relay.helo or await default_helo(), debug=debug
+        )
+
+        async def run(job: Job) -> list[RecipientResult]:
+            return await direct.deliver(sender, [rcpts[i] for i in job], prepared)
+
+        jobs = plan_jobs(rcpts, relay)
+    elif isinstance(relay, Relay):
+        endpoint = await Endpoint.for_relay(relay)
+
+        async def run(job: Job) -> list[RecipientResult]:
+            return await deliver_one(
+                endpoint, timeouts, sender, [rcpts[i] for i in job], prepared, debug=debug
+            )
+
+        jobs = [[i] for i in range(len(rcpts))]
+    else:
+        raise InputError(f"relay must be an asmtp.Relay, an asmtp.Direct or None: {relay!r}")
+    results = await run_pool(len(rcpts), jobs, concurrency, run)
+    report = Report(tuple(results))
+    if log_file is not None:
+        await write_log(log_file, report.results)
+    return report
+
+
+def _envelope(
+    message: EmailMessage | bytes, sender: str | None, recipients: AddressList
+) -> tuple[str, list[str], PreparedMessage]:
+    if isinstance(message, EmailMessage):
+        env_sender, rcpts = envelope_of(message, sender=sender, recipients=recipients)
+    elif isinstance(message, (bytes, bytearray, memoryview)):
+        if sender is None or recipients is None:
+            raise InputError("a message given as bytes needs sender= and recipients=")
+        env_sender = check_mailbox(sender, field="sender", allow_empty=True)
+        rcpts = unique_addresses(a for _, a in parse_address_list(recipients, field="recipients"))
+        if not rcpts:
+            raise InputError("no recipients")
+        message = bytes(message)
+    else:
+        raise InputError(f"message must be an EmailMessage or bytes, not {type(message).__name__}")
+    return env_sender, rcpts, prepare_message(message)
+
+
+def _check_concurrency(concurrency: int) -> int:
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        raise InputError(f"concurrency must be a positive integer: {concurrency!r}")
+    return concurrency
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    relay: Relay,
+    *,
+    timeout: TimeoutSpec = 30.0,
+    debug: bool = False,
+) -> AsyncIterator[ConnectedSession]:
+    """One session the caller drives: several transactions over one connection.
+
+    >>> async def main() -> None:
+    ...     async with asmtp.connect(asmtp.Relay("smtp.example.com")) as session:
+    ...         report = await session.sendmail("me@example.com", ["you@example.org"], msg)
+    """
+    if not isinstance(relay, Relay):
+        raise InputError(f"relay must be an asmtp.Relay: {relay!r}")
+    if debug:
+        enable_debug()
+    endpoint = await Endpoint.for_relay(relay)
+    session = Session(endpoint, Timeouts.of(timeout), debug=debug)
+    try:
+        await session.connect()
+        yield ConnectedSession(session)
+    except BaseException:
+        session.abort()
+        raise
+    await session.quit()
+
+
+class ConnectedSession:
+    """A session opened by :func:`connect`."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    @property
+    def tls(self) -> str:
+        return self._session.tls
+
+    @property
+    def capabilities(self) -> object:
+        return self._session.proto.capabilities
+
+    async def sendmail(
+        self,
+        sender: str,
+        recipients: str | Iterable[str],
+        message: EmailMessage | bytes,
+    ) -> Report:
+        """One mail transaction on this session: one result per recipient."""
+        env_sender, rcpts, prepared = _envelope(message, sender, recipients)
+        results = await self._session.deliver(env_sender, rcpts, prepared)
+        return Report(tuple(results))
+
+    async def noop(self) -> None:
+        """Check the session is alive (raises an :class:`~asmtp.errors.SMTPError` if not)."""
+        await self._session.noop()
+
+
+def enable_debug() -> None:
+    """Show the transcript (``debug=True``): the ``asmtp`` logger at DEBUG to stderr,
+    unless the application configured handlers of its own."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s asmtp %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
+def format_log_line(result: RecipientResult, *, when: float | None = None) -> str:
+    """One line per recipient for ``log_file``: time, pid, outcome."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(when))
+    code = f" {result.code}" if result.code is not None else ""
+    status = f" {result.enhanced_status}" if result.enhanced_status else ""
+    host = f" host={result.host}" if result.host else ""
+    return (
+        f"{stamp} asmtp[{os.getpid()}]: <{result.recipient}> {result.status}{code}{status}"
+        f" stage={result.stage}{host} tls={result.tls} {result.message!r}\n"
+    )
+
+
+async def write_log(path: str | os.PathLike[str], results: Sequence[RecipientResult]) -> None:
+    """Append a line per recipient to ``path``, off the event loop."""
+    text = "".join(format_log_line(r) for r in results)
+
+    def append() -> None:
+        with Path(path).open("a", encoding="utf-8") as f:
+            f.write(text)
+
+    await anyio.to_thread.run_sync(append)

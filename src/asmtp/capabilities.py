@@ -1,0 +1,102 @@
+"""ESMTP capabilities: what a server's EHLO reply offers (RFC 5321 section 4.1.1.1),
+and what asmtp makes of it. Sans-IO.
+
+A real reply::
+
+    250-mx.example.org Hello client.example.com
+    250-PIPELINING
+    250-SIZE 10240000
+    250-STARTTLS
+    250-AUTH PLAIN LOGIN
+    250-ENHANCEDSTATUSCODES
+    250-8BITMIME
+    250-DSN
+    250 SMTPUTF8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .reply import Reply
+
+__all__ = ["Capabilities"]
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """The extensions a server announced, by upper-case keyword, with their parameters.
+
+    >>> caps = Capabilities.from_ehlo(Reply(250, ("mx.example.org", "SIZE 1000", "AUTH PLAIN")))
+    >>> caps.size, caps.auth, "SIZE" in caps
+    (1000, ('PLAIN',), True)
+    """
+
+    extensions: dict[str, str] = field(default_factory=dict)
+    #: False after a HELO fallback: the server speaks plain RFC 821 SMTP.
+    esmtp: bool = True
+
+    @classmethod
+    def from_ehlo(cls, reply: Reply) -> Capabilities:
+        ext: dict[str, str] = {}
+        for line in reply.lines[1:]:
+            keyword, _, params = line.strip().partition(" ")
+            if not keyword:
+                continue
+            key = keyword.upper()
+            # Old servers announce "AUTH=LOGIN" beside "AUTH LOGIN"; merge both.
+            if key.startswith("AUTH="):
+                key, params = "AUTH", keyword[5:] + (" " + params if params else "")
+            if key == "AUTH" and "AUTH" in ext:
+                params = ext["AUTH"] + " " + params
+            ext[key] = params.strip()
+        return cls(ext)
+
+    @classmethod
+    def helo(cls) -> Capabilities:
+        return cls({}, esmtp=False)
+
+    def __contains__(self, keyword: object) -> bool:
+        return isinstance(keyword, str) and keyword.upper() in self.extensions
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    @property
+    def starttls(self) -> bool:
+        return "STARTTLS" in self.extensions
+
+    @property
+    def eight_bit_mime(self) -> bool:
+        return "8BITMIME" in self.extensions
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.extensions
+
+    @property
+    def dsn(self) -> bool:
+        return "DSN" in self.extensions
+
+    @property
+    def size(self) -> int | None:
+        """The server's message size limit (RFC 1870); None when not announced or 0
+        (no fixed limit)."""
+        raw = self.extensions.get("SIZE")
+        if raw is None:
+            return None
+        try:
+            value = int(raw.split()[0]) if raw else 0
+        except ValueError:
+            return None
+        return value or None
+
+    @property
+    def auth(self) -> tuple[str, ...]:
+        """SASL mechanisms offered (RFC 4954), upper case, without duplicates."""
+        raw = self.extensions.get("AUTH", "")
+        seen: dict[str, None] = {}
+        for mech in raw.upper().split():
+            seen.setdefault(mech, None)
+        return tuple(seen)

@@ -1,0 +1,129 @@
+"""The fan-out: sessions run concurrently under a limit, exactly one result per
+recipient.
+
+Owns concurrency and the one-result guarantee. A fixed pool of ``concurrency`` workers
+pulls jobs from a shared iterator, so a long list never becomes one task per
+recipient; one recipient's failure never cancels another's; cancelling the call closes
+every session in flight and re-raises, with no result made up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+
+from .config import Timeouts
+from .errors import SMTPError
+from .message import PreparedMessage
+from .results import RecipientResult, result_from_error
+from .session import Endpoint, Session
+
+__all__ = ["deliver_one", "run_pool", "run_session"]
+
+logger = logging.getLogger("asmtp")
+
+Job = Sequence[int]  # indexes of the recipients one session carries
+
+
+async def run_pool(
+    count: int,
+    jobs: Sequence[Job],
+    concurrency: int,
+    run: Callable[[Job], Awaitable[Sequence[RecipientResult]]],
+) -> list[RecipientResult]:
+    """Run every job with at most ``concurrency`` in flight. Each job covers some of
+    the ``count`` recipients and returns their results in its own order; the whole is
+    returned in recipient order."""
+    results: list[RecipientResult | None] = [None] * count
+    queue = iter(jobs)
+
+    async def worker() -> None:
+        for job in queue:
+            for i, result in zip(job, await run(job), strict=True):
+                results[i] = result
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(min(concurrency, len(jobs))):
+            tg.start_soon(worker)
+    done = [r for r in results if r is not None]
+    assert len(done) == count, "every recipient gets exactly one result"
+    return done
+
+
+async def run_session(
+    endpoint: Endpoint,
+    timeouts: Timeouts,
+    sender: str,
+    recipients: Sequence[str],
+    message: PreparedMessage,
+    *,
+    debug: bool = False,
+    started: float | None = None,
+) -> tuple[list[RecipientResult], SMTPError | None]:
+    """One session to ``endpoint``: connect, then transactions until every recipient
+    has a result (recipients refused with 452 "too many recipients" go on in a new
+    transaction), then QUIT. Returns the results, in ``recipients`` order, and the
+    error that ended the session early, if one did."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() if started is None else started
+    session = Session(endpoint, timeouts, debug=debug)
+    final: dict[str, RecipientResult] = {}
+    pending = list(recipients)
+    try:
+        await session.connect()
+        while pending:
+            got = await session.deliver(sender, pending, message, started=t0)
+            again = [r.recipient for r in got if r.code == 452 and r.stage == "rcpt"]
+            progress = len(again) < len(pending)
+            for r in got:
+                if not (progress and r.recipient in again):
+                    final[r.recipient] = r
+            pending = again if progress and session.is_open else []
+    except SMTPError as exc:
+        session.abort()
+        elapsed = loop.time() - t0
+        for r in recipients:
+            if r not in final:
+                final[r] = result_from_error(
+                    r, exc, host=endpoint.host, tls=session.tls, elapsed=elapsed,
+                    dot_sent=session.dot_sent,
+                )
+        return [final[r] for r in recipients], exc
+    except Exception as exc:  # a bug in asmtp must not cost other recipients theirs
+        session.abort()
+        logger.exception("asmtp internal error while delivering to %s", ", ".join(recipients))
+        elapsed = loop.time() - t0
+        status = "unknown" if session.dot_sent else "transient"
+        for r in recipients:
+            final.setdefault(r, RecipientResult(
+                recipient=r,
+                status=status,  # type: ignore[arg-type]
+                message=f"internal error: {exc!r}",
+                stage=session.stage,
+                host=endpoint.host,
+                tls=session.tls,
+                elapsed=elapsed,
+            ))
+        return [final[r] for r in recipients], None
+    except BaseException:
+        session.abort()
+        raise
+    await session.quit()
+    return [final[r] for r in recipients], None
+
+
+async def deliver_one(
+    endpoint: Endpoint,
+    timeouts: Timeouts,
+    sender: str,
+    recipients: Sequence[str],
+    message: PreparedMessage,
+    *,
+    debug: bool = False,
+) -> list[RecipientResult]:
+    """One session, one result per recipient, whatever the server does."""
+    results, _ = await run_session(endpoint, timeouts, sender, recipients, message, debug=debug)
+    return results

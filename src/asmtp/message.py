@@ -1,0 +1,478 @@
+"""Message building, envelopes and DATA preparation (layer 1, sans-IO).
+
+This module owns what a message looks like on the wire: building an
+:class:`~email.message.EmailMessage` from plain arguments (:func:`build_message`),
+deriving the SMTP envelope from a message (:func:`envelope_of`), and turning a message
+into the exact bytes sent after DATA's 354 reply (:func:`prepare_message`): CRLF line
+endings, dot-stuffing, the terminating ``.``, and the flags a session needs for
+``SIZE=``, ``BODY=8BITMIME`` and ``SMTPUTF8``. MIME itself is left to the
+:mod:`email` package; nothing here writes MIME by hand.
+
+Line endings: a bare CR and a bare LF each count as one line break, as a CRLF does.
+They all leave as CRLF, so no server can be made to see a different end of data than
+asmtp meant (SMTP smuggling).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime
+import mimetypes
+import os
+import quopri
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from email import policy as email_policy
+from email.headerregistry import Address, AddressHeader
+from email.message import EmailMessage, Message
+from email.utils import format_datetime, formatdate, make_msgid, parsedate_to_datetime
+from pathlib import Path
+from typing import TypeAlias
+
+from . import __version__
+from .address import (
+    check_header,
+    check_mailbox,
+    domain_of,
+    parse_address_list,
+    split_mailbox,
+    unique_addresses,
+)
+from .errors import InputError
+
+__all__ = [
+    "X_MAILER",
+    "AddressInput",
+    "Attachment",
+    "HeadersInput",
+    "PreparedMessage",
+    "build_message",
+    "envelope_of",
+    "prepare_message",
+]
+
+X_MAILER = f"asmtp/{__version__}"
+
+#: What To, Cc, From and ``recipients=`` accept: see :func:`~asmtp.address.parse_address_list`.
+AddressInput: TypeAlias = str | Iterable[str] | None
+#: Extra headers: a mapping or (name, value) pairs; a None value drops that header.
+HeadersInput: TypeAlias = Mapping[str, str | None] | Iterable[tuple[str, str | None]] | None
+#: A file path, or (filename, data, content type).
+Attachment: TypeAlias = str | os.PathLike[str] | tuple[str, bytes, str]
+
+# RFC 5321 4.5.3.1.6: at most 998 octets per line before the CRLF.
+MAX_LINE_LENGTH = 998
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE_LENGTH + 1))
+
+# Bodies built here are 7-bit clean (quoted-printable or base64 when the text is not
+# plain short ASCII), so they go to any server, with or without 8BITMIME.
+_BUILD_POLICY = email_policy.default.clone(cte_type="7bit")
+
+# Set through build_message's own arguments, or derived from the body.
+_RESERVED_HEADERS = {
+    "to": "pass to=",
+    "cc": "pass cc=",
+    "bcc": "pass Bcc recipients to the sender, never as a header",
+    "from": "pass from_=",
+    "subject": "pass subject=",
+    "date": "pass date=",
+    "message-id": "pass message_id=",
+    "mime-version": "it is set from the body",
+    "content-type": "it is set from the body",
+    "content-transfer-encoding": "it is set from the body",
+}
+_ADDRESS_HEADERS = frozenset(
+    {"from", "to", "cc", "bcc", "sender", "reply-to"}
+    | {"resent-from", "resent-to", "resent-cc", "resent-bcc", "resent-sender"}
+)
+_MESSAGE_ID = re.compile(r"<[^<>\s@]+@[^<>\s@]+>")
+# RFC 6838 4.2 restricted-name, for type and subtype.
+_CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def _address_objects(pairs: list[tuple[str, str]]) -> list[Address]:
+    addresses = []
+    for name, addr in pairs:
+        local, domain = split_mailbox(addr)
+        if local.startswith('"'):
+            # Address() takes the local part unquoted and quotes it again as needed.
+            local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+        addresses.append(Address(display_name=name, username=local, domain=domain))
+    return addresses
+
+
+def _header_items(headers: HeadersInput) -> list[tuple[str, str | list[Address] | None]]:
+    if headers is None:
+        return []
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+    items: list[tuple[str, str | list[Address] | None]] = []
+    for pair in pairs:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise InputError(f"headers: {pair!r} is not a (name, value) pair")
+        name, value = pair
+        check_header(name, "" if value is None else value)
+        key = name.lower()
+        if key in _RESERVED_HEADERS:
+            raise InputError(f"headers: {name!r} cannot be given here: {_RESERVED_HEADERS[key]}")
+        if value is not None and key in _ADDRESS_HEADERS:
+            # Sender, Reply-To, Resent-*: checked and normalized like To.
+            found = parse_address_list(value, field=f"header {name!r}")
+            if key in ("sender", "resent-sender") and len(found) != 1:
+                raise InputError(f"header {name!r}: exactly one address is required")
+            items.append((name, _address_objects(found)))
+        else:
+            items.append((name, value))
+    return items
+
+
+def _date_value(date: datetime.datetime | str | None) -> str:
+    if date is None:
+        return formatdate(localtime=True)
+    if isinstance(date, datetime.datetime):
+        # A naive datetime is taken as local time.
+        return format_datetime(date if date.tzinfo is not None else date.astimezone())
+    check_header("Date", date)
+    try:
+        parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        raise InputError(f"date: {date!r} is not an RFC 5322 date") from None
+    return date
+
+
+def _message_id_value(message_id: str | None, sender: str) -> str:
+    if message_id is None:
+        # Always with a domain: without one make_msgid() looks up the host name.
+        return make_msgid(domain=domain_of(sender))
+    check_header("Message-ID", message_id)
+    value = message_id.strip()
+    if not value.startswith("<"):
+        value = f"<{value}>"
+    if not _MESSAGE_ID.fullmatch(value):
+        raise InputError(f"message_id: {message_id!r} is not of the form <left@right>")
+    return value
+
+
+def _load_attachment(item: Attachment) -> tuple[str, bytes, str]:
+    """Return (filename, data, content type) for one attachment, reading a file."""
+    if isinstance(item, tuple):
+        if len(item) != 3:
+            raise InputError(f"attachments: {item!r} is not (filename, data, content_type)")
+        filename, data, content_type = item
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InputError(f"attachments: data for {filename!r} must be bytes")
+        data = bytes(data)
+    elif isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"attachments: cannot read {str(path)!r}: {exc}") from exc
+        filename = path.name
+        guessed, encoding = mimetypes.guess_type(filename)
+        # Unknown, or compressed (.tar.gz): the bytes are opaque to the reader.
+        content_type = guessed if guessed and encoding is None else "application/octet-stream"
+    else:
+        raise InputError(
+            f"attachments: {item!r} is neither a path nor (filename, data, content_type)"
+        )
+    if not isinstance(filename, str) or not filename:
+        raise InputError(f"attachments: filename {filename!r} must be a non-empty string")
+    check_header("Content-Disposition", filename)
+    if not isinstance(content_type, str) or not _CONTENT_TYPE.fullmatch(content_type):
+        raise InputError(f"attachments: {content_type!r} is not a type/subtype content type")
+    return filename, data, content_type.lower()
+
+
+def build_message(
+    *,
+    to: AddressInput,
+    from_: AddressInput,
+    subject: str = "",
+    body: str = "",
+    mailtype: str = "text",
+    alt_text: str | None = None,
+    cc: AddressInput = None,
+    headers: HeadersInput = None,
+    attachments: Iterable[Attachment] = (),
+    date: datetime.datetime | str | None = None,
+    message_id: str | None = None,
+) -> EmailMessage:
+    """Build a message from plain arguments; every input is checked before building.
+
+    ``to``, ``cc`` and ``from_`` take the forms of
+    :func:`~asmtp.address.parse_address_list` (``from_`` must hold exactly one
+    address); display names are kept, comments dropped, IDN domains converted to
+    IDNA. ``mailtype`` is "text" (text/plain) or "html" (text/html; with ``alt_text``,
+    multipart/alternative with the plain text first). Bodies are UTF-8 and 7-bit clean
+    on the wire. Bcc is never a header: give Bcc recipients to the sender instead.
+
+    ``headers`` adds headers or replaces defaults (X-Mailer); a None value drops that
+    header (``{"X-Mailer": None}``). Sender, Reply-To and Resent-* values are checked
+    as addresses. ``attachments`` are paths (type guessed from the name,
+    application/octet-stream when unknown) or (filename, data, content_type) tuples.
+
+    >>> msg = build_message(to="Ann <ann@example.net>", from_="jack@example.org",
+    ...                     subject="Hello", body="Hi Ann.\\n")
+    >>> msg["To"], msg["From"], msg["Subject"], msg.get_content_type()
+    ('Ann <ann@example.net>', 'jack@example.org', 'Hello', 'text/plain')
+    >>> msg["Message-ID"].endswith("@example.org>"), msg["X-Mailer"] == X_MAILER
+    (True, True)
+    """
+    # Check everything first: a refusal must not leave a half-built message behind.
+    to_pairs = parse_address_list(to, field="to")
+    cc_pairs = parse_address_list(cc, field="cc")
+    from_pairs = parse_address_list(from_, field="from_")
+    if len(from_pairs) != 1:
+        raise InputError(f"from_: exactly one address is required, got {len(from_pairs)}")
+    check_header("Subject", subject)
+    if mailtype not in ("text", "html"):
+        raise InputError(f"mailtype: {mailtype!r} is neither 'text' nor 'html'")
+    if not isinstance(body, str):
+        raise InputError(f"body: must be a str, not {type(body).__name__}")
+    if alt_text is not None:
+        if mailtype != "html":
+            raise InputError("alt_text: only used with mailtype='html'")
+        if not isinstance(alt_text, str):
+            raise InputError(f"alt_text: must be a str, not {type(alt_text).__name__}")
+    header_items = _header_items(headers)
+    date_value = _date_value(date)
+    message_id_value = _message_id_value(message_id, from_pairs[0][1])
+    loaded = [_load_attachment(item) for item in attachments]
+
+    msg = EmailMessage(policy=_BUILD_POLICY)
+    try:
+        msg["From"] = _address_objects(from_pairs)
+        if to_pairs:
+            msg["To"] = _address_objects(to_pairs)
+        if cc_pairs:
+            msg["Cc"] = _address_objects(cc_pairs)
+        msg["Subject"] = subject
+        msg["Date"] = date_value
+        msg["Message-ID"] = message_id_value
+        msg["X-Mailer"] = X_MAILER
+        replaced: set[str] = set()
+        for name, value in header_items:
+            key = name.lower()
+            if value is None or key not in replaced:
+                # The first value given for a name replaces the default; later ones add.
+                del msg[name]
+            replaced.add(key)
+            if value is not None:
+                msg[name] = value
+    except ValueError as exc:  # e.g. a second Reply-To: the email package refuses it
+        raise InputError(f"headers: {exc}") from exc
+
+    if mailtype == "text":
+        msg.set_content(body, subtype="plain", charset="utf-8")
+    elif alt_text is None:
+        msg.set_content(body, subtype="html", charset="utf-8")
+    else:
+        msg.set_content(alt_text, subtype="plain", charset="utf-8")
+        msg.add_alternative(body, subtype="html", charset="utf-8")
+    for filename, data, content_type in loaded:
+        maintype, _, subtype = content_type.partition("/")
+        try:
+            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"attachments: {filename!r}: {exc}") from exc
+    return msg
+
+
+def _header_addresses(message: Message, name: str) -> list[str]:
+    """Every addr-spec in the message's ``name`` headers, checked and normalized."""
+    result: list[str] = []
+    for value in message.get_all(name, []):
+        if isinstance(value, AddressHeader):
+            # Parsed by the email package (groups such as "undisclosed-recipients:;" too).
+            result.extend(check_mailbox(a.addr_spec, field=name) for a in value.addresses)
+        else:
+            result.extend(addr for _, addr in parse_address_list(str(value), field=name))
+    return result
+
+
+def envelope_of(
+    message: EmailMessage,
+    *,
+    sender: str | None = None,
+    recipients: AddressInput = None,
+) -> tuple[str, list[str]]:
+    """The SMTP envelope (reverse-path, recipients) for a message.
+
+    The sender is ``sender`` if given ("" is the null reverse-path), else the Sender
+    header, else From; that header must hold exactly one address. Recipients are
+    ``recipients`` if given, else every address in To, Cc and Bcc. Addresses are
+    checked, normalized and de-duplicated (first seen kept).
+
+    >>> msg = build_message(to="a@example.net, b@example.net", cc="A@EXAMPLE.NET",
+    ...                     from_="Jack <jack@example.org>")
+    >>> envelope_of(msg)
+    ('jack@example.org', ['a@example.net', 'b@example.net', 'A@EXAMPLE.NET'])
+    """
+    if sender is not None:
+        reverse_path = check_mailbox(sender, field="sender", allow_empty=True)
+    else:
+        field = "Sender" if "Sender" in message else "From"
+        found = _header_addresses(message, field)
+        if len(found) != 1:
+            raise InputError(
+                f"sender: the {field} header holds {len(found)} addresses, not exactly one;"
+                " pass sender="
+            )
+        reverse_path = found[0]
+    if recipients is not None:
+        forward = [addr for _, addr in parse_address_list(recipients, field="recipients")]
+    else:
+        forward = [a for name in ("To", "Cc", "Bcc") for a in _header_addresses(message, name)]
+    forward = unique_addresses(forward)
+    if not forward:
+        raise InputError("recipients: none given, and the message has no To, Cc or Bcc")
+    return reverse_path, forward
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedMessage:
+    """A message ready for DATA, serialized once and reused for every recipient.
+
+    ``data`` is written as is after the 354 reply: CRLF line endings, dot-stuffed
+    (RFC 5321 4.5.2), ending with ``b"\\r\\n.\\r\\n"``. ``size`` is the octets of the
+    content before the final ``.\\r\\n`` (for ``SIZE=``). ``eight_bit`` is True when any
+    octet is above 127 (``BODY=8BITMIME`` needed); ``smtputf8`` when the header section
+    holds raw non-ASCII (``SMTPUTF8`` needed).
+    """
+
+    data: bytes
+    size: int
+    eight_bit: bool
+    smtputf8: bool
+
+
+def _normalize_line_endings(content: bytes) -> bytes:
+    # Three C-speed passes: CRLF -> LF, lone CR -> LF, LF -> CRLF.
+    if b"\r" in content:
+        content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return content.replace(b"\n", b"\r\n")
+
+
+def _long_line(content: bytes) -> int | None:
+    """The 1-based number of the first line longer than 998 octets, if any."""
+    match = _LONG_LINE.search(content)
+    if match is None:
+        return None
+    return content.count(b"\n", 0, match.start()) + 1
+
+
+def _header_section(content: bytes) -> bytes:
+    if content.startswith(b"\r\n"):
+        return b""
+    end = content.find(b"\r\n\r\n")
+    return content if end < 0 else content[:end]
+
+
+def _has_non_ascii_address(message: Message) -> bool:
+    for part in message.walk():
+        for name, value in part.items():
+            if name.lower() not in _ADDRESS_HEADERS:
+                continue
+            header = value
+            if not isinstance(header, AddressHeader):
+                header = email_policy.default.header_factory(name, str(value))
+            if any(not a.addr_spec.isascii() for a in header.addresses):
+                return True
+    return False
+
+
+def _serialize(message: Message) -> tuple[bytes, bool]:
+    """Bytes of the message and whether SMTPUTF8 serialization was needed."""
+    # Without SMTPUTF8 the email package would put encoded-words into an addr-spec
+    # (RFC 2047 5 forbids that) or fail, depending on the Python version.
+    if not _has_non_ascii_address(message):
+        try:
+            return message.as_bytes(policy=email_policy.SMTP), False
+        except UnicodeEncodeError:
+            pass
+    return message.as_bytes(policy=email_policy.SMTPUTF8), True
+
+
+def _reencode_long_lines(message: Message) -> None:
+    """Give each leaf part with a line over 998 octets a 7-bit transfer encoding."""
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+        if cte in ("quoted-printable", "base64"):
+            continue
+        body = part.get_payload(decode=True)
+        if not isinstance(body, bytes) or _LONG_LINE.search(body) is None:
+            continue
+        if part.get_content_maintype() == "text":
+            # Keep line breaks as line breaks; quoted-printable wraps with soft breaks.
+            text = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            encoded, cte = quopri.encodestring(text), "quoted-printable"
+        else:
+            encoded, cte = base64.encodebytes(body), "base64"
+        del part["Content-Transfer-Encoding"]
+        part.set_payload(encoded.decode("ascii"))
+        part["Content-Transfer-Encoding"] = cte
+
+
+def _prepare_email(message: Message) -> tuple[bytes, bool]:
+    to_send = message
+    if "Bcc" in message:
+        # A shallow copy shares the parts but deleting rebinds the copy's own header
+        # list: the caller's message keeps its Bcc.
+        to_send = copy.copy(message)
+        del to_send["Bcc"]
+    raw, utf8 = _serialize(to_send)
+    content = _normalize_line_endings(raw)
+    if _long_line(content) is not None:
+        to_send = copy.deepcopy(message)
+        del to_send["Bcc"]
+        _reencode_long_lines(to_send)
+        raw, utf8 = _serialize(to_send)
+        content = _normalize_line_endings(raw)
+        line = _long_line(content)
+        if line is not None:
+            raise InputError(
+                f"message: line {line} is longer than {MAX_LINE_LENGTH} octets"
+                " and is not in a body that can be re-encoded"
+            )
+    return content, utf8 or not _header_section(content).isascii()
+
+
+def prepare_message(message: EmailMessage | bytes) -> PreparedMessage:
+    """Serialize a message once into the exact bytes sent after DATA.
+
+    An :class:`~email.message.EmailMessage` is written with ``email.policy.SMTP``, or
+    ``email.policy.SMTPUTF8`` when an address in its headers is non-ASCII. Its Bcc
+    header is left out (the caller's message is not changed). A body part with a line
+    longer than 998 octets is re-encoded (quoted-printable for text, base64 otherwise).
+    Raw ``bytes`` are sent as given, line endings normalized; a line longer than 998
+    octets is refused.
+
+    >>> prepared = prepare_message(b"Subject: hi\\n\\n.hidden\\nbare\\rCR")
+    >>> prepared.data
+    b'Subject: hi\\r\\n\\r\\n..hidden\\r\\nbare\\r\\nCR\\r\\n.\\r\\n'
+    >>> prepared.size, prepared.eight_bit, prepared.smtputf8
+    (35, False, False)
+    """
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        content = _normalize_line_endings(bytes(message))
+        line = _long_line(content)
+        if line is not None:
+            raise InputError(f"message: line {line} is longer than {MAX_LINE_LENGTH} octets")
+        smtputf8 = not _header_section(content).isascii()
+    elif isinstance(message, Message):
+        content, smtputf8 = _prepare_email(message)
+    else:
+        raise InputError(f"message: expected an EmailMessage or bytes, not {type(message)}")
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    if content.startswith(b"."):
+        content = b"." + content
+    data = content.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    return PreparedMessage(
+        data=data, size=len(data) - 3, eight_bit=not data.isascii(), smtputf8=smtputf8
+    )

@@ -1,0 +1,524 @@
+"""One SMTP session over one connection: connect, greeting, EHLO (HELO fallback),
+STARTTLS, AUTH, then any number of mail transactions, then QUIT.
+
+Owns the client's policy over the state machine: which steps to take and in what
+order, when to pipeline, which extension a message needs, and how each step's
+failure is classified. The bytes and the rules of the exchange stay in
+:mod:`asmtp.protocol`; the network stays in :mod:`asmtp.transport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .address import needs_smtputf8
+from .config import Password, Relay, Timeouts, TLSMode
+from .errors import (
+    AuthenticationError,
+    AuthUnavailableError,
+    ConnectError,
+    ConnectionLostError,
+    InputError,
+    MessageRejectedError,
+    ReplyError,
+    SMTPError,
+    TLSUnavailableError,
+)
+from .message import PreparedMessage
+from .protocol import ClientProtocol, State
+from .reply import Reply
+from .results import RecipientResult, TLSState, result_from_error
+from .sasl import choose_mechanism, make_mechanism
+from .transport import Connection, open_connection
+
+__all__ = ["Endpoint", "Session", "default_helo", "default_ssl_context"]
+
+logger = logging.getLogger("asmtp")
+
+_default_context: ssl.SSLContext | None = None
+_fqdn: str | None = None
+_session_ids = 0  # numbers sessions in the transcript, so interleaved ones can be told apart
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    """The system trust store with host name checks, built once per process (honours
+    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` as OpenSSL does)."""
+    global _default_context
+    if _default_context is None:
+        _default_context = ssl.create_default_context()
+    return _default_context
+
+
+async def default_helo() -> str:
+    """The machine's fully qualified name for EHLO, looked up once in a worker thread
+    (``getfqdn`` may block on DNS) and never on the event loop."""
+    global _fqdn
+    if _fqdn is None:
+        name = await asyncio.get_running_loop().run_in_executor(None, socket.getfqdn)
+        ok = name and "." in name and all(c.isalnum() or c in "-." for c in name)
+        _fqdn = name if ok else "localhost.localdomain"
+    return _fqdn
+
+
+async def resolve_password(password: Password | None) -> str:
+    if password is None:
+        return ""
+    if isinstance(password, str):
+        return password
+    value = password()
+    if inspect.isawaitable(value):
+        value = await value
+    if not isinstance(value, str):
+        raise InputError("the password function must return a string")
+    return value
+
+
+def tls_state_of(context: ssl.SSLContext) -> TLSState:
+    verified = context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    return "verified" if verified else "unverified"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where and how a session connects: a relay, or one MX host. Built once per
+    send (TLS context made, host name resolved) and shared by all its sessions."""
+
+    host: str
+    port: int
+    helo: str
+    tls: TLSMode
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+    addresses: tuple[str, ...] = ()
+    username: str | None = None
+    password: Password | None = field(default=None, repr=False)
+    auth_mechanism: str | None = None
+    allow_plaintext_auth: bool = False
+    source_address: str | None = None
+
+    @classmethod
+    async def for_relay(cls, relay: Relay, *, helo: str | None = None) -> Endpoint:
+        tls = relay.tls_mode
+        context = None
+        if tls != "none":
+            context = relay.ssl_context or default_ssl_context()
+        return cls(
+            host=relay.host,
+            port=relay.port,
+            helo=relay.helo or helo or await default_helo(),
+            tls=tls,
+            ssl_context=context,
+            addresses=await _addresses(relay.host, relay.port),
+            username=relay.username,
+            password=relay.password,
+            auth_mechanism=relay.auth_mechanism,
+            allow_plaintext_auth=relay.allow_plaintext_auth,
+            source_address=relay.source_address,
+        )
+
+
+async def _addresses(host: str, port: int) -> tuple[str, ...]:
+    """Resolve the relay's name once per send, not once per connection. A failure is
+    left for each connection to report (as a transient connect error)."""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return (host,)
+    except OSError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )
+    except OSError:
+        return ()
+    seen: dict[str, None] = {}
+    for info in infos:
+        seen.setdefault(str(info[4][0]), None)
+    return tuple(seen)
+
+
+class Session:
+    """One SMTP session. Use through :func:`asmtp.connect` or the fan-out calls.
+
+    ``dot_sent`` is True from the moment the end-of-data dot of the current
+    transaction has been written until its reply arrives: a failure then leaves the
+    message's fate unknown.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        timeouts: Timeouts,
+        *,
+        debug: bool = False,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeouts = timeouts
+        self.dot_sent = False
+        self.tls: TLSState = "none"
+        self.stage = "connect"
+        self.connected_to: str | None = None
+        self._needs_rset = False
+        self._conn: Connection | None = None
+        trace = None
+        if debug or logger.isEnabledFor(logging.DEBUG):
+            global _session_ids
+            _session_ids += 1
+            tag = f"{endpoint.host} #{_session_ids}"
+
+            def trace(line: str) -> None:
+                logger.debug("%s %s", tag, line)
+
+        self.proto = ClientProtocol(trace=trace, tls=False)
+
+    @property
+    def capabilities(self) -> object:
+        return self.proto.capabilities
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None and self.proto.state not in (State.CLOSED,)
+
+    # -- connection set-up ----------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect, read the greeting, EHLO, STARTTLS and AUTH as configured."""
+        ep = self.endpoint
+        implicit = ep.tls == "implicit"
+        addresses = ep.addresses or (ep.host,)
+        last: SMTPError | None = None
+        for address in addresses:
+            self.stage = "connect"
+            try:
+                self._conn = await open_connection(
+                    self.proto,
+                    ep.host,
+                    ep.port,
+                    address=address,
+                    ssl_context=ep.ssl_context if implicit else None,
+                    server_hostname=ep.host,
+                    source_address=ep.source_address,
+                    timeout=self.timeouts.connect,
+                )
+                self.connected_to = address
+                break
+            except ConnectError as exc:
+                last = exc
+        else:
+            assert last is not None
+            raise last
+        if implicit and ep.ssl_context is not None:
+            self.proto.tls = True
+            self.tls = tls_state_of(ep.ssl_context)
+        self.stage = "greeting"
+        greeting = await self._conn.read_reply()
+        if greeting.code != 220:
+            raise _reply_error(greeting, "greeting")
+        await self._ehlo()
+        if ep.tls in ("starttls", "opportunistic") and not self.proto.tls:
+            await self._starttls()
+        if ep.username is not None:
+            await self._auth()
+        self.stage = "mail"
+
+    async def _command(self, data: bytes, timeout: float | None) -> Reply:
+        conn = self._conn
+        assert conn is not None
+        conn.step(timeout)
+        conn.write(data)
+        return await conn.read_reply()
+
+    async def _ehlo(self) -> None:
+        self.stage = "ehlo"
+        helo = self.endpoint.helo
+        reply = await self._command(self.proto.ehlo(helo), self.timeouts.command)
+        if reply.code == 250:
+            return
+        if reply.code >= 500 and self.proto.state is not State.CLOSED:
+            # RFC 5321 3.2: a server that does not know EHLO gets HELO.
+            reply = await self._command(self.proto.helo(helo), self.timeouts.command)
+            if reply.code == 250:
+                return
+        raise _reply_error(reply, "ehlo")
+
+    async def _starttls(self) -> None:
+        ep = self.endpoint
+        self.stage = "starttls"
+        if not self.proto.capabilities.starttls:
+            if ep.tls == "starttls":
+                raise TLSUnavailableError(
+                    f"{ep.host} does not offer STARTTLS; refusing to continue in plaintext "
+                    '(tls="opportunistic" or "none" allows it)',
+                    stage="starttls",
+                )
+            return
+        reply = await self._command(self.proto.starttls(), self.timeouts.command)
+        if reply.code != 220:
+            if ep.tls == "starttls" or reply.code == 421:
+                raise _reply_error(reply, "starttls")
+            return  # opportunistic: carry on in plaintext
+        assert self._conn is not None and ep.ssl_context is not None
+        self._conn.step(self.timeouts.command)
+        await self._conn.start_tls(ep.ssl_context, ep.host)
+        self.tls = tls_state_of(ep.ssl_context)
+        await self._ehlo()
+
+    async def _auth(self) -> None:
+        ep = self.endpoint
+        self.stage = "auth"
+        if not self.proto.tls and not ep.allow_plaintext_auth:
+            raise AuthUnavailableError(
+                f"refusing to send credentials to {ep.host} over an unencrypted connection "
+                "(use TLS, or allow_plaintext_auth=True)",
+                stage="auth",
+            )
+        name = choose_mechanism(self.proto.capabilities.auth, ep.auth_mechanism)
+        assert ep.username is not None
+        mech = make_mechanism(name, ep.username, await resolve_password(ep.password))
+        reply = await self._command(self.proto.auth(name, mech.initial()), self.timeouts.command)
+        while reply.code == 334:
+            challenge = reply.lines[0] if reply.lines else ""
+            reply = await self._command(
+                self.proto.auth_response(mech.respond(challenge)), self.timeouts.command
+            )
+        if reply.code != 235:
+            raise AuthenticationError(
+                reply.code, reply.message, enhanced_status=reply.enhanced_status
+            )
+
+    # -- transactions -------------------------------------------------------------
+
+    def _mail_params(
+        self, sender: str, recipients: Sequence[str], message: PreparedMessage
+    ) -> tuple[list[str], bool]:
+        """The MAIL FROM parameters this message needs, or a permanent error when the
+        server cannot take it (RFC 1870 SIZE, 6152 8BITMIME, 6531 SMTPUTF8)."""
+        caps = self.proto.capabilities
+        params: list[str] = []
+        limit = caps.size
+        if limit is not None and message.size > limit:
+            raise MessageRejectedError(
+                f"message is {message.size} octets; {self.endpoint.host} takes at most "
+                f"{limit} (SIZE)",
+                stage="mail",
+            )
+        if "SIZE" in caps:
+            params.append(f"SIZE={message.size}")
+        if message.eight_bit:
+            if not caps.eight_bit_mime:
+                raise MessageRejectedError(
+                    f"message has 8-bit content and {self.endpoint.host} does not offer "
+                    "8BITMIME",
+                    stage="mail",
+                )
+            params.append("BODY=8BITMIME")
+        utf8 = (
+            message.smtputf8
+            or needs_smtputf8(sender)
+            or any(needs_smtputf8(r) for r in recipients)
+        )
+        if utf8:
+            if not caps.smtputf8:
+                raise MessageRejectedError(
+                    f"message needs SMTPUTF8 (non-ASCII addresses) and {self.endpoint.host} "
+                    "does not offer it",
+                    stage="mail",
+                )
+            params.append("SMTPUTF8")
+        return params, utf8
+
+    async def transaction(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: PreparedMessage,
+        *,
+        mail_params: Sequence[str] = (),
+    ) -> tuple[dict[str, Reply], Reply]:
+        """One mail transaction. Returns the refused recipients (with their RCPT reply)
+        and the reply to the end of data. Raises an :class:`~asmtp.errors.SMTPError`
+        when the transaction as a whole fails (MAIL or DATA refused, no recipient
+        accepted, the connection lost); ``self.stage`` and ``self.dot_sent`` say where."""
+        conn = self._conn
+        proto = self.proto
+        if conn is None or proto.state is State.CLOSED:
+            raise ConnectionLostError("the session is closed", stage=self.stage)
+        timeouts = self.timeouts
+        self.dot_sent = False
+        params, utf8 = self._mail_params(sender, recipients, message)
+        params.extend(mail_params)
+        if self._needs_rset:
+            self.stage = "mail"
+            reply = await self._command(proto.rset(), timeouts.command)
+            if reply.code != 250:
+                raise _reply_error(reply, "mail")
+            self._needs_rset = False
+        refused: dict[str, Reply] = {}
+        self.stage = "mail"
+        if proto.capabilities.pipelining:
+            # RFC 2920: MAIL, every RCPT and DATA in one write; then check every reply.
+            out = proto.mail(sender, params, smtputf8=utf8)
+            out += b"".join([proto.rcpt(r) for r in recipients])
+            out += proto.data()
+            conn.step(timeouts.command)
+            conn.write(out)
+            mail_reply = await conn.read_reply()
+            if proto.state is State.CLOSED:
+                raise _reply_error(mail_reply, "mail")
+            self.stage = "rcpt"
+            for rcpt in recipients:
+                conn.step(timeouts.command)
+                reply = await conn.read_reply()
+                if proto.state is State.CLOSED:
+                    raise _reply_error(reply, "rcpt")
+                if reply.code >= 400:
+                    refused[rcpt] = reply
+            self.stage = "data"
+            conn.step(timeouts.command)
+            data_reply = await conn.read_reply()
+            if mail_reply.code >= 400:
+                self._needs_rset = data_reply.code == 354
+                if data_reply.code == 354:
+                    await self._empty_message()
+                raise _reply_error(mail_reply, "mail")
+        else:
+            mail_reply = await self._command(proto.mail(sender, params, smtputf8=utf8),
+                                             timeouts.command)
+            if mail_reply.code >= 400:
+                raise _reply_error(mail_reply, "mail")
+            self.stage = "rcpt"
+            for rcpt in recipients:
+                reply = await self._command(proto.rcpt(rcpt), timeouts.command)
+                if proto.state is State.CLOSED:
+                    raise _reply_error(reply, "rcpt")
+                if reply.code >= 400:
+                    refused[rcpt] = reply
+            if len(refused) == len(recipients):
+                self._needs_rset = True
+                return refused, _NO_DATA
+            self.stage = "data"
+            data_reply = await self._command(proto.data(), timeouts.command)
+        if len(refused) == len(recipients):
+            # RFC 2920 3.1: no recipient, so a 354 gets an empty message.
+            self._needs_rset = True
+            if data_reply.code == 354:
+                await self._empty_message()
+            return refused, _NO_DATA
+        if data_reply.code != 354:
+            self._needs_rset = proto.state is not State.CLOSED
+            raise _reply_error(data_reply, "data")
+        self.stage = "message"
+        conn.step(timeouts.data_block)
+        conn.write(proto.message(message.data))
+        self.dot_sent = True
+        await conn.drain()
+        conn.step(timeouts.data_end)
+        final = await conn.read_reply()
+        self.dot_sent = False
+        if final.code >= 400:
+            if proto.state is State.CLOSED:
+                raise _reply_error(final, "message")
+        return refused, final
+
+    async def _empty_message(self) -> None:
+        assert self._conn is not None
+        self._conn.step(self.timeouts.data_end)
+        self._conn.write(self.proto.message(b"\r\n.\r\n"))
+        await self._conn.read_reply()
+
+    async def deliver(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: PreparedMessage,
+        *,
+        started: float | None = None,
+    ) -> list[RecipientResult]:
+        """One transaction, one result per recipient, whatever happens (a session
+        that fails leaves its recipients with a transient, permanent or unknown
+        result, never without one)."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() if started is None else started
+        host = self.endpoint.host
+        try:
+            refused, final = await self.transaction(sender, recipients, message)
+        except SMTPError as exc:
+            elapsed = loop.time() - t0
+            return [
+                result_from_error(
+                    r, exc, host=host, tls=self.tls, elapsed=elapsed, dot_sent=self.dot_sent
+                )
+                for r in recipients
+            ]
+        elapsed = loop.time() - t0
+        results = []
+        for rcpt in recipients:
+            reply = refused.get(rcpt)
+            stage = "rcpt"
+            if reply is None:
+                reply, stage = final, "message"
+            results.append(_result_of(rcpt, reply, stage, host, self.tls, elapsed))
+        return results
+
+    async def noop(self) -> None:
+        """NOOP: check the server is still there (a 421 or a closed connection raises)."""
+        if self._conn is None or self.proto.state is State.CLOSED:
+            raise ConnectionLostError("the session is closed", stage="noop")
+        reply = await self._command(self.proto.noop(), self.timeouts.command)
+        if reply.code != 250:
+            raise _reply_error(reply, "noop")
+
+    # -- ending -------------------------------------------------------------------
+
+    async def quit(self) -> None:
+        """Say QUIT and close; a server that has already gone is not an error."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            if self.proto.state in (State.READY, State.MAIL, State.CONNECTED, State.REFUSED):
+                await self._command(self.proto.quit(), self.timeouts.command)
+        except SMTPError:
+            pass
+        finally:
+            conn.close()
+
+    def abort(self) -> None:
+        """Close at once, without QUIT (errors, cancellation)."""
+        if self._conn is not None:
+            self._conn.abort()
+
+
+_NO_DATA = Reply(554, ("5.5.1 no valid recipients",))
+
+
+def _reply_error(reply: Reply, stage: str) -> ReplyError:
+    return ReplyError(reply.code, reply.message, enhanced_status=reply.enhanced_status, stage=stage)
+
+
+def _result_of(
+    rcpt: str, reply: Reply, stage: str, host: str, tls: TLSState, elapsed: float
+) -> RecipientResult:
+    code = reply.code
+    if code < 400:
+        status = "delivered"
+        text = reply.message
+    else:
+        status = "permanent" if code >= 500 else "transient"
+        text = str(_reply_error(reply, stage))
+    return RecipientResult(
+        recipient=rcpt,
+        status=status,  # type: ignore[arg-type]
+        code=code,
+        enhanced_status=reply.enhanced_status,
+        message=text,
+        stage=stage,
+        host=host,
+        tls=tls,
+        elapsed=elapsed,
+    )

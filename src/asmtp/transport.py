@@ -1,0 +1,303 @@
+"""The asyncio driver: one TCP (and TLS) connection feeding a sans-IO
+:class:`~asmtp.protocol.ClientProtocol`.
+
+Owns talking to the network on asyncio (uvloop included): connecting, reading into one
+reused buffer through :class:`asyncio.BufferedProtocol` (the fast path: no fresh buffer
+per read), writing with flow control, STARTTLS through ``loop.start_tls``, the per-step
+timeout (one timer per connection, re-armed lazily, never one per step), and the one
+place where OS, SSL and asyncio exceptions become :mod:`asmtp.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import cast
+
+from .errors import (
+    CertificateError,
+    ConnectError,
+    ConnectionLostError,
+    SMTPError,
+    SMTPTimeoutError,
+    TLSError,
+)
+from .protocol import ClientProtocol
+from .reply import NEED_DATA, Reply
+
+__all__ = ["Connection", "open_connection"]
+
+_READ_BUFFER = 65536
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One connection to an SMTP server, driven by :meth:`read_reply` and :meth:`write`.
+
+    Timeouts are per network step: :meth:`step` sets the deadline for the next command
+    and its whole reply. A single timer per connection enforces it; it is only moved
+    when it fires early, so a fast session costs one timer in all.
+    """
+
+    def __init__(self, proto: ClientProtocol, *, host: str) -> None:
+        self.proto = proto
+        self.host = host
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray(_READ_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost = False
+        self._lost_exc: BaseException | None = None
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._deadline = float("inf")
+        self._timeout: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[object] | None = None  # cancelled on timeout in connect/TLS
+        self._timed_out = False
+
+    # -- asyncio.BufferedProtocol callbacks ---------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.proto.receive_data(self._view[:nbytes])
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        self.proto.receive_data(b"")
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost:
+            self._lost = True
+            self._lost_exc = exc
+            self.proto.receive_data(b"")
+        self._wake()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._cancel_timer()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the per-step deadline ----------------------------------------------------
+
+    def step(self, timeout: float | None) -> None:
+        """Start a network step that may take ``timeout`` seconds (None: no limit)."""
+        self._timeout = timeout
+        if timeout is None:
+            self._deadline = float("inf")
+            return
+        self._deadline = self._loop.time() + timeout
+        if self._timer is None and not self._lost:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._lost:
+            return
+        now = self._loop.time()
+        if now < self._deadline:
+            if self._deadline != float("inf"):
+                self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        self._timed_out = True
+        waiter = self._waiter or self._drain_waiter
+        if self._task is not None:
+            self._task.cancel()
+        elif waiter is not None and not waiter.done():
+            waiter.set_exception(self._timeout_error())
+        else:
+            return
+        self.abort()
+
+    def _timeout_error(self) -> SMTPTimeoutError:
+        stage = self.proto.awaiting or "connect"
+        return SMTPTimeoutError(
+            f"timed out after {self._timeout:g} s awaiting the {stage} reply", stage=stage
+        )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    @contextlib.contextmanager
+    def _cancellable(self, stage: str) -> Iterator[None]:
+        """Let the timer cancel the current task (for connect and the TLS handshake,
+        which are coroutines, not replies to wait for)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        try:
+            yield
+        except asyncio.CancelledError:
+            if self._timed_out and task.uncancel() == 0:
+                raise SMTPTimeoutError(
+                    f"timed out after {self._timeout:g} s during {stage}", stage=stage
+                ) from None
+            raise
+        finally:
+            self._task = None
+
+    # -- driving the protocol -----------------------------------------------------
+
+    async def read_reply(self) -> Reply:
+        """Wait for the next whole reply, within the current step's deadline."""
+        proto = self.proto
+        while True:
+            reply = proto.next_reply()
+            if reply is not NEED_DATA:
+                assert isinstance(reply, Reply)
+                return reply
+            if self._timed_out:
+                raise self._timeout_error()
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self._lost or transport.is_closing():
+            raise ConnectionLostError(
+                "the connection is closed", stage=self.proto.awaiting or "connect"
+            )
+        transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the kernel's send buffer is full (big messages)."""
+        while self._paused and not self._lost:
+            waiter = self._drain_waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._drain_waiter = None
+        if self._lost:
+            raise ConnectionLostError(
+                "the connection was lost while sending", stage=self.proto.awaiting or "message"
+            )
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        """Run the TLS handshake on this connection (after STARTTLS's 220)."""
+        transport = self._transport
+        assert transport is not None
+        with translate_errors("starttls", self.host), self._cancellable("starttls"):
+            new = await self._loop.start_tls(
+                transport, self, context, server_hostname=server_hostname
+            )
+        if new is None:  # pragma: no cover - only when the transport closed meanwhile
+            raise ConnectionLostError("connection closed during the TLS handshake")
+        self._transport = new  # type: ignore[assignment]
+        self.proto.tls_started()
+
+    @property
+    def tls_version(self) -> str | None:
+        obj = self._transport.get_extra_info("ssl_object") if self._transport else None
+        return obj.version() if obj is not None else None
+
+    @property
+    def peer(self) -> str | None:
+        info = self._transport.get_extra_info("peername") if self._transport else None
+        return str(info[0]) if info else None
+
+    def close(self) -> None:
+        self._cancel_timer()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def abort(self) -> None:
+        self._cancel_timer()
+        if self._transport is not None:
+            self._transport.abort()
+
+
+@contextlib.contextmanager
+def translate_errors(stage: str, host: str) -> Iterator[None]:
+    """The one place where OS, SSL and asyncio exceptions become asmtp errors."""
+    try:
+        yield
+    except SMTPError:
+        raise
+    except ssl.SSLCertVerificationError as exc:
+        raise CertificateError(
+            f"certificate of {host} not trusted: {exc.verify_message or exc}", stage=stage
+        ) from exc
+    except ssl.CertificateError as exc:  # pragma: no cover - alias of the above on 3.7+
+        raise CertificateError(f"certificate of {host}: {exc}", stage=stage) from exc
+    except ssl.SSLError as exc:
+        raise TLSError(f"TLS with {host} failed: {exc.reason or exc}", stage=stage) from exc
+    except socket.gaierror as exc:
+        raise ConnectError(f"cannot resolve {host}: {exc.strerror}", stage=stage) from exc
+    except ConnectionRefusedError as exc:
+        raise ConnectError(f"connection to {host} refused", stage=stage) from exc
+    except TimeoutError as exc:
+        raise SMTPTimeoutError(f"timed out during {stage} with {host}", stage=stage) from exc
+    except (ConnectionError, EOFError) as exc:
+        raise ConnectionLostError(
+            f"connection to {host} lost during {stage}: {exc}", stage=stage
+        ) from exc
+    except OSError as exc:
+        raise ConnectError(
+            f"cannot connect to {host}: {exc.strerror or exc}", stage=stage
+        ) from exc
+
+
+async def open_connection(
+    proto: ClientProtocol,
+    host: str,
+    port: int,
+    *,
+    address: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    source_address: str | None = None,
+    timeout: float | None = None,
+) -> Connection:
+    """Connect to ``address`` (an IP; defaults to ``host``) and return the connection.
+    With ``ssl_context`` the TLS handshake runs at once (implicit TLS, RFC 8314),
+    checked against ``server_hostname`` (defaults to ``host``). ``timeout`` covers the
+    connect and, once the caller reads it, the greeting."""
+    loop = asyncio.get_running_loop()
+    conn = Connection(proto, host=host)
+    conn.step(timeout)
+    local = (source_address, 0) if source_address else None
+    try:
+        with translate_errors("connect", host), conn._cancellable("connect"):
+            await loop.create_connection(
+                lambda: conn,
+                address or host,
+                port,
+                ssl=ssl_context,
+                server_hostname=(server_hostname or host) if ssl_context else None,
+                local_addr=local,
+            )
+    except BaseException:
+        conn.abort()
+        raise
+    return conn
