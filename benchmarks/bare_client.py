@@ -16,6 +16,7 @@ import collections
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 READ_BUFFER_SIZE = 16 * 1024
 MAX_LINE = 64 * 1024  # a reply line longer than this means a broken peer, not a slow one
@@ -58,8 +59,8 @@ class _ReplyReader(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view

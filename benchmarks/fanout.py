@@ -314,7 +314,7 @@ class Sink:
     """The local SMTP sink, in its own process; counts the messages it accepted
     (from smtp-sink's -c counters, or the same format from the aiosmtpd sink)."""
 
-    def __init__(self, kind: str, session_limit: int) -> None:
+    def __init__(self, kind: str, session_limit: int, cpus: set[int] | None) -> None:
         self.port = free_port()
         smtp_sink = find_smtp_sink()
         if kind == "smtp-sink" or (kind == "auto" and smtp_sink):
@@ -333,6 +333,8 @@ class Sink:
             self.name = "aiosmtpd sink in a subprocess"
             self.limiting = True
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        if cpus:
+            os.sched_setaffinity(self.proc.pid, cpus)
         self._messages = 0
         self._reader = threading.Thread(target=self._read_counters, daemon=True)
         self._reader.start()
@@ -449,6 +451,7 @@ class Run:
     wall: float = 0.0
     cpu: float = 0.0
     sink_cpu: float = 0.0
+    others_cpu: float = 0.0  # every CPU's busy time in the window, less the client's and sink's
     delivered: int = 0
     sink_count: int = 0
     latencies: list[float] = field(default_factory=list)
@@ -462,6 +465,18 @@ class Row:
     unavailable: str = ""
 
 
+def machine_busy() -> float:
+    """Seconds all CPUs together have spent busy since boot (/proc/stat: user, nice, system,
+    irq, softirq, steal); 0 where there is no /proc."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def tail(path_file: Any, lines: int = 3) -> str:
     path_file.seek(0)
     text = path_file.read().decode("utf-8", "replace").strip().splitlines()
@@ -469,13 +484,20 @@ def tail(path_file: Any, lines: int = 3) -> str:
 
 
 def run_python_client(
-    client: str, sink: Sink, count: int, concurrency: int, hard_timeout: float
+    client: str,
+    sink: Sink,
+    count: int,
+    concurrency: int,
+    hard_timeout: float,
+    cpus: set[int] | None,
 ) -> Run | str:
     """One run in a fresh interpreter; a str means the client is unavailable."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", client]
     argv += ["--port", str(sink.port), "--messages", str(count), "--concurrency", str(concurrency)]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
+        if cpus:  # before "go", so the measured work runs only there
+            os.sched_setaffinity(proc.pid, cpus)
         assert proc.stdin is not None and proc.stdout is not None
         killer = threading.Timer(hard_timeout, proc.kill)
         killer.start()
@@ -489,11 +511,13 @@ def run_python_client(
                 return run
             run.version = str(ready.get("version", ""))
             messages_before, sink_cpu_before = sink.messages(), sink.cpu()
+            busy_before = machine_busy()
             start = time.perf_counter()
             proc.stdin.write(b"go\n")
             proc.stdin.flush()
             line = proc.stdout.readline()
             run.wall = time.perf_counter() - start
+            busy = machine_busy() - busy_before
             result = json.loads(line or b"{}")
         finally:
             killer.cancel()
@@ -511,13 +535,19 @@ def run_python_client(
         run.latencies = [float(x) for x in result["latencies"]]
         run.sink_count = sink.wait_for_count(messages_before + run.delivered) - messages_before
         run.sink_cpu = sink.cpu() - sink_cpu_before
+        run.others_cpu = max(0.0, busy - run.cpu - run.sink_cpu)
         if result["failed"]:
             run.error = f"{result['failed']} failed: {result['errors']}"
         return run
 
 
 def run_smtp_source(
-    sink: Sink, count: int, concurrency: int, body_size: int, hard_timeout: float
+    sink: Sink,
+    count: int,
+    concurrency: int,
+    body_size: int,
+    hard_timeout: float,
+    cpus: set[int] | None,
 ) -> Run | str:
     smtp_source = find_smtp_source()
     if smtp_source is None:
@@ -528,8 +558,11 @@ def run_smtp_source(
     run = Run()
     with tempfile.TemporaryFile() as output:
         messages_before, sink_cpu_before = sink.messages(), sink.cpu()
+        busy_before = machine_busy()
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+        if cpus:  # a moment after it starts: its start-up is a millisecond of C
+            os.sched_setaffinity(proc.pid, cpus)
         killer = threading.Timer(hard_timeout, proc.kill)
         killer.start()
         try:
@@ -537,10 +570,12 @@ def run_smtp_source(
         finally:
             killer.cancel()
         run.wall = time.perf_counter() - start
+        busy = machine_busy() - busy_before
         proc.returncode = os.waitstatus_to_exitcode(status)
         run.cpu = usage.ru_utime + usage.ru_stime
         run.sink_count = sink.wait_for_count(messages_before + count) - messages_before
         run.sink_cpu = sink.cpu() - sink_cpu_before
+        run.others_cpu = max(0.0, busy - run.cpu - run.sink_cpu)
         run.delivered = run.sink_count  # it reports no per-message result; the sink counts
         if proc.returncode != 0:
             run.error = f"smtp-source exited with {proc.returncode}: {tail(output)}"
@@ -595,6 +630,7 @@ def rate(run: Run, count: int) -> float:
 def render(
     rows: dict[int, dict[str, Row]],
     *,
+    placement: str,
     count: int,
     rounds: int,
     size: int,
@@ -607,7 +643,7 @@ def render(
         "# asmtp fan-out benchmark",
         "",
         f"- date: {date}",
-        f"- machine: {info['nproc']} CPUs, {info['cpu']}, {info['kernel']}",
+        f"- machine: {info['nproc']} CPUs, {info['cpu']}, {info['kernel']}; {placement}",
         f"- Python {info['python']}, uvloop {info['uvloop']}"
         + "".join(f", {v}" for v in sorted(set(versions.values())) if v),
         f"- sink: {sink.name} on {HOST}, PIPELINING "
@@ -622,22 +658,28 @@ def render(
         " (asmtp: its RecipientResult.elapsed), delivered messages of all rounds pooled",
         "- vs: msgs/s ratio to the peer on the same loop (uvloop rows to the uvloop peer;"
         " threads and C rows to the standard-loop peer); above 1 is faster",
-        "- delivered: the client's own count over all rounds / messages sent; sink busy: the"
-        " sink's CPU time over the wall time (near 100% means the sink set the pace)",
+        "- delivered: the client's own count over all rounds / messages sent (the sink's count is"
+        " checked against it under Problems); sink busy: the sink's CPU time over the wall time"
+        " (near 100% means the sink set the pace); others busy: all other CPU time on the machine"
+        " in the same window (kernel network work not charged to a process, and any other load:"
+        " a high figure marks a disturbed run), in % of one CPU, median over rounds",
     ]
     if sink.limiting:
         lines.append(
-            "- NOTE: smtp-sink is not installed; the aiosmtpd sink is about ten times slower"
-            " than it and limits every client: compare rows, not absolute numbers"
+            "- NOTE: the sink is aiosmtpd (Python; smtp-sink was not installed or not chosen),"
+            " several times slower than smtp-sink: it limits every client (see sink busy),"
+            " so compare rows, not absolute numbers"
         )
+    if not sink.banner_has_pipelining:
+        lines.append("- the sink offers no PIPELINING: bare-pipelining runs as bare-uvloop does")
     for concurrency, by_client in rows.items():
         lines += [
             "",
             f"## C = {concurrency}",
             "",
             "| client | msgs/s median (min-max) | CPU s per 1000 msgs | p50 ms | p99 ms"
-            " | vs aiosmtplib | vs bare | delivered | sink busy |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            " | vs aiosmtplib | vs bare | delivered | sink busy | others busy |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         medians: dict[str, float] = {}
         for client, row in by_client.items():
@@ -646,12 +688,12 @@ def render(
                 medians[client] = statistics.median(rate(run, count) for run in good)
         for client, row in by_client.items():
             if row.unavailable:
-                lines.append(f"| {client} | unavailable: {row.unavailable} |" + " |" * 7)
+                lines.append(f"| {client} | unavailable: {row.unavailable} |" + " |" * 8)
                 continue
             good = [run for run in row.runs if not run.error or run.delivered]
             if not good:
                 reason = row.runs[0].error if row.runs else "not run"
-                lines.append(f"| {client} | failed: {reason} |" + " |" * 7)
+                lines.append(f"| {client} | failed: {reason} |" + " |" * 8)
                 continue
             rates = [rate(run, count) for run in good]
             cpu = statistics.median(run.cpu / count * 1000 for run in good)
@@ -664,12 +706,13 @@ def render(
                 ratios.append(f"{medians[client] / peer:.2f}x" if peer else "n/a")
             delivered = sum(run.delivered for run in good)
             busy = statistics.median(run.sink_cpu / run.wall * 100 for run in good)
+            others = statistics.median(run.others_cpu / run.wall * 100 for run in good)
             flag = "" if all(not run.error for run in row.runs) else " (!)"
             spread = f"{fmt(min(rates), 0)}-{fmt(max(rates), 0)}"
             lines.append(
                 f"| {client} | {fmt(medians[client], 0)} ({spread})"
                 f" | {fmt(cpu, 3)} | {fmt(p50)} | {fmt(p99)} | {ratios[0]} | {ratios[1]}"
-                f" | {delivered}/{count * len(row.runs)}{flag} | {busy:.0f}% |"
+                f" | {delivered}/{count * len(row.runs)}{flag} | {busy:.0f}% | {others:.0f}% |"
             )
         problems = [
             f"- {client} round {i + 1}: {run.error}"
@@ -700,6 +743,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--hard-timeout", type=float, default=300.0, help="seconds before a run is killed"
+    )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin the sink and the client to separate CPUs",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sink-worker", action="store_true", help=argparse.SUPPRESS)
@@ -734,7 +783,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     size = len(build_message())
     body_size = size - len(build_message().split(b"\r\n\r\n", 1)[0]) - 4
-    sink = Sink(args.sink, session_limit=max(1024, 2 * max(args.concurrency) + 64))
+    info = machine()  # before pinning this process changes what nproc would say
+    available = sorted(os.sched_getaffinity(0))
+    cpus: set[int] | None = None
+    placement = f"not pinned ({len(available)} CPUs shared by client and sink)"
+    if args.pin and len(available) >= 2:
+        # The sink (and this parent, idle but for reading the sink's counters) on one CPU, each
+        # client on another: every client gets the same one core, whatever the scheduler does.
+        os.sched_setaffinity(0, {available[0]})
+        cpus = {available[1]}
+        placement = f"sink pinned to CPU {available[0]}, each client to CPU {available[1]}"
+    sink = Sink(
+        args.sink, max(1024, 2 * max(args.concurrency) + 64), {available[0]} if cpus else None
+    )
     print(f"sink: {sink.name}, port {sink.port}", file=sys.stderr)
     rows = {c: {client: Row() for client in args.clients} for c in args.concurrency}
     versions: dict[str, str] = {}
@@ -749,11 +810,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         continue
                     if client == "smtp-source":
                         outcome = run_smtp_source(
-                            sink, args.messages, concurrency, body_size, args.hard_timeout
+                            sink, args.messages, concurrency, body_size, args.hard_timeout, cpus
                         )
                     else:
                         outcome = run_python_client(
-                            client, sink, args.messages, concurrency, args.hard_timeout
+                            client, sink, args.messages, concurrency, args.hard_timeout, cpus
                         )
                     if isinstance(outcome, str):
                         for by_client in rows.values():
@@ -779,11 +840,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     versions[client.removesuffix("-uvloop")] = run.version
     report = render(
         rows,
+        placement=placement,
         count=args.messages,
         rounds=args.rounds,
         size=size,
         sink=sink,
-        info=machine(),
+        info=info,
         versions=versions,
     )
     print(report)

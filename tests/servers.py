@@ -12,7 +12,8 @@ This module owns:
   per stage, to close, stall, send garbage, a huge line, a trickle, or a given reply.
 * :func:`free_port` and the factory fixtures ``smtp_server`` and ``fault_server``.
 
-Register the fixtures with ``pytest_plugins = ["servers"]`` (``tests`` on ``pythonpath``).
+conftest.py imports the fixtures from here (``tests`` is on pytest's ``pythonpath``);
+``pytest_plugins = ["servers"]`` works as well.
 Every server binds to loopback (127.0.0.0/8) only.
 
 PYTEST_DONT_REWRITE: this module may be imported before pytest registers it as a plugin;
@@ -593,7 +594,7 @@ class SMTPTestServer:
         self._controller = controller
         self.port = port
         try:
-            assert controller.server is not None
+            assert isinstance(controller.server, asyncio.Server)
             for listener in controller.server.sockets:
                 # asyncio listens with a backlog of 100; raise it for big fan-out tests.
                 with listener.dup() as duplicate:

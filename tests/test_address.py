@@ -5,6 +5,8 @@ from __future__ import annotations
 import doctest
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import asmtp.address
 from asmtp.address import (
@@ -255,3 +257,24 @@ def test_check_header_refuses_line_breaks(breaker: str) -> None:
 def test_check_header_refuses_non_strings() -> None:
     with pytest.raises(InputError, match="not a string"):
         check_header("X-Count", 3)  # type: ignore[arg-type]
+
+
+address_text = st.lists(
+    st.sampled_from([*'ab.@ <>(),;:"\\[]\r\n\x00éü-', "x@example.org", "1.2.3.4"]),
+    max_size=25,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=address_text)
+def test_property_parse_refuses_or_returns_valid(value: str) -> None:
+    """Whatever the input, the result is checked addresses or an InputError, never
+    another exception, and a returned address passes check_mailbox unchanged."""
+    try:
+        pairs = parse_address_list(value, field="to")
+    except InputError as exc:
+        assert str(exc).startswith("to: ")
+        return
+    for name, addr in pairs:
+        assert check_mailbox(addr, field="to") == addr
+        assert not any(c in name + addr for c in "\r\n\x00")

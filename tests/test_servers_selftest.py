@@ -29,8 +29,6 @@ from servers import (
     write_ca_pem,
 )
 
-pytest_plugins = ["servers"]
-
 MakeSMTP = Callable[..., SMTPTestServer]
 MakeFault = Callable[..., FaultServer]
 MESSAGE = b"Subject: hello\r\n\r\nfirst line\r\n.starts with a dot\r\nlast line\r\n"

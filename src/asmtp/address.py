@@ -37,6 +37,7 @@ __all__ = [
 
 # CR, LF and NUL, plus every other character str.splitlines() breaks a line on.
 _FORBIDDEN = re.compile("[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # A lone addr-spec ("jack@example.org", "user@[192.0.2.1]") needs no list parsing.
 _BARE_ADDR = re.compile(r'[^\s<>()\[\],;:"\\@]+@(?:[^\s<>()\[\],;:"\\@]+|\[[^\s\[\]\\]+\])')
@@ -60,6 +61,8 @@ def _refuse(field: str, value: object, reason: str) -> InputError:
 def _check_no_line_breaks(field: str, value: str) -> None:
     if _FORBIDDEN.search(value):
         raise _refuse(field, value, "contains CR, LF, NUL or another line-breaking character")
+    if _SURROGATE.search(value):
+        raise _refuse(field, value, "contains a lone surrogate (not encodable text)")
 
 
 def split_mailbox(addr: str) -> tuple[str, str]:

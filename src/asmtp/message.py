@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email import policy as email_policy
+from email.header import Header, decode_header
 from email.headerregistry import Address, AddressHeader
 from email.message import EmailMessage, Message
 from email.utils import format_datetime, formatdate, make_msgid, parsedate_to_datetime
@@ -265,13 +266,16 @@ def build_message(
     except ValueError as exc:  # e.g. a second Reply-To: the email package refuses it
         raise InputError(f"headers: {exc}") from exc
 
-    if mailtype == "text":
-        msg.set_content(body, subtype="plain", charset="utf-8")
-    elif alt_text is None:
-        msg.set_content(body, subtype="html", charset="utf-8")
-    else:
-        msg.set_content(alt_text, subtype="plain", charset="utf-8")
-        msg.add_alternative(body, subtype="html", charset="utf-8")
+    try:
+        if mailtype == "text":
+            msg.set_content(body, subtype="plain", charset="utf-8")
+        elif alt_text is None:
+            msg.set_content(body, subtype="html", charset="utf-8")
+        else:
+            msg.set_content(alt_text, subtype="plain", charset="utf-8")
+            msg.add_alternative(body, subtype="html", charset="utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate
+        raise InputError(f"body: not encodable as UTF-8: {exc}") from None
     for filename, data, content_type in loaded:
         maintype, _, subtype = content_type.partition("/")
         try:
@@ -281,15 +285,45 @@ def build_message(
     return msg
 
 
+_RAW_OCTET = re.compile("[\udc80-\udcff]")
+
+
+def _from_raw_octets(field: str, text: str) -> str:
+    """Undo the surrogate escapes the email parser uses for raw 8-bit header octets."""
+    if not _RAW_OCTET.search(text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        raise InputError(f"{field}: {text!r} holds octets that are not UTF-8") from None
+
+
+def _compat32_text(name: str, value: object) -> str:
+    if isinstance(value, Header):
+        # compat32 wraps raw 8-bit header octets in a Header whose str() would replace
+        # them with U+FFFD; take the octets back and read them as UTF-8 (RFC 6532).
+        try:
+            return "".join(
+                chunk.decode("utf-8") if isinstance(chunk, bytes) else chunk
+                for chunk, _ in decode_header(value)
+            )
+        except UnicodeError:
+            raise InputError(f"{name}: {str(value)!r} holds octets that are not UTF-8") from None
+    return str(value)
+
+
 def _header_addresses(message: Message, name: str) -> list[str]:
     """Every addr-spec in the message's ``name`` headers, checked and normalized."""
     result: list[str] = []
     for value in message.get_all(name, []):
         if isinstance(value, AddressHeader):
             # Parsed by the email package (groups such as "undisclosed-recipients:;" too).
-            result.extend(check_mailbox(a.addr_spec, field=name) for a in value.addresses)
+            for address in value.addresses:
+                addr = _from_raw_octets(name, address.addr_spec)
+                result.append(check_mailbox(addr, field=name))
         else:
-            result.extend(addr for _, addr in parse_address_list(str(value), field=name))
+            text = _from_raw_octets(name, _compat32_text(name, value))
+            result.extend(addr for _, addr in parse_address_list(text, field=name))
     return result
 
 

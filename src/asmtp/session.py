@@ -415,10 +415,21 @@ class Session:
         self.stage = "message"
         conn.step(timeouts.data_block)
         conn.write(proto.message(message.data))
+        await conn.drain()  # lost while the kernel would not take more: the dot never left
         self.dot_sent = True
-        await conn.drain()
         conn.step(timeouts.data_end)
-        final = await conn.read_reply()
+        try:
+            final = await conn.read_reply()
+        except ConnectionLostError as exc:
+            if conn.reset_by_peer:
+                # RFC 5321 6.1 forbids guessing "not delivered" after the dot, but a
+                # reset means the server left our bytes unread: the dot among them.
+                self.dot_sent = False
+                raise ConnectionLostError(
+                    "the server reset the connection before reading the end of the message",
+                    stage="message",
+                ) from exc
+            raise
         self.dot_sent = False
         if final.code >= 400:
             if proto.state is State.CLOSED:

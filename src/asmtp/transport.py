@@ -64,6 +64,13 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self._transport = cast(asyncio.Transport, transport)
+        self._exact_flow_control()
+
+    def _exact_flow_control(self) -> None:
+        # Pause as soon as anything stays queued and resume only once all of it went
+        # to the kernel, so drain() tells when the end-of-data dot has really left.
+        assert self._transport is not None
+        self._transport.set_write_buffer_limits(high=0, low=0)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view
@@ -191,7 +198,7 @@ class Connection(asyncio.BufferedProtocol):
         transport.write(data)
 
     async def drain(self) -> None:
-        """Wait while the kernel's send buffer is full (big messages)."""
+        """Wait until everything written has been handed to the kernel."""
         while self._paused and not self._lost:
             waiter = self._drain_waiter = self._loop.create_future()
             try:
@@ -214,7 +221,14 @@ class Connection(asyncio.BufferedProtocol):
         if new is None:  # pragma: no cover - only when the transport closed meanwhile
             raise ConnectionLostError("connection closed during the TLS handshake")
         self._transport = new  # type: ignore[assignment]
+        self._exact_flow_control()
         self.proto.tls_started()
+
+    @property
+    def reset_by_peer(self) -> bool:
+        """The server reset the connection (TCP RST): it closed with bytes of ours
+        still unread, so it cannot have read everything sent so far."""
+        return isinstance(self._lost_exc, ConnectionResetError)
 
     @property
     def tls_version(self) -> str | None:
