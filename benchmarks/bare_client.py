@@ -158,34 +158,24 @@ async def _session(
 
 
 async def _deliver(
-    host: str, port: int, commands: _Commands, recipient: str, pipelining: bool, timeout: float
+    host: str,
+    port: int,
+    commands: _Commands,
+    recipient: str,
+    pipelining: bool,
+    message_timeout: float,
 ) -> Outcome:
-    # One timer per message that cancels this task: cheaper than a wait_for task per message.
-    task = asyncio.current_task()
-    assert task is not None
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
     rcpt = b"RCPT TO:<" + recipient.encode("ascii") + b">\r\n"
     start = time.perf_counter()
-    timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
-        await _session(host, port, commands, rcpt, pipelining)
-    except asyncio.CancelledError:
-        if not expired:
-            raise
-        if hasattr(task, "uncancel"):  # Python 3.11+: this cancel was ours, not the caller's
-            task.uncancel()
-        return Outcome(recipient, False, time.perf_counter() - start, f"timeout after {timeout} s")
+        async with asyncio.timeout(message_timeout):
+            await _session(host, port, commands, rcpt, pipelining)
+    except TimeoutError:
+        error = f"timeout after {message_timeout} s"
+        return Outcome(recipient, False, time.perf_counter() - start, error)
     except (OSError, ReplyCodeError) as exc:
         error = f"{type(exc).__name__}: {exc}"
         return Outcome(recipient, False, time.perf_counter() - start, error)
-    finally:
-        timer.cancel()
     return Outcome(recipient, True, time.perf_counter() - start)
 
 
@@ -199,10 +189,11 @@ async def send_all(
     concurrency: int,
     helo: str,
     pipelining: bool = False,
-    timeout: float = 30.0,
+    message_timeout: float = 30.0,
 ) -> list[Outcome]:
     """Send ``message`` to each recipient over its own connection, at most ``concurrency``
-    at once; one :class:`Outcome` per recipient, in the order given."""
+    at once, each within ``message_timeout`` seconds from connect to the reply to QUIT;
+    one :class:`Outcome` per recipient, in the order given."""
     commands = _Commands(
         ehlo=b"EHLO " + helo.encode("ascii") + b"\r\n",
         mail=b"MAIL FROM:<" + sender.encode("ascii") + b">\r\n",
@@ -213,7 +204,9 @@ async def send_all(
 
     async def worker() -> None:
         for index, recipient in work:
-            outcomes[index] = await _deliver(host, port, commands, recipient, pipelining, timeout)
+            outcomes[index] = await _deliver(
+                host, port, commands, recipient, pipelining, message_timeout
+            )
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(recipients))))))
     return [outcome for outcome in outcomes if outcome is not None]

@@ -184,7 +184,7 @@ def bare_runner(pipelining: bool) -> Callable[..., Any]:
             concurrency=concurrency,
             helo=HELO,
             pipelining=pipelining,
-            timeout=MESSAGE_TIMEOUT,
+            message_timeout=MESSAGE_TIMEOUT,
         )
         return [(o.ok, o.elapsed, o.error) for o in outcomes]
 
@@ -477,6 +477,19 @@ def machine_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_for_quiet(limit: float, threshold: float = 0.2, sample: float = 0.25) -> float:
+    """Wait, up to ``limit`` seconds, until the machine is idle but for ``threshold`` of one
+    CPU over a ``sample`` (other people's builds skew a run far more than rounds can average
+    out). Returns the busy fraction last seen."""
+    deadline = time.monotonic() + limit
+    while True:
+        before = machine_busy()
+        time.sleep(sample)
+        load = (machine_busy() - before) / sample
+        if load <= threshold or time.monotonic() >= deadline:
+            return load
+
+
 def tail(path_file: Any, lines: int = 3) -> str:
     path_file.seek(0)
     text = path_file.read().decode("utf-8", "replace").strip().splitlines()
@@ -638,7 +651,7 @@ def render(
     info: dict[str, str],
     versions: dict[str, str],
 ) -> str:
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# asmtp fan-out benchmark",
         "",
@@ -745,6 +758,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--hard-timeout", type=float, default=300.0, help="seconds before a run is killed"
     )
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=15.0,
+        help="before each run, wait up to this many seconds for other load to pass (0: do not)",
+    )
+    parser.add_argument(
         "--no-pin",
         dest="pin",
         action="store_false",
@@ -793,6 +812,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, {available[0]})
         cpus = {available[1]}
         placement = f"sink pinned to CPU {available[0]}, each client to CPU {available[1]}"
+    if args.settle > 0:
+        placement += (
+            f"; before each run, waited (up to {args.settle:g} s) for other load below 20% of a CPU"
+        )
     sink = Sink(
         args.sink, max(1024, 2 * max(args.concurrency) + 64), {available[0]} if cpus else None
     )
@@ -808,6 +831,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     row = rows[concurrency][client]
                     if row.unavailable:
                         continue
+                    if args.settle > 0:
+                        wait_for_quiet(args.settle)
                     if client == "smtp-source":
                         outcome = run_smtp_source(
                             sink, args.messages, concurrency, body_size, args.hard_timeout, cpus
@@ -830,7 +855,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         + (f"; {outcome.error}" if outcome.error else ""),
                         file=sys.stderr,
                     )
-                    time.sleep(0.2)  # let the sink finish closing before the next client
     finally:
         sink.stop()
     for by_client in rows.values():

@@ -112,7 +112,7 @@ def test_build_headers() -> None:
     assert re.fullmatch(r"<[^@<>]+@example\.org>", msg["Message-ID"])
     date = msg["Date"].datetime
     assert date.tzinfo is not None
-    assert abs(date - datetime.datetime.now(datetime.timezone.utc)) < datetime.timedelta(days=1)
+    assert abs(date - datetime.datetime.now(datetime.UTC)) < datetime.timedelta(days=1)
     assert "Bcc" not in msg
     # Non-ASCII display names leave as RFC 2047 encoded words.
     assert b"From: =?utf-8?q?Zo=C3=AB?= <zoe@example.org>" in msg.as_bytes(policy=email.policy.SMTP)
@@ -292,7 +292,7 @@ def test_build_from_needs_one_address() -> None:
 
 
 def test_build_date_and_message_id() -> None:
-    when = datetime.datetime(2024, 5, 17, 9, 30, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2024, 5, 17, 9, 30, tzinfo=datetime.UTC)
     msg = simple(date=when, message_id="abc.123@example.org")
     assert msg["Date"] == "Fri, 17 May 2024 09:30:00 +0000"
     assert msg["Message-ID"] == "<abc.123@example.org>"

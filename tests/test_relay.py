@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import trustme
-from servers import FaultServer, SMTPTestServer, server_ssl_context
 
 import asmtp
+from servers import FaultServer, SMTPTestServer, server_ssl_context
 
 MakeServer = Callable[..., SMTPTestServer]
 MakeFault = Callable[..., FaultServer]
@@ -43,7 +43,7 @@ async def test_200_recipients_at_concurrency_20(smtp_server: MakeServer) -> None
     report = await asmtp.sendmail(
         to=to,
         cc=cc,
-        bcc=bcc + ["user000@example.org"],  # named twice: still one copy
+        bcc=[*bcc, "user000@example.org"],  # named twice: still one copy
         from_="Sender Name <sender@example.com>",
         subject="Quarterly notes",
         body="<h1>Hello</h1>",
@@ -537,7 +537,7 @@ async def test_cancel_closes_sessions_and_raises(fault_server: MakeFault) -> Non
 
 async def test_bad_input_refused_before_any_connection(smtp_server: MakeServer) -> None:
     server = smtp_server()
-    with pytest.raises(asmtp.InputError, match="(?i)subject"):
+    with pytest.raises(asmtp.InputError, match=r"(?i)subject"):
         await asmtp.sendmail(
             to="a@example.org",
             from_="s@example.com",

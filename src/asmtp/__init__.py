@@ -47,8 +47,8 @@ from .results import Attempt, RecipientResult, Report
 
 __all__ = (
     "Attempt",
-    "AuthenticationError",
     "AuthUnavailableError",
+    "AuthenticationError",
     "Capabilities",
     "CertificateError",
     "ConnectError",

@@ -63,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = sub.add_parser("send", help="send a message to recipients through a relay")
     send.add_argument("--from", dest="from_", required=True, metavar="ADDR")
-    send.add_argument("--to", action="append", default=[], metavar="ADDRS",
-                      help="recipients (a comma list; may repeat)")
+    send.add_argument(
+        "--to",
+        action="append",
+        default=[],
+        metavar="ADDRS",
+        help="recipients (a comma list; may repeat)",
+    )
     send.add_argument("--cc", action="append", default=[], metavar="ADDRS")
     send.add_argument("--bcc", action="append", default=[], metavar="ADDRS")
     send.add_argument("--subject", default="")
@@ -72,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     body.add_argument("--body", metavar="TEXT")
     body.add_argument("--body-file", metavar="FILE", type=Path)
     send.add_argument("--html", action="store_true", help="the body is HTML")
-    send.add_argument("--alt-text-file", metavar="FILE", type=Path,
-                      help="with --html: a plain-text alternative")
+    send.add_argument(
+        "--alt-text-file", metavar="FILE", type=Path, help="with --html: a plain-text alternative"
+    )
     send.add_argument("--attach", action="append", default=[], metavar="FILE")
     send.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
     _add_connection_options(send)
@@ -83,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fan a message out through a local demo server")
     demo.add_argument("--recipients", type=_positive_int, default=30, metavar="N")
     demo.add_argument("--concurrency", type=_positive_int, default=10, metavar="N")
-    demo.add_argument("--dir", type=Path, default=None,
-                      help="where the server keeps what it receives (default: a temp dir)")
+    demo.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where the server keeps what it receives (default: a temp dir)",
+    )
     demo.add_argument("--debug", action="store_true", help="show the SMTP transcript")
     demo.add_argument("--json", action="store_true")
     return parser
@@ -93,10 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_connection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--relay", required=True, type=_relay_arg, metavar="HOST[:PORT]")
     p.add_argument("--user", metavar="USER")
-    p.add_argument("--password-env", metavar="VAR",
-                   help="the name of the environment variable holding the password")
-    p.add_argument("--tls", choices=TLS_MODES, default=None,
-                   help="default: implicit on port 465, else starttls")
+    p.add_argument(
+        "--password-env",
+        metavar="VAR",
+        help="the name of the environment variable holding the password",
+    )
+    p.add_argument(
+        "--tls",
+        choices=TLS_MODES,
+        default=None,
+        help="default: implicit on port 465, else starttls",
+    )
     p.add_argument("--allow-plaintext-auth", action="store_true")
     p.add_argument("--helo", metavar="NAME")
     p.add_argument("--concurrency", type=_positive_int, default=100, metavar="N")
@@ -203,7 +220,12 @@ def print_report(report: Report, *, as_json: bool) -> None:
     table = Table(show_lines=False)
     for col in ("recipient", "status", "code", "stage", "tls", "ms", "message"):
         table.add_column(col, overflow="fold")
-    colours = {"delivered": "green", "transient": "yellow", "permanent": "red", "unknown": "magenta"}
+    colours = {
+        "delivered": "green",
+        "transient": "yellow",
+        "permanent": "red",
+        "unknown": "magenta",
+    }
     for r in report.results:
         table.add_row(
             r.recipient,

@@ -5,22 +5,22 @@ place; nothing here does I/O.
 
 from __future__ import annotations
 
-import ssl
 import random
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, Union
+from typing import Literal
 
 from .errors import InputError
 
-__all__ = ["Direct", "Password", "Relay", "TLSMode", "Timeouts", "TimeoutSpec"]
+__all__ = ["Direct", "Password", "Relay", "TLSMode", "TimeoutSpec", "Timeouts"]
 
 TLSMode = Literal["starttls", "implicit", "opportunistic", "none"]
 TLS_MODES: tuple[str, ...] = ("starttls", "implicit", "opportunistic", "none")
 
 #: a password, or a function returning one (sync or async) so that a short-lived
 #: credential such as an OAuth2 access token is fetched fresh for each session.
-Password = Union[str, Callable[[], str], Callable[[], Awaitable[str]]]
+Password = str | Callable[[], str] | Callable[[], Awaitable[str]]
 
 
 def _check_text(what: str, value: str) -> None:
@@ -60,7 +60,7 @@ class Timeouts:
         return cls.uniform(None if value is None else float(value))
 
 
-TimeoutSpec = Union[float, int, None, Timeouts]
+TimeoutSpec = float | int | None | Timeouts
 
 
 @dataclass(frozen=True, slots=True)

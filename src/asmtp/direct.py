@@ -18,11 +18,11 @@ import anyio
 
 from .address import domain_of
 from .config import Direct, Timeouts
+from .dispatch import run_session
 from .errors import CertificateError, ResolveError
 from .message import PreparedMessage
 from .resolver import MXHost, MXResolver
 from .results import Attempt, RecipientResult, result_from_error
-from .dispatch import run_session
 from .session import Endpoint, default_ssl_context
 
 __all__ = ["DirectDelivery", "next_address_may_help", "plan_jobs"]
@@ -173,7 +173,12 @@ class DirectDelivery:
                 source_address=settings.source_address,
             )
             results, _ = await run_session(
-                fallback, self.timeouts, sender, recipients, message, debug=self.debug,
+                fallback,
+                self.timeouts,
+                sender,
+                recipients,
+                message,
+                debug=self.debug,
                 started=t0,
             )
         return results

@@ -85,29 +85,36 @@ async def run_session(
     except SMTPError as exc:
         session.abort()
         elapsed = loop.time() - t0
-        for r in recipients:
-            if r not in final:
-                final[r] = result_from_error(
-                    r, exc, host=endpoint.host, tls=session.tls, elapsed=elapsed,
+        for rcpt in recipients:
+            if rcpt not in final:
+                final[rcpt] = result_from_error(
+                    rcpt,
+                    exc,
+                    host=endpoint.host,
+                    tls=session.tls,
+                    elapsed=elapsed,
                     dot_sent=session.dot_sent,
                 )
-        return [final[r] for r in recipients], exc
+        return [final[rcpt] for rcpt in recipients], exc
     except Exception as exc:  # a bug in asmtp must not cost other recipients theirs
         session.abort()
         logger.exception("asmtp internal error while delivering to %s", ", ".join(recipients))
         elapsed = loop.time() - t0
         status = "unknown" if session.dot_sent else "transient"
-        for r in recipients:
-            final.setdefault(r, RecipientResult(
-                recipient=r,
-                status=status,  # type: ignore[arg-type]
-                message=f"internal error: {exc!r}",
-                stage=session.stage,
-                host=endpoint.host,
-                tls=session.tls,
-                elapsed=elapsed,
-            ))
-        return [final[r] for r in recipients], None
+        for rcpt in recipients:
+            final.setdefault(
+                rcpt,
+                RecipientResult(
+                    recipient=rcpt,
+                    status=status,  # type: ignore[arg-type]
+                    message=f"internal error: {exc!r}",
+                    stage=session.stage,
+                    host=endpoint.host,
+                    tls=session.tls,
+                    elapsed=elapsed,
+                ),
+            )
+        return [final[rcpt] for rcpt in recipients], None
     except BaseException:
         session.abort()
         raise

@@ -10,17 +10,17 @@ the transport translates them into the classes below in one place.
 from __future__ import annotations
 
 __all__ = [
-    "AuthenticationError",
     "AuthUnavailableError",
+    "AuthenticationError",
     "CertificateError",
     "ConnectError",
     "ConnectionLostError",
     "InputError",
     "LocalProtocolError",
+    "MessageRejectedError",
     "NoAddressError",
     "NoSuchDomainError",
     "NullMXError",
-    "MessageRejectedError",
     "ProtocolError",
     "RemoteProtocolError",
     "ReplyError",
@@ -28,8 +28,8 @@ __all__ = [
     "SMTPError",
     "SMTPTimeoutError",
     "TLSError",
-    "TemporaryResolveError",
     "TLSUnavailableError",
+    "TemporaryResolveError",
     "TransportError",
 ]
 

@@ -69,13 +69,13 @@ class ClientProtocol:
     __slots__ = (
         "_parser",
         "_pending",
-        "_txn",
         "_rcpts",
         "_smtputf8",
+        "_txn",
+        "authenticated",
         "capabilities",
         "state",
         "tls",
-        "authenticated",
         "trace",
     )
 
@@ -94,9 +94,14 @@ class ClientProtocol:
 
     # -- bytes in -----------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes from the server; ``b""`` means the server closed the stream."""
         self._parser.feed(data)
+
+    @property
+    def closed(self) -> bool:
+        """The session is over: QUIT answered, 421 received, or the stream ended."""
+        return self.state is State.CLOSED
 
     @property
     def awaiting(self) -> str | None:
@@ -217,16 +222,15 @@ class ClientProtocol:
     def _check(self, kind: str, states: tuple[State, ...], *, pipelinable: bool = False) -> None:
         if self.state not in states:
             raise LocalProtocolError(f"cannot send {kind.upper()} in state {self.state.value}")
-        if self._pending:
-            if not (
-                pipelinable
-                and self.capabilities.pipelining
-                and all(k in _PIPELINE_AFTER for k in self._pending)
-            ):
-                raise LocalProtocolError(
-                    f"cannot send {kind.upper()} while awaiting the "
-                    f"{self._pending[0]} reply (no PIPELINING)"
-                )
+        if self._pending and not (
+            pipelinable
+            and self.capabilities.pipelining
+            and all(k in _PIPELINE_AFTER for k in self._pending)
+        ):
+            raise LocalProtocolError(
+                f"cannot send {kind.upper()} while awaiting the "
+                f"{self._pending[0]} reply (no PIPELINING)"
+            )
 
     @staticmethod
     def _clean(kind: str, *values: str) -> None:

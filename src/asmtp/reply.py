@@ -103,7 +103,7 @@ class ReplyParser:
         Reply(250, ('mx.example.org', 'PIPELINING', 'SIZE 1000'))
     """
 
-    __slots__ = ("_buf", "_lines", "_code", "eof", "max_line", "max_lines")
+    __slots__ = ("_buf", "_code", "_lines", "eof", "max_line", "max_lines")
 
     def __init__(self, *, max_line: int = MAX_LINE, max_lines: int = MAX_LINES) -> None:
         self._buf = bytearray()
@@ -118,7 +118,7 @@ class ReplyParser:
         """Bytes received and not yet part of a returned reply."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             self.eof = True
         else:

@@ -359,7 +359,7 @@ async def resolve_mx(
     domain: str,
     *,
     dns_servers: Sequence[str] | None = None,
-    timeout: float = 5.0,  # noqa: ASYNC109 (the lifetime of each DNS query, not a deadline)
+    timeout: float = 5.0,
     rng: random.Random | None = None,
 ) -> list[MXHost]:
     """Return the mail exchangers of ``domain``, most preferred first.

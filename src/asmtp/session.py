@@ -131,9 +131,7 @@ async def _addresses(host: str, port: int) -> tuple[str, ...]:
     except OSError:
         pass
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM
-        )
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError:
         return ()
     seen: dict[str, None] = {}
@@ -182,7 +180,7 @@ class Session:
 
     @property
     def is_open(self) -> bool:
-        return self._conn is not None and self.proto.state not in (State.CLOSED,)
+        return self._conn is not None and not self.proto.closed
 
     # -- connection set-up ----------------------------------------------------------
 
@@ -239,7 +237,7 @@ class Session:
         reply = await self._command(self.proto.ehlo(helo), self.timeouts.command)
         if reply.code == 250:
             return
-        if reply.code >= 500 and self.proto.state is not State.CLOSED:
+        if reply.code >= 500 and not self.proto.closed:
             # RFC 5321 3.2: a server that does not know EHLO gets HELO.
             reply = await self._command(self.proto.helo(helo), self.timeouts.command)
             if reply.code == 250:
@@ -312,15 +310,12 @@ class Session:
         if message.eight_bit:
             if not caps.eight_bit_mime:
                 raise MessageRejectedError(
-                    f"message has 8-bit content and {self.endpoint.host} does not offer "
-                    "8BITMIME",
+                    f"message has 8-bit content and {self.endpoint.host} does not offer 8BITMIME",
                     stage="mail",
                 )
             params.append("BODY=8BITMIME")
         utf8 = (
-            message.smtputf8
-            or needs_smtputf8(sender)
-            or any(needs_smtputf8(r) for r in recipients)
+            message.smtputf8 or needs_smtputf8(sender) or any(needs_smtputf8(r) for r in recipients)
         )
         if utf8:
             if not caps.smtputf8:
@@ -346,7 +341,7 @@ class Session:
         accepted, the connection lost); ``self.stage`` and ``self.dot_sent`` say where."""
         conn = self._conn
         proto = self.proto
-        if conn is None or proto.state is State.CLOSED:
+        if conn is None or proto.closed:
             raise ConnectionLostError("the session is closed", stage=self.stage)
         timeouts = self.timeouts
         self.dot_sent = False
@@ -368,13 +363,13 @@ class Session:
             conn.step(timeouts.command)
             conn.write(out)
             mail_reply = await conn.read_reply()
-            if proto.state is State.CLOSED:
+            if proto.closed:
                 raise _reply_error(mail_reply, "mail")
             self.stage = "rcpt"
             for rcpt in recipients:
                 conn.step(timeouts.command)
                 reply = await conn.read_reply()
-                if proto.state is State.CLOSED:
+                if proto.closed:
                     raise _reply_error(reply, "rcpt")
                 if reply.code >= 400:
                     refused[rcpt] = reply
@@ -387,14 +382,15 @@ class Session:
                     await self._empty_message()
                 raise _reply_error(mail_reply, "mail")
         else:
-            mail_reply = await self._command(proto.mail(sender, params, smtputf8=utf8),
-                                             timeouts.command)
+            mail_reply = await self._command(
+                proto.mail(sender, params, smtputf8=utf8), timeouts.command
+            )
             if mail_reply.code >= 400:
                 raise _reply_error(mail_reply, "mail")
             self.stage = "rcpt"
             for rcpt in recipients:
                 reply = await self._command(proto.rcpt(rcpt), timeouts.command)
-                if proto.state is State.CLOSED:
+                if proto.closed:
                     raise _reply_error(reply, "rcpt")
                 if reply.code >= 400:
                     refused[rcpt] = reply
@@ -410,7 +406,7 @@ class Session:
                 await self._empty_message()
             return refused, _NO_DATA
         if data_reply.code != 354:
-            self._needs_rset = proto.state is not State.CLOSED
+            self._needs_rset = not proto.closed
             raise _reply_error(data_reply, "data")
         self.stage = "message"
         conn.step(timeouts.data_block)
@@ -431,9 +427,8 @@ class Session:
                 ) from exc
             raise
         self.dot_sent = False
-        if final.code >= 400:
-            if proto.state is State.CLOSED:
-                raise _reply_error(final, "message")
+        if final.code >= 400 and proto.closed:
+            raise _reply_error(final, "message")
         return refused, final
 
     async def _empty_message(self) -> None:
@@ -478,7 +473,7 @@ class Session:
 
     async def noop(self) -> None:
         """NOOP: check the server is still there (a 421 or a closed connection raises)."""
-        if self._conn is None or self.proto.state is State.CLOSED:
+        if self._conn is None or self.proto.closed:
             raise ConnectionLostError("the session is closed", stage="noop")
         reply = await self._command(self.proto.noop(), self.timeouts.command)
         if reply.code != 250:

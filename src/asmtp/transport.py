@@ -220,7 +220,7 @@ class Connection(asyncio.BufferedProtocol):
             )
         if new is None:  # pragma: no cover - only when the transport closed meanwhile
             raise ConnectionLostError("connection closed during the TLS handshake")
-        self._transport = new  # type: ignore[assignment]
+        self._transport = new
         self._exact_flow_control()
         self.proto.tls_started()
 
@@ -277,9 +277,7 @@ def translate_errors(stage: str, host: str) -> Iterator[None]:
             f"connection to {host} lost during {stage}: {exc}", stage=stage
         ) from exc
     except OSError as exc:
-        raise ConnectError(
-            f"cannot connect to {host}: {exc.strerror or exc}", stage=stage
-        ) from exc
+        raise ConnectError(f"cannot connect to {host}: {exc.strerror or exc}", stage=stage) from exc
 
 
 async def open_connection(
