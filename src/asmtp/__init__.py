@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from .api import ConnectedSession, connect, send, sendmail
 from .capabilities import Capabilities
-from .config import Relay, Timeouts
+from .config import Direct, Relay, Timeouts
 from .errors import (
     AuthenticationError,
     AuthUnavailableError,
@@ -43,6 +43,7 @@ from .errors import (
 )
 from .message import PreparedMessage, build_message, prepare_message
 from .reply import Reply
+from .resolver import MXHost, MXResolver, resolve_mx
 from .results import Attempt, RecipientResult, Report
 
 __all__ = (
@@ -54,8 +55,11 @@ __all__ = (
     "ConnectError",
     "ConnectedSession",
     "ConnectionLostError",
+    "Direct",
     "InputError",
     "LocalProtocolError",
+    "MXHost",
+    "MXResolver",
     "MessageRejectedError",
     "NoAddressError",
     "NoSuchDomainError",
@@ -80,6 +84,7 @@ __all__ = (
     "build_message",
     "connect",
     "prepare_message",
+    "resolve_mx",
     "send",
     "sendmail",
 )
