@@ -332,7 +332,8 @@ class Sink:
             argv += ["--port", str(self.port), "--backlog", str(session_limit)]
             self.name = "aiosmtpd sink in a subprocess"
             self.limiting = True
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._stderr)
         if cpus:
             os.sched_setaffinity(self.proc.pid, cpus)
         self._messages = 0
@@ -383,6 +384,14 @@ class Sink:
     def messages(self) -> int:
         return self._messages
 
+    def exit_reason(self) -> str | None:
+        """None while the sink runs; else how it ended."""
+        status = self.proc.poll()
+        if status is None:
+            return None
+        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        return f"{how} ({tail(self._stderr)})"
+
     def wait_for_count(self, at_least: int, limit: float = 2.0) -> int:
         """The counter, once it reaches ``at_least`` or ``limit`` seconds pass."""
         deadline = time.monotonic() + limit
@@ -406,6 +415,7 @@ class Sink:
             self.proc.kill()
             self.proc.wait(5)
         self._reader.join(2)
+        self._stderr.close()
 
 
 def sink_worker_main(port: int, backlog: int) -> int:
@@ -603,6 +613,19 @@ def summary(run: Run) -> dict[str, Any]:
     return out
 
 
+def run_client(
+    client: str,
+    sink: Sink,
+    args: argparse.Namespace,
+    concurrency: int,
+    body_size: int,
+    cpus: set[int] | None,
+) -> Run | str:
+    if client == "smtp-source":
+        return run_smtp_source(sink, args.messages, concurrency, body_size, args.hard_timeout, cpus)
+    return run_python_client(client, sink, args.messages, concurrency, args.hard_timeout, cpus)
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile."""
     ordered = sorted(values)
@@ -644,6 +667,7 @@ def render(
     rows: dict[int, dict[str, Row]],
     *,
     placement: str,
+    sink_deaths: Sequence[str],
     count: int,
     rounds: int,
     size: int,
@@ -683,6 +707,9 @@ def render(
             " several times slower than smtp-sink: it limits every client (see sink busy),"
             " so compare rows, not absolute numbers"
         )
+    lines += [
+        f"- the sink {death}; it was restarted and that run repeated" for death in sink_deaths
+    ]
     if not sink.banner_has_pipelining:
         lines.append("- the sink offers no PIPELINING: bare-pipelining runs as bare-uvloop does")
     for concurrency, by_client in rows.items():
@@ -816,10 +843,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         placement += (
             f"; before each run, waited (up to {args.settle:g} s) for other load below 20% of a CPU"
         )
-    sink = Sink(
-        args.sink, max(1024, 2 * max(args.concurrency) + 64), {available[0]} if cpus else None
-    )
-    print(f"sink: {sink.name}, port {sink.port}", file=sys.stderr)
+
+    def start_sink() -> Sink:
+        session_limit = max(1024, 2 * max(args.concurrency) + 64)
+        sink = Sink(args.sink, session_limit, {available[0]} if cpus else None)
+        print(f"sink: {sink.name}, port {sink.port}", file=sys.stderr)
+        return sink
+
+    sink = start_sink()
+    sink_deaths: list[str] = []
     rows = {c: {client: Row() for client in args.clients} for c in args.concurrency}
     versions: dict[str, str] = {}
     try:
@@ -833,14 +865,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         continue
                     if args.settle > 0:
                         wait_for_quiet(args.settle)
-                    if client == "smtp-source":
-                        outcome = run_smtp_source(
-                            sink, args.messages, concurrency, body_size, args.hard_timeout, cpus
-                        )
-                    else:
-                        outcome = run_python_client(
-                            client, sink, args.messages, concurrency, args.hard_timeout, cpus
-                        )
+                    outcome = run_client(client, sink, args, concurrency, body_size, cpus)
+                    death = sink.exit_reason()
+                    if death is not None:
+                        # Not the client's doing (another process may have killed it): restart
+                        # the sink and run this client again, once.
+                        print(f"the sink {death}; restarting it", file=sys.stderr)
+                        sink_deaths.append(f"{death}, during {client} at C={concurrency}")
+                        sink.stop()
+                        sink = start_sink()
+                        outcome = run_client(client, sink, args, concurrency, body_size, cpus)
+                        death = sink.exit_reason()
+                        if death is not None and isinstance(outcome, Run):
+                            outcome.error = f"the sink {death} during the run"
                     if isinstance(outcome, str):
                         for by_client in rows.values():
                             by_client[client].unavailable = outcome
@@ -865,6 +902,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = render(
         rows,
         placement=placement,
+        sink_deaths=sink_deaths,
         count=args.messages,
         rounds=args.rounds,
         size=size,

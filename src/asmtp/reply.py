@@ -134,6 +134,18 @@ class ReplyParser:
 
     def next_reply(self) -> Reply | _NeedData:
         buf = self._buf
+        if not buf:
+            return NEED_DATA
+        if not self._lines:
+            # Fast path: most replies are one line ("250 2.1.0 Ok\r\n").
+            end = buf.find(b"\n")
+            if 4 <= end <= self.max_line and buf[3] == 0x20 and buf[:3].isdigit():
+                code = int(buf[:3])
+                if 200 <= code <= 599:
+                    stop = end - 1 if buf[end - 1] == 0x0D else end
+                    text = buf[4:stop].decode("utf-8", "replace")
+                    del buf[: end + 1]
+                    return Reply(code, (text,))
         start = 0
         while True:
             end = buf.find(b"\n", start)

@@ -30,7 +30,7 @@ from .reply import NEED_DATA, Reply
 
 __all__ = ["Connection", "open_connection"]
 
-_READ_BUFFER = 65536
+_READ_BUFFER = 16384  # replies are small; one buffer per connection, reused
 
 
 class Connection(asyncio.BufferedProtocol):
