@@ -389,7 +389,7 @@ class Sink:
         status = self.proc.poll()
         if status is None:
             return None
-        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
         return f"{how} ({tail(self._stderr)})"
 
     def wait_for_count(self, at_least: int, limit: float = 2.0) -> int:

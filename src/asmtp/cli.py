@@ -524,8 +524,9 @@ def _table(results: Sequence[RecipientResult], width: int) -> Any:
     from rich.text import Text
 
     detail = width >= _WIDTH_DETAIL
-    show_host = detail and any(r.host for r in results)
-    table = Table(show_lines=False, pad_edge=False, expand=False)
+    # direct delivery: which MX host took (or refused) each recipient
+    show_host = detail and any(r.tried for r in results)
+    table = Table(show_lines=False)
     table.add_column("recipient", overflow="fold", min_width=12)
     table.add_column("status", no_wrap=True)
     table.add_column("code", overflow="fold")
