@@ -767,7 +767,10 @@ def render(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="clients: " + "; ".join(f"{name}: {what}" for name, (_, what) in CLIENTS.items()),
+    )
     parser.add_argument("--messages", type=int, help="messages per run (default 5000)")
     parser.add_argument(
         "--concurrency", type=int, action="append", help="most connections at once; repeatable"
@@ -787,7 +790,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--settle",
         type=float,
-        default=15.0,
+        default=5.0,
         help="before each run, wait up to this many seconds for other load to pass (0: do not)",
     )
     parser.add_argument(

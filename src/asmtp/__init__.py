@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from .api import ConnectedSession, connect, send, sendmail
 from .capabilities import Capabilities
-from .config import Direct, Relay, Timeouts
+from .config import DSN, Direct, Relay, Timeouts
 from .errors import (
     AuthenticationError,
     AuthUnavailableError,
@@ -25,6 +25,7 @@ from .errors import (
     ConnectError,
     ConnectionLostError,
     InputError,
+    JournalError,
     LocalProtocolError,
     MessageRejectedError,
     NoAddressError,
@@ -41,10 +42,12 @@ from .errors import (
     TLSUnavailableError,
     TransportError,
 )
+from .mailer import Job, Mailer
 from .message import PreparedMessage, build_message, prepare_message
 from .reply import Reply
 from .resolver import MXHost, MXResolver, resolve_mx
 from .results import Attempt, RecipientResult, Report
+from .retry import Rate, Retry
 
 __all__ = (
     "Attempt",
@@ -55,17 +58,22 @@ __all__ = (
     "ConnectError",
     "ConnectedSession",
     "ConnectionLostError",
+    "DSN",
     "Direct",
     "InputError",
+    "Job",
+    "JournalError",
     "LocalProtocolError",
     "MXHost",
     "MXResolver",
+    "Mailer",
     "MessageRejectedError",
     "NoAddressError",
     "NoSuchDomainError",
     "NullMXError",
     "PreparedMessage",
     "ProtocolError",
+    "Rate",
     "RecipientResult",
     "Relay",
     "RemoteProtocolError",
@@ -73,6 +81,7 @@ __all__ = (
     "ReplyError",
     "Report",
     "ResolveError",
+    "Retry",
     "SMTPError",
     "SMTPTimeoutError",
     "TLSError",

@@ -17,12 +17,12 @@ from typing import Literal
 
 import anyio
 
-from .address import check_mailbox, parse_address_list, unique_addresses
+from .address import parse_address_list
 from .config import Direct, Relay, Timeouts, TimeoutSpec
 from .direct import DirectDelivery, plan_jobs
 from .dispatch import Job, deliver_one, run_pool
 from .errors import InputError
-from .message import Attachment, PreparedMessage, build_message, envelope_of, prepare_message
+from .message import Attachment, build_message, prepare_envelope
 from .results import RecipientResult, Report
 from .session import Endpoint, Session, default_helo
 
@@ -110,7 +110,7 @@ async def send(
     or ready bytes). The envelope comes from Sender/From and To/Cc/Bcc unless
     ``sender``/``recipients`` are given; Bcc is never sent; the message is serialized
     once for all recipients."""
-    sender, rcpts, prepared = _envelope(message, sender, recipients)
+    sender, rcpts, prepared = prepare_envelope(message, sender, recipients)
     concurrency = _check_concurrency(concurrency)
     timeouts = Timeouts.of(timeout)
     if debug:
@@ -142,24 +142,6 @@ async def send(
     if log_file is not None:
         await write_log(log_file, report.results)
     return report
-
-
-def _envelope(
-    message: EmailMessage | bytes, sender: str | None, recipients: AddressList
-) -> tuple[str, list[str], PreparedMessage]:
-    if isinstance(message, EmailMessage):
-        env_sender, rcpts = envelope_of(message, sender=sender, recipients=recipients)
-    elif isinstance(message, (bytes, bytearray, memoryview)):
-        if sender is None or recipients is None:
-            raise InputError("a message given as bytes needs sender= and recipients=")
-        env_sender = check_mailbox(sender, field="sender", allow_empty=True)
-        rcpts = unique_addresses(a for _, a in parse_address_list(recipients, field="recipients"))
-        if not rcpts:
-            raise InputError("no recipients")
-        message = bytes(message)
-    else:
-        raise InputError(f"message must be an EmailMessage or bytes, not {type(message).__name__}")
-    return env_sender, rcpts, prepare_message(message)
 
 
 def _check_concurrency(concurrency: int) -> int:
@@ -217,7 +199,7 @@ class ConnectedSession:
         message: EmailMessage | bytes,
     ) -> Report:
         """One mail transaction on this session: one result per recipient."""
-        env_sender, rcpts, prepared = _envelope(message, sender, recipients)
+        env_sender, rcpts, prepared = prepare_envelope(message, sender, recipients)
         results = await self._session.deliver(env_sender, rcpts, prepared)
         return Report(tuple(results))
 

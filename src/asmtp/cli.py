@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
@@ -29,7 +30,16 @@ from .errors import InputError, ResolveError
 from .resolver import MXHost, MXResolver
 from .results import RecipientResult, Report
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+    "print_report",
+    "summary_line",
+]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -132,7 +142,8 @@ def _add_send(sub: Any) -> None:
             action="append",
             default=[],
             metavar="ADDRS",
-            help="recipients, a comma list; may repeat" + (" (never shown)" * (flag == "--bcc")),
+            help="recipients, a comma list; may repeat"
+            + (" (kept out of the headers)" if flag == "--bcc" else ""),
         )
     message.add_argument("--subject", default="", metavar="TEXT")
     body = message.add_mutually_exclusive_group(required=True)
@@ -158,7 +169,11 @@ def _add_send(sub: Any) -> None:
         metavar="VAR",
         help="the environment variable holding the password (never a flag of its own)",
     )
-    relay.add_argument("--allow-plaintext-auth", action="store_true")
+    relay.add_argument(
+        "--allow-plaintext-auth",
+        action="store_true",
+        help="let AUTH go over an unencrypted connection",
+    )
 
     direct = send.add_argument_group("direct delivery (without --relay)")
     direct.add_argument(
@@ -189,7 +204,7 @@ def _add_send(sub: Any) -> None:
         help=f"per DNS query (default {_DNS_TIMEOUT:g})",
     )
 
-    common = send.add_argument_group("both")
+    common = send.add_argument_group("delivery and output")
     common.add_argument(
         "--tls",
         choices=TLS_MODES,
@@ -198,7 +213,13 @@ def _add_send(sub: Any) -> None:
         "direct default: opportunistic (implicit is not allowed)",
     )
     common.add_argument("--helo", metavar="NAME", help="the name to greet with (EHLO)")
-    common.add_argument("--concurrency", type=_positive_int, default=100, metavar="N")
+    common.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="sessions open at once (default 100)",
+    )
     common.add_argument(
         "--timeout",
         type=_positive_float,
@@ -505,10 +526,15 @@ def print_report(report: Report, *, as_json: bool, elapsed: float | None = None)
         return
     from rich.console import Console
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich would exit 1 here; the exit status belongs to the delivery
+            raise BrokenPipeError
+
     width = None
     if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
         width = _PIPE_WIDTH
-    console = Console(width=width, highlight=False, soft_wrap=False)
+    console = _Console(width=width, highlight=False, soft_wrap=False)
     with _output():
         console.print(_table(report.results, console.width))
         if console.width < _WIDTH_MESSAGE:
@@ -565,24 +591,17 @@ def summary_line(report: Report, elapsed: float | None = None) -> str:
     return line
 
 
-class _output:
+@contextlib.contextmanager
+def _output() -> Iterator[IO[str]]:
     """Write to stdout; a reader that went away (``asmtp ... | head``) is not an error."""
-
-    def __enter__(self) -> IO[str]:
-        return sys.stdout
-
-    def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> bool:
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            kind = BrokenPipeError
-        if kind is BrokenPipeError:
-            # keep the interpreter's final flush from failing again
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-            return True
-        return False
+    try:
+        yield sys.stdout
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # keep the interpreter's final flush from failing again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 # ----------------------------------------------------------------------- main

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from .config import Timeouts
-from .errors import SMTPError
+from .errors import SMTPError, SMTPTimeoutError
 from .message import PreparedMessage
 from .results import RecipientResult, result_from_error
-from .session import Endpoint, Session
+from .session import NO_EXTRAS, Endpoint, Extras, Session
 
 __all__ = ["deliver_one", "run_pool", "run_session"]
 
@@ -62,40 +62,56 @@ async def run_session(
     *,
     debug: bool = False,
     started: float | None = None,
+    extras: Extras = NO_EXTRAS,
+    deadline: float | None = None,
 ) -> tuple[list[RecipientResult], SMTPError | None]:
     """One session to ``endpoint``: connect, then transactions until every recipient
     has a result (recipients refused with 452 "too many recipients" go on in a new
     transaction), then QUIT. Returns the results, in ``recipients`` order, and the
-    error that ended the session early, if one did."""
+    error that ended the session early, if one did. ``deadline`` (event loop time)
+    cuts the whole session short."""
     loop = asyncio.get_running_loop()
     t0 = loop.time() if started is None else started
     session = Session(endpoint, timeouts, debug=debug)
     final: dict[str, RecipientResult] = {}
-    pending = list(recipients)
-    try:
+
+    async def body() -> None:
+        pending = list(recipients)
         await session.connect()
         while pending:
-            got = await session.deliver(sender, pending, message, started=t0)
+            got = await session.deliver(sender, pending, message, started=t0, extras=extras)
             again = [r.recipient for r in got if r.code == 452 and r.stage == "rcpt"]
             progress = len(again) < len(pending)
             for r in got:
                 if not (progress and r.recipient in again):
                     final[r.recipient] = r
             pending = again if progress and session.is_open else []
-    except SMTPError as exc:
+
+    try:
+        if deadline is None:
+            await body()
+        else:
+            with anyio.fail_after(max(0.0, deadline - loop.time())):
+                await body()
+    except (SMTPError, TimeoutError) as exc:
         session.abort()
+        error = (
+            exc
+            if isinstance(exc, SMTPError)
+            else SMTPTimeoutError("the recipient's deadline passed", stage=session.stage)
+        )
         elapsed = loop.time() - t0
         for rcpt in recipients:
             if rcpt not in final:
                 final[rcpt] = result_from_error(
                     rcpt,
-                    exc,
+                    error,
                     host=endpoint.host,
                     tls=session.tls,
                     elapsed=elapsed,
                     dot_sent=session.dot_sent,
                 )
-        return [final[rcpt] for rcpt in recipients], exc
+        return [final[rcpt] for rcpt in recipients], error
     except Exception as exc:  # a bug in asmtp must not cost other recipients theirs
         session.abort()
         logger.exception("asmtp internal error while delivering to %s", ", ".join(recipients))
@@ -119,7 +135,7 @@ async def run_session(
         session.abort()
         raise
     await session.quit()
-    return [final[r] for r in recipients], None
+    return [final[rcpt] for rcpt in recipients], None
 
 
 async def deliver_one(

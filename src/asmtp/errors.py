@@ -16,6 +16,7 @@ __all__ = [
     "ConnectError",
     "ConnectionLostError",
     "InputError",
+    "JournalError",
     "LocalProtocolError",
     "MessageRejectedError",
     "NoAddressError",
@@ -56,6 +57,11 @@ class InputError(SMTPError, ValueError):
     does not parse, a bad option). Raised before any connection is made."""
 
     permanent = True
+
+
+class JournalError(SMTPError):
+    """The delivery journal could not be opened or written. Nothing more is sent for
+    a recipient whose journal line could not be made durable (transient)."""
 
 
 class ProtocolError(SMTPError):

@@ -22,7 +22,7 @@ import mimetypes
 import os
 import quopri
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email import policy as email_policy
 from email.header import Header, decode_header
@@ -51,7 +51,9 @@ __all__ = [
     "PreparedMessage",
     "build_message",
     "envelope_of",
+    "prepare_envelope",
     "prepare_message",
+    "with_headers",
 ]
 
 X_MAILER = f"asmtp/{__version__}"
@@ -383,6 +385,26 @@ class PreparedMessage:
     smtputf8: bool
 
 
+def with_headers(prepared: PreparedMessage, headers: Sequence[tuple[str, str]]) -> PreparedMessage:
+    """The same message with header fields added at the top, without serializing it
+    again (for per-recipient headers such as List-Unsubscribe in a bulk run)."""
+    lines = []
+    for name, value in headers:
+        check_header(name, value)
+        line = f"{name}: {value}\r\n".encode()
+        if len(line) - 2 > MAX_LINE_LENGTH:
+            raise InputError(f"header {name!r} is longer than {MAX_LINE_LENGTH} octets")
+        lines.append(line)
+    extra = b"".join(lines)
+    raw_utf8 = not extra.isascii()
+    return PreparedMessage(
+        data=extra + prepared.data,
+        size=prepared.size + len(extra),
+        eight_bit=prepared.eight_bit or raw_utf8,
+        smtputf8=prepared.smtputf8 or raw_utf8,
+    )
+
+
 def _normalize_line_endings(content: bytes) -> bytes:
     # Three C-speed passes: CRLF -> LF, lone CR -> LF, LF -> CRLF.
     if b"\r" in content:
@@ -510,3 +532,25 @@ def prepare_message(message: EmailMessage | bytes) -> PreparedMessage:
     return PreparedMessage(
         data=data, size=len(data) - 3, eight_bit=not data.isascii(), smtputf8=smtputf8
     )
+
+
+def prepare_envelope(
+    message: EmailMessage | bytes,
+    sender: str | None,
+    recipients: str | Iterable[str] | None,
+) -> tuple[str, list[str], PreparedMessage]:
+    """The envelope and the serialized message for a send: from the message's
+    headers unless ``sender``/``recipients`` are given; bytes need both."""
+    if isinstance(message, EmailMessage):
+        env_sender, rcpts = envelope_of(message, sender=sender, recipients=recipients)
+    elif isinstance(message, (bytes, bytearray, memoryview)):
+        if sender is None or recipients is None:
+            raise InputError("a message given as bytes needs sender= and recipients=")
+        env_sender = check_mailbox(sender, field="sender", allow_empty=True)
+        rcpts = unique_addresses(a for _, a in parse_address_list(recipients, field="recipients"))
+        if not rcpts:
+            raise InputError("no recipients")
+        message = bytes(message)
+    else:
+        raise InputError(f"message must be an EmailMessage or bytes, not {type(message).__name__}")
+    return env_sender, rcpts, prepare_message(message)

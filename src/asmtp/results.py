@@ -53,6 +53,8 @@ class RecipientResult:
     elapsed: float = 0.0
     tried: tuple[Attempt, ...] = ()
     key: Any = None
+    #: how many times delivery was tried (retries of transient failures)
+    attempts: int = 1
 
     @property
     def ok(self) -> bool:
@@ -75,6 +77,8 @@ class RecipientResult:
             out["tried"] = [a.as_dict() for a in self.tried]
         if self.key is not None:
             out["key"] = self.key
+        if self.attempts != 1:
+            out["attempts"] = self.attempts
         return out
 
 

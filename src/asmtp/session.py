@@ -14,11 +14,11 @@ import inspect
 import logging
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from .address import needs_smtputf8
-from .config import Password, Relay, Timeouts, TLSMode
+from .config import DSN, Password, Relay, Timeouts, TLSMode
 from .errors import (
     AuthenticationError,
     AuthUnavailableError,
@@ -37,7 +37,7 @@ from .results import RecipientResult, TLSState, result_from_error
 from .sasl import choose_mechanism, make_mechanism
 from .transport import Connection, open_connection
 
-__all__ = ["Endpoint", "Session", "default_helo", "default_ssl_context"]
+__all__ = ["Endpoint", "Extras", "Session", "default_helo", "default_ssl_context"]
 
 logger = logging.getLogger("asmtp")
 
@@ -138,6 +138,22 @@ async def _addresses(host: str, port: int) -> tuple[str, ...]:
     for info in infos:
         seen.setdefault(str(info[4][0]), None)
     return tuple(seen)
+
+
+BeforeDot = Callable[[Sequence[str]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Extras:
+    """What a bulk sender adds to each transaction: DSN requests (used only when the
+    server offers DSN) and a hook awaited just before the end-of-data dot is sent,
+    with the recipients that will get the message (the journal's pre-dot line)."""
+
+    dsn: DSN | None = None
+    before_dot: BeforeDot | None = None
+
+
+NO_EXTRAS = Extras()
 
 
 class Session:
@@ -333,7 +349,7 @@ class Session:
         recipients: Sequence[str],
         message: PreparedMessage,
         *,
-        mail_params: Sequence[str] = (),
+        extras: Extras = NO_EXTRAS,
     ) -> tuple[dict[str, Reply], Reply]:
         """One mail transaction. Returns the refused recipients (with their RCPT reply)
         and the reply to the end of data. Raises an :class:`~asmtp.errors.SMTPError`
@@ -346,7 +362,9 @@ class Session:
         timeouts = self.timeouts
         self.dot_sent = False
         params, utf8 = self._mail_params(sender, recipients, message)
-        params.extend(mail_params)
+        dsn = extras.dsn if proto.capabilities.dsn else None
+        if dsn is not None:
+            params.extend(dsn.mail_params())
         if self._needs_rset:
             self.stage = "mail"
             reply = await self._command(proto.rset(), timeouts.command)
@@ -358,7 +376,10 @@ class Session:
         if proto.capabilities.pipelining:
             # RFC 2920: MAIL, every RCPT and DATA in one write; then check every reply.
             out = proto.mail(sender, params, smtputf8=utf8)
-            out += b"".join([proto.rcpt(r) for r in recipients])
+            if dsn is None:
+                out += b"".join([proto.rcpt(r) for r in recipients])
+            else:
+                out += b"".join([proto.rcpt(r, dsn.rcpt_params(r)) for r in recipients])
             out += proto.data()
             conn.step(timeouts.command)
             conn.write(out)
@@ -389,7 +410,8 @@ class Session:
                 raise _reply_error(mail_reply, "mail")
             self.stage = "rcpt"
             for rcpt in recipients:
-                reply = await self._command(proto.rcpt(rcpt), timeouts.command)
+                rcpt_params = dsn.rcpt_params(rcpt) if dsn is not None else ()
+                reply = await self._command(proto.rcpt(rcpt, rcpt_params), timeouts.command)
                 if proto.closed:
                     raise _reply_error(reply, "rcpt")
                 if reply.code >= 400:
@@ -409,6 +431,8 @@ class Session:
             self._needs_rset = not proto.closed
             raise _reply_error(data_reply, "data")
         self.stage = "message"
+        if extras.before_dot is not None:
+            await extras.before_dot([r for r in recipients if r not in refused])
         conn.step(timeouts.data_block)
         conn.write(proto.message(message.data))
         await conn.drain()  # lost while the kernel would not take more: the dot never left
@@ -444,6 +468,7 @@ class Session:
         message: PreparedMessage,
         *,
         started: float | None = None,
+        extras: Extras = NO_EXTRAS,
     ) -> list[RecipientResult]:
         """One transaction, one result per recipient, whatever happens (a session
         that fails leaves its recipients with a transient, permanent or unknown
@@ -452,7 +477,7 @@ class Session:
         t0 = loop.time() if started is None else started
         host = self.endpoint.host
         try:
-            refused, final = await self.transaction(sender, recipients, message)
+            refused, final = await self.transaction(sender, recipients, message, extras=extras)
         except SMTPError as exc:
             elapsed = loop.time() - t0
             return [

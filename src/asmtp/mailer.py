@@ -1,0 +1,453 @@
+"""The long-lived sender: :class:`Mailer` holds the settings (relay or direct delivery,
+limits, TLS, AUTH, retries, rate limits, journal) and sends one message
+(:meth:`Mailer.send`) or a stream of jobs of any length (:meth:`Mailer.deliver`).
+
+Owns bulk sending: a bounded pool of workers pulling jobs lazily (a million jobs from a
+generator never become a million tasks or queued results), retries of transient
+failures with backoff, rate limits, the journal and resuming from it, and stopping
+gracefully. Each job ends in exactly one result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from dataclasses import dataclass, replace
+from email.message import EmailMessage
+from typing import Any, TypeAlias
+
+import anyio
+import anyio.abc
+
+from .address import check_mailbox, domain_of
+from .config import DSN, Direct, Relay, Timeouts, TimeoutSpec
+from .direct import DirectDelivery
+from .dispatch import run_session
+from .errors import InputError, SMTPError
+from .journal import Journal, JournalEntry, journal_key, read_journal
+from .message import (
+    PreparedMessage,
+    envelope_of,
+    prepare_envelope,
+    prepare_message,
+    with_headers,
+)
+from .results import RecipientResult, Report
+from .retry import Rate, Retry, TokenBucket
+from .session import Endpoint, Extras, default_helo
+
+__all__ = ["Job", "Mailer"]
+
+logger = logging.getLogger("asmtp")
+
+MessageSource: TypeAlias = (
+    EmailMessage | bytes | PreparedMessage | Callable[[], EmailMessage | bytes]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One recipient's delivery: ``message`` is an EmailMessage, ready bytes, a
+    :class:`~asmtp.message.PreparedMessage`, or a function that renders one (called
+    when the job's turn comes, so a long list never holds every message at once).
+    ``sender`` defaults to the message's Sender/From; ``key`` identifies the job in
+    results and in the journal (default: the recipient)."""
+
+    recipient: str
+    message: MessageSource
+    sender: str | None = None
+    key: Any = None
+
+
+class Mailer:
+    """A sender for many messages: use ``async with asmtp.Mailer(...) as mailer``.
+
+    >>> async def main() -> None:
+    ...     async with asmtp.Mailer(asmtp.Relay("smtp.example.com"), journal="run.jsonl",
+    ...                             resume=True, rate="50/s") as mailer:
+    ...         async for result in mailer.deliver(jobs):
+    ...             print(result.key, result.status)
+
+    ``relay``: an :class:`~asmtp.Relay`, an :class:`~asmtp.Direct`, or None (direct).
+    ``timeout``: seconds per network step or a :class:`~asmtp.Timeouts`; by default
+    30 s per step through a relay and RFC 5321's figures for direct delivery.
+    ``retry``: a :class:`~asmtp.Retry` (default: 3 tries) or None for no retries.
+    ``rate``/``rate_per_domain``: "50/s", "1000/h". ``recipient_deadline``: seconds that
+    bound all of one recipient's tries. ``journal``/``resume``: see :mod:`asmtp.journal`.
+    ``dsn``: an :class:`~asmtp.DSN`. ``unsubscribe``: a URL template ("{recipient}")
+    for one-click unsubscribe headers (RFC 8058). ``verp``: a sender template such as
+    "bounces+{token}@example.com" ({token}: the recipient as local=domain) so bounces
+    name their recipient.
+    """
+
+    def __init__(
+        self,
+        relay: Relay | Direct | None = None,
+        *,
+        concurrency: int = 100,
+        timeout: TimeoutSpec | types.EllipsisType = ...,
+        retry: Retry | None = Retry(),  # noqa: B008 (frozen, shared safely)
+        rate: str | Rate | None = None,
+        rate_per_domain: str | Rate | None = None,
+        recipient_deadline: float | None = None,
+        journal: str | None = None,
+        resume: bool = False,
+        dsn: DSN | None = None,
+        unsubscribe: str | None = None,
+        verp: str | None = None,
+        debug: bool = False,
+    ) -> None:
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise InputError(f"concurrency must be a positive integer: {concurrency!r}")
+        if relay is not None and not isinstance(relay, (Relay, Direct)):
+            raise InputError(f"relay must be an asmtp.Relay, an asmtp.Direct or None: {relay!r}")
+        if resume and journal is None:
+            raise InputError("resume=True needs a journal")
+        if recipient_deadline is not None and recipient_deadline <= 0:
+            raise InputError("recipient_deadline must be positive seconds")
+        if verp is not None and "{token}" not in verp:
+            raise InputError("verp must contain {token}, e.g. bounces+{token}@example.com")
+        self.relay: Relay | Direct = relay if relay is not None else Direct()
+        if timeout is ...:
+            timeout = Timeouts.rfc5321() if isinstance(self.relay, Direct) else 30.0
+        self.timeouts = Timeouts.of(timeout)
+        self.concurrency = concurrency
+        self.retry = retry or Retry(attempts=1)
+        self.rate = Rate.parse(rate) if rate is not None else None
+        self.rate_per_domain = Rate.parse(rate_per_domain) if rate_per_domain else None
+        self.recipient_deadline = recipient_deadline
+        self.journal_path = journal
+        self.resume = resume
+        self.dsn = dsn
+        self.unsubscribe = unsubscribe
+        self.verp = verp
+        self.debug = debug
+        #: recipients skipped because the journal shows them done (resume)
+        self.skipped = 0
+        self._stopping = False
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._runs: set[_Run] = set()
+        self._endpoint: Endpoint | None = None
+        self._direct: DirectDelivery | None = None
+        self._journal: Journal | None = None
+        self._done: dict[str, JournalEntry] = {}
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._bucket: TokenBucket | None = None
+        self._domain_buckets: dict[str, TokenBucket] = {}
+        self._last_prepared: tuple[object, PreparedMessage] | None = None
+
+    # -- lifetime -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Mailer:
+        if isinstance(self.relay, Relay):
+            self._endpoint = await Endpoint.for_relay(self.relay)
+        else:
+            helo = self.relay.helo or await default_helo()
+            self._direct = DirectDelivery(self.relay, self.timeouts, helo=helo, debug=self.debug)
+        if self.rate is not None:
+            self._bucket = TokenBucket(self.rate)
+        if self.journal_path is not None:
+            if self.resume:
+                self._done = await anyio.to_thread.run_sync(read_journal, self.journal_path)
+            self._journal = await Journal.open(self.journal_path)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        for run in list(self._runs):
+            run.cancel()
+        tg, self._tg = self._tg, None
+        try:
+            if tg is not None:
+                return await tg.__aexit__(*exc)
+            return None
+        finally:
+            if self._journal is not None:
+                await self._journal.aclose()
+                self._journal = None
+
+    def stop(self) -> None:
+        """Take no new jobs; those in flight finish (or time out) as usual."""
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # -- sending ------------------------------------------------------------------
+
+    async def send(
+        self,
+        message: EmailMessage | bytes,
+        *,
+        sender: str | None = None,
+        recipients: str | Iterable[str] | None = None,
+    ) -> Report:
+        """One message to its recipients (envelope as for :func:`asmtp.send`), with
+        this mailer's retries, limits and journal. One result per recipient, in order."""
+        env_sender, rcpts, prepared = prepare_envelope(message, sender, recipients)
+        order = {r: i for i, r in enumerate(rcpts)}
+        jobs = [Job(r, prepared, sender=env_sender) for r in rcpts]
+        results: list[RecipientResult | None] = [None] * len(rcpts)
+        async for result in self.deliver(jobs):
+            results[order[result.recipient]] = result
+        return Report(tuple(r for r in results if r is not None))
+
+    async def deliver(
+        self, jobs: Iterable[Job] | AsyncIterable[Job]
+    ) -> AsyncIterator[RecipientResult]:
+        """Deliver every job, yielding each result as it is final (completion order;
+        ``result.key`` says which job). Jobs are pulled as workers free up; results
+        wait for the consumer (at most ``concurrency`` of them are buffered)."""
+        if self._tg is None:
+            raise InputError("use the Mailer as `async with asmtp.Mailer(...) as mailer:`")
+        source = _JobSource(jobs, self)
+        send, receive = anyio.create_memory_object_stream[RecipientResult](self.concurrency)
+        run = _Run()
+        self._runs.add(run)
+        # While some workers sleep before a retry, others keep the sessions busy.
+        workers = self.concurrency * (2 if self.retry.attempts > 1 else 1)
+
+        async def worker(out: anyio.abc.ObjectSendStream[RecipientResult]) -> None:
+            async with out:
+                with run.scope():
+                    while (job := await source.next()) is not None:
+                        result = await self._run_job(job)
+                        if result is not None:
+                            await out.send(result)
+
+        for _ in range(workers):
+            self._tg.start_soon(worker, send.clone())
+        send.close()
+        try:
+            async with receive:
+                async for result in receive:
+                    yield result
+        finally:
+            run.cancel()
+            self._runs.discard(run)
+
+    # -- one job ------------------------------------------------------------------
+
+    async def _run_job(self, job: Job) -> RecipientResult | None:
+        key = job.key if job.key is not None else job.recipient
+        prior = self._done.get(journal_key(key)) if self._done else None
+        if prior is not None:
+            if prior.event == "result" and prior.status in ("delivered", "permanent"):
+                self.skipped += 1  # done in an earlier run
+                return None
+            if (prior.event == "dot" or prior.status == "unknown") and not self.retry.retry_unknown:
+                result = RecipientResult(
+                    recipient=job.recipient,
+                    status="unknown",
+                    stage="message",
+                    message="the end-of-data dot was sent in an earlier run and no reply "
+                    "was recorded: the message may have been delivered",
+                    host=prior.record.get("host"),
+                    key=job.key,
+                )
+                await self._record(result)
+                return result
+        try:
+            try:
+                sender, recipient, prepared = self._prepare(job)
+            except InputError as exc:
+                result = RecipientResult(
+                    recipient=job.recipient,
+                    status="permanent",
+                    message=exc.message,
+                    stage="input",
+                    key=job.key,
+                )
+            else:
+                result = await self._with_retries(job, key, sender, recipient, prepared)
+        except Exception as exc:  # a bug must not cost the other jobs their results
+            logger.exception("asmtp internal error on job %r", key)
+            result = RecipientResult(
+                recipient=job.recipient,
+                status="transient",
+                message=f"internal error: {exc!r}",
+                stage="connect",
+                key=job.key,
+            )
+        await self._record(result)
+        return result
+
+    async def _record(self, result: RecipientResult) -> None:
+        if self._journal is not None:
+            try:
+                await self._journal.result(result)
+            except SMTPError as exc:
+                logger.error("%s", exc)
+
+    def _prepare(self, job: Job) -> tuple[str, str, PreparedMessage]:
+        recipient = check_mailbox(job.recipient, field="recipient")
+        message = job.message
+        if callable(message):
+            message = message()
+        sender = job.sender
+        if sender is None:
+            if not isinstance(message, EmailMessage):
+                raise InputError("a message given as bytes needs the job's sender")
+            sender, _ = envelope_of(message, recipients=[recipient])
+        if not isinstance(message, PreparedMessage):
+            message = self._prepare_cached(message)
+        if self.unsubscribe is not None:
+            url = self.unsubscribe.format(recipient=recipient, token=_token(recipient))
+            message = with_headers(
+                message,
+                [
+                    ("List-Unsubscribe", f"<{url}>"),
+                    ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+                ],
+            )
+        sender = check_mailbox(sender, field="sender", allow_empty=True)
+        if self.verp is not None:
+            sender = check_mailbox(self.verp.format(token=_token(recipient)), field="verp")
+        return sender, recipient, message
+
+    def _prepare_cached(self, message: EmailMessage | bytes) -> PreparedMessage:
+        # Jobs that share one message object share its serialization.
+        last = self._last_prepared
+        if last is not None and last[0] is message:
+            return last[1]
+        prepared = prepare_message(message)
+        self._last_prepared = (message, prepared)
+        return prepared
+
+    async def _with_retries(
+        self, job: Job, key: Any, sender: str, recipient: str, prepared: PreparedMessage
+    ) -> RecipientResult:
+        start = anyio.current_time()
+        deadline = start + self.recipient_deadline if self.recipient_deadline else None
+        journal = self._journal
+
+        async def before_dot(recipients: Sequence[str]) -> None:
+            if journal is not None:
+                for rcpt in recipients:
+                    await journal.dot(key, rcpt)
+
+        extras = Extras(dsn=self.dsn, before_dot=before_dot if journal is not None else None)
+        tries = 0
+        while True:
+            await self._throttle(recipient)
+            tries += 1
+            async with self._limiter:
+                result = await self._attempt(sender, recipient, prepared, extras, deadline)
+            elapsed = anyio.current_time() - start
+            wait = self.retry.next_delay(result, tries, elapsed)
+            if wait is not None and deadline is not None and start + elapsed + wait >= deadline:
+                wait = None
+            if wait is None or self._stopping:
+                return replace(result, key=job.key, attempts=tries, elapsed=elapsed)
+            logger.info("retrying %s in %.1f s after: %s", recipient, wait, result.message)
+            await anyio.sleep(wait)
+
+    async def _attempt(
+        self,
+        sender: str,
+        recipient: str,
+        prepared: PreparedMessage,
+        extras: Extras,
+        deadline: float | None,
+    ) -> RecipientResult:
+        if self._direct is not None:
+            [result] = await self._direct.deliver(
+                sender, [recipient], prepared, extras=extras, deadline=deadline
+            )
+            return result
+        assert self._endpoint is not None
+        results, _ = await run_session(
+            self._endpoint,
+            self.timeouts,
+            sender,
+            [recipient],
+            prepared,
+            debug=self.debug,
+            extras=extras,
+            deadline=deadline,
+        )
+        return results[0]
+
+    async def _throttle(self, recipient: str) -> None:
+        if self._bucket is not None:
+            await self._bucket.take()
+        if self.rate_per_domain is not None:
+            domain = domain_of(recipient)
+            bucket = self._domain_buckets.get(domain)
+            if bucket is None:
+                bucket = self._domain_buckets[domain] = TokenBucket(self.rate_per_domain)
+            await bucket.take()
+
+
+class _Run:
+    """The workers of one deliver() call, so that they can be cancelled together
+    (the consumer stopped iterating, or the mailer is closing)."""
+
+    def __init__(self) -> None:
+        self._scopes: set[anyio.CancelScope] = set()
+        self._cancelled = False
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        with anyio.CancelScope() as scope:
+            if self._cancelled:
+                scope.cancel()
+            self._scopes.add(scope)
+            try:
+                yield
+            finally:
+                self._scopes.discard(scope)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+
+class _JobSource:
+    """Pulls jobs one at a time for many workers, from a sync or async iterable; ends
+    early once the mailer stops."""
+
+    def __init__(self, jobs: Iterable[Job] | AsyncIterable[Job], mailer: Mailer) -> None:
+        self._mailer = mailer
+        self._lock = anyio.Lock()
+        self._sync = iter(jobs) if isinstance(jobs, Iterable) else None
+        self._async = aiter(jobs) if isinstance(jobs, AsyncIterable) else None
+        self._done = False
+
+    async def next(self) -> Job | None:
+        if self._done or self._mailer.stopping:
+            return None
+        if self._sync is not None:
+            job = next(self._sync, None)
+        else:
+            assert self._async is not None
+            async with self._lock:
+                if self._done:
+                    return None
+                try:
+                    job = await anext(self._async)
+                except StopAsyncIteration:
+                    job = None
+        if job is None:
+            self._done = True
+        elif not isinstance(job, Job):
+            raise InputError(f"deliver() takes asmtp.Job items, not {type(job).__name__}")
+        return job
+
+
+def _token(recipient: str) -> str:
+    """VERP's encoding of a recipient in a sender's local part: local=domain."""
+    local, _, domain = recipient.rpartition("@")
+    return f"{local}={domain}"

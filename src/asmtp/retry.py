@@ -1,0 +1,126 @@
+"""Retry policy and rate limits for bulk sending: what to retry and when (pure
+decisions on results, no I/O), and token buckets for messages per second.
+
+A failure is retried only when it is transient and happened before the end-of-data
+dot; an "unknown" outcome (the dot went out, no reply came: RFC 5321 section 6.1, the
+message may have arrived) is retried only when the caller opts in.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+
+import anyio
+
+from .errors import InputError
+from .results import RecipientResult
+
+__all__ = ["Rate", "Retry", "TokenBucket"]
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How transient failures are retried: up to ``attempts`` tries in all, waiting
+    ``backoff`` seconds after the first failure, times ``multiplier`` after each next
+    one, at most ``max_backoff``, each wait shortened by up to ``jitter`` (a fraction)
+    at random so that retries do not arrive in lockstep; no new try once ``deadline``
+    seconds have passed since the first. ``Retry(attempts=1)`` never retries.
+
+    >>> [Retry(jitter=0).delay(n) for n in (1, 2, 3)]
+    [1.0, 2.0, 4.0]
+    """
+
+    attempts: int = 3
+    backoff: float = 1.0
+    multiplier: float = 2.0
+    max_backoff: float = 300.0
+    jitter: float = 0.5
+    deadline: float | None = None
+    retry_unknown: bool = False
+    rng: random.Random | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            raise InputError(f"attempts must be at least 1: {self.attempts!r}")
+        if self.backoff < 0 or self.multiplier < 1 or self.max_backoff < 0:
+            raise InputError("backoff and max_backoff must be >= 0 and multiplier >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise InputError(f"jitter must be between 0 and 1: {self.jitter!r}")
+        if self.deadline is not None and self.deadline <= 0:
+            raise InputError(f"deadline must be positive seconds: {self.deadline!r}")
+
+    def delay(self, failures: int) -> float:
+        """The wait after the ``failures``-th failed try (1 for the first)."""
+        base = min(self.max_backoff, self.backoff * self.multiplier ** (failures - 1))
+        if self.jitter:
+            base *= 1 - self.jitter * (self.rng or random).random()
+        return base
+
+    def retryable(self, result: RecipientResult) -> bool:
+        if result.status == "transient":
+            return True
+        return result.status == "unknown" and self.retry_unknown
+
+    def next_delay(self, result: RecipientResult, tries: int, elapsed: float) -> float | None:
+        """Seconds to wait before the next try, or None when ``result`` is final
+        (``tries`` made so far, ``elapsed`` seconds since the first began)."""
+        if tries >= self.attempts or not self.retryable(result):
+            return None
+        wait = self.delay(tries)
+        if self.deadline is not None and elapsed + wait >= self.deadline:
+            return None
+        return wait
+
+
+NO_RETRY = Retry(attempts=1)
+
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", re.I)
+_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A rate such as ``Rate.parse("50/s")`` or ``"1000/h"``: ``count`` per ``per``
+    seconds."""
+
+    count: float
+    per: float = 1.0
+
+    @classmethod
+    def parse(cls, value: str | Rate) -> Rate:
+        if isinstance(value, Rate):
+            return value
+        m = _RATE.fullmatch(value)
+        if m is None or float(m.group(1)) <= 0:
+            raise InputError(f"a rate looks like 50/s, 300/m or 1000/h: {value!r}")
+        return cls(float(m.group(1)), _PER[m.group(2)[0].lower()])
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.per
+
+
+class TokenBucket:
+    """Messages per second with a burst of up to one second's worth (at least 1).
+    :meth:`take` waits for a token; waiters are served in arrival order."""
+
+    def __init__(self, rate: Rate) -> None:
+        self.rate = rate.per_second
+        self.capacity = max(1.0, math.floor(self.rate))
+        self._tokens = self.capacity
+        self._stamp = anyio.current_time()
+        self._lock = anyio.Lock()
+
+    async def take(self) -> None:
+        async with self._lock:
+            while True:
+                now = anyio.current_time()
+                self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                await anyio.sleep((1 - self._tokens) / self.rate)
