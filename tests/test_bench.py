@@ -373,6 +373,8 @@ def test_recorder_exact_and_histogram_agree() -> None:
         exact.add(v)
         bounded.add(v)
     assert exact.exact and not bounded.exact
+    assert (bounded.count, bounded.min, bounded.max) == (exact.count, exact.min, exact.max)
+    assert bounded.mean == pytest.approx(exact.mean, rel=1e-9)
     ordered = sorted(values)
     for p in (*PERCENTILES, 100.0):
         want = ordered[math.ceil(p / 100 * len(values)) - 1]  # nearest rank

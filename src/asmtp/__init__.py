@@ -44,6 +44,7 @@ from .errors import (
 )
 from .mailer import Job, Mailer
 from .message import PreparedMessage, build_message, prepare_message
+from .pool import Pool
 from .reply import Reply
 from .resolver import MXHost, MXResolver, resolve_mx
 from .results import Attempt, RecipientResult, Report
@@ -71,6 +72,7 @@ __all__ = (
     "NoAddressError",
     "NoSuchDomainError",
     "NullMXError",
+    "Pool",
     "PreparedMessage",
     "ProtocolError",
     "Rate",

@@ -137,8 +137,8 @@ _now = time.perf_counter
 
 
 class LatencyRecorder:
-    """Latency samples of one stage, in seconds: exact up to ``exact_limit`` samples,
-    a 1%-wide log-bucket histogram always.
+    """Latency samples of one stage, in seconds: every sample up to ``exact_limit`` of
+    them (exact percentiles), then a 1%-wide log-bucket histogram (bounded memory).
 
     >>> r = LatencyRecorder()
     >>> for ms in range(1, 101):
@@ -147,37 +147,52 @@ class LatencyRecorder:
     (0.05, 0.099, 0.1)
     """
 
-    __slots__ = ("_buckets", "_limit", "_samples", "_sorted", "count", "max", "min", "total")
+    __slots__ = ("_buckets", "_count", "_limit", "_max", "_min", "_samples", "_sorted", "_total")
 
     def __init__(self, exact_limit: int = EXACT_SAMPLES) -> None:
         self._limit = exact_limit
         self._samples: array.array[float] | None = array.array("d")
-        self._sorted: list[float] | None = None
-        self._buckets = [0] * _BUCKETS
-        self.count = 0
-        self.total = 0.0
-        self.min = math.inf
-        self.max = 0.0
+        self._sorted: list[float] = []
+        # the histogram and its totals, used once the samples are given up
+        self._buckets: list[int] = []
+        self._count = 0
+        self._total = 0.0
+        self._min = math.inf
+        self._max = 0.0
 
     def add(self, seconds: float) -> None:
-        self.count += 1
-        self.total += seconds
-        if seconds > self.max:
-            self.max = seconds
-        if seconds < self.min:
-            self.min = seconds
+        # The hot path is one append: sorting and bucketing wait for the report.
         samples = self._samples
         if samples is not None:
             if len(samples) < self._limit:
                 samples.append(seconds)
-            else:
-                self._samples = None  # from now on the histogram answers
-        self._sorted = None
-        if seconds <= _FLOOR:
-            self._buckets[0] += 1
-        else:
-            index = int(math.log(seconds / _FLOOR) / _LOG_GROWTH) + 1
-            self._buckets[index if index < _BUCKETS else _BUCKETS - 1] += 1
+                return
+            self._samples = None  # from now on the histogram answers
+            self._sorted = []
+            self._buckets = self._histogram(samples)
+            self._count, self._total = len(samples), math.fsum(samples)
+            self._min, self._max = min(samples), max(samples)
+        self._count += 1
+        self._total += seconds
+        if seconds > self._max:
+            self._max = seconds
+        if seconds < self._min:
+            self._min = seconds
+        self._buckets[_bucket_of(seconds)] += 1
+
+    @staticmethod
+    def _histogram(samples: Sequence[float]) -> list[int]:
+        buckets = [0] * _BUCKETS
+        for seconds in samples:
+            buckets[_bucket_of(seconds)] += 1
+        return buckets
+
+    def _ordered(self) -> list[float]:
+        samples = self._samples
+        assert samples is not None
+        if len(self._sorted) != len(samples):
+            self._sorted = sorted(samples)
+        return self._sorted
 
     @property
     def exact(self) -> bool:
@@ -185,33 +200,57 @@ class LatencyRecorder:
         return self._samples is not None
 
     @property
+    def count(self) -> int:
+        return len(self._samples) if self._samples is not None else self._count
+
+    @property
+    def total(self) -> float:
+        return math.fsum(self._samples) if self._samples is not None else self._total
+
+    @property
+    def min(self) -> float:
+        if self._samples is not None:
+            return self._ordered()[0] if self._samples else math.inf
+        return self._min
+
+    @property
+    def max(self) -> float:
+        if self._samples is not None:
+            return self._ordered()[-1] if self._samples else 0.0
+        return self._max
+
+    @property
     def mean(self) -> float:
-        return self.total / self.count if self.count else 0.0
+        count = self.count
+        return self.total / count if count else 0.0
 
     def percentile(self, p: float) -> float:
         """The nearest-rank ``p``-th percentile: the smallest sample with at least ``p``%
-        of all samples at or below it (0.0 when there are none)."""
-        if not self.count:
+        of all samples at or below it (0.0 when there are none). From the histogram:
+        the upper edge of the sample's bucket, within 1% above it."""
+        count = self.count
+        if not count:
             return 0.0
-        rank = max(1, math.ceil(p / 100.0 * self.count))
+        rank = max(1, math.ceil(p / 100.0 * count))
         if self._samples is not None:
-            if self._sorted is None:
-                self._sorted = sorted(self._samples)
-            return self._sorted[rank - 1]
+            return self._ordered()[rank - 1]
         seen = 0
         for index, n in enumerate(self._buckets):
             seen += n
             if seen >= rank:
                 upper = _FLOOR * _GROWTH**index
-                return min(max(upper, self.min), self.max)
-        return self.max  # pragma: no cover - the buckets hold every sample
+                return min(max(upper, self._min), self._max)
+        return self._max  # pragma: no cover - the buckets hold every sample
 
     def bins(self, count: int = 48) -> list[tuple[float, float, int]]:
         """The histogram regrouped into at most ``count`` bins of equal log width
         between the fastest and the slowest sample: ``(low, high, samples)`` in seconds."""
-        used = [i for i, n in enumerate(self._buckets) if n]
+        samples = self._samples
+        buckets = self._histogram(samples) if samples is not None else self._buckets
+        used = [i for i, n in enumerate(buckets) if n]
         if not used:
             return []
+        fastest, slowest = self.min, self.max
         first, last = used[0], used[-1]
         per_bin = max(1, math.ceil((last - first + 1) / count))
         out: list[tuple[float, float, int]] = []
@@ -219,7 +258,7 @@ class LatencyRecorder:
             stop = min(start + per_bin, last + 1)
             low = 0.0 if start == 0 else _FLOOR * _GROWTH ** (start - 1)
             high = _FLOOR * _GROWTH ** (stop - 1)
-            out.append((max(low, self.min), min(high, self.max), sum(self._buckets[start:stop])))
+            out.append((max(low, fastest), min(high, slowest), sum(buckets[start:stop])))
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -234,6 +273,13 @@ class LatencyRecorder:
             out.update({k: round(v * 1000.0, 4) for k, v in zip(keys, values, strict=True)})
         out["exact"] = self.exact
         return out
+
+
+def _bucket_of(seconds: float) -> int:
+    if seconds <= _FLOOR:
+        return 0
+    index = int(math.log(seconds / _FLOOR) / _LOG_GROWTH) + 1
+    return index if index < _BUCKETS else _BUCKETS - 1
 
 
 def _pkey(p: float) -> str:

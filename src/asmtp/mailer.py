@@ -41,7 +41,8 @@ from .message import (
     prepare_message,
     with_headers,
 )
-from .results import RecipientResult, Report
+from .pool import Pool, SessionPool
+from .results import RecipientResult, Report, result_from_error
 from .retry import Rate, Retry, TokenBucket
 from .session import Endpoint, Extras, default_helo
 
@@ -104,6 +105,7 @@ class Mailer:
         dsn: DSN | None = None,
         unsubscribe: str | None = None,
         verp: str | None = None,
+        pool: bool | Pool = False,
         debug: bool = False,
     ) -> None:
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
@@ -117,6 +119,9 @@ class Mailer:
         if verp is not None and "{token}" not in verp:
             raise InputError("verp must contain {token}, e.g. bounces+{token}@example.com")
         self.relay: Relay | Direct = relay if relay is not None else Direct()
+        self.pool = Pool() if pool is True else (pool or None)
+        if self.pool is not None and not isinstance(self.relay, Relay):
+            raise InputError("pool= keeps sessions to a relay; direct delivery has none to keep")
         if timeout is ...:
             timeout = Timeouts.rfc5321() if isinstance(self.relay, Direct) else 30.0
         self.timeouts = Timeouts.of(timeout)
@@ -144,6 +149,8 @@ class Mailer:
         self._bucket: TokenBucket | None = None
         self._domain_buckets: dict[str, TokenBucket] = {}
         self._last_prepared: tuple[object, PreparedMessage] | None = None
+        self._pool: SessionPool | None = None
+        self._reaper = anyio.CancelScope()
 
     # -- lifetime -----------------------------------------------------------------
 
@@ -161,13 +168,29 @@ class Mailer:
             self._journal = await Journal.open(self.journal_path)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        if self.pool is not None:
+            assert self._endpoint is not None
+            self._pool = SessionPool(self._endpoint, self.timeouts, self.pool, debug=self.debug)
+            self._tg.start_soon(self._reap, self._pool)
         return self
+
+    async def _reap(self, pool: SessionPool) -> None:
+        with self._reaper:
+            await pool.reap()
+
+    @property
+    def sessions_opened(self) -> int:
+        """Pooled sessions opened so far (0 without a pool)."""
+        return self._pool.opened if self._pool is not None else 0
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         for run in list(self._runs):
             run.cancel()
+        self._reaper.cancel()
         tg, self._tg = self._tg, None
         try:
+            if self._pool is not None:
+                await self._pool.aclose()
             if tg is not None:
                 return await tg.__aexit__(*exc)
             return None
@@ -217,6 +240,8 @@ class Mailer:
         self._runs.add(run)
         # While some workers sleep before a retry, others keep the sessions busy.
         workers = self.concurrency * (2 if self.retry.attempts > 1 else 1)
+        if isinstance(jobs, Sequence):
+            workers = min(workers, len(jobs)) or 1
 
         async def worker(out: anyio.abc.ObjectSendStream[RecipientResult]) -> None:
             async with out:
@@ -366,6 +391,8 @@ class Mailer:
                 sender, [recipient], prepared, extras=extras, deadline=deadline
             )
             return result
+        if self._pool is not None:
+            return await self._pooled_attempt(self._pool, sender, recipient, prepared, extras)
         assert self._endpoint is not None
         results, _ = await run_session(
             self._endpoint,
@@ -378,6 +405,37 @@ class Mailer:
             deadline=deadline,
         )
         return results[0]
+
+    async def _pooled_attempt(
+        self,
+        pool: SessionPool,
+        sender: str,
+        recipient: str,
+        prepared: PreparedMessage,
+        extras: Extras,
+    ) -> RecipientResult:
+        """One send on a pooled session; a reused session that turns out to be dead
+        before the dot is replaced by a fresh one, once."""
+        fresh = False
+        while True:
+            try:
+                pooled = await pool.acquire(fresh=fresh)
+            except SMTPError as exc:
+                return result_from_error(recipient, exc, host=pool.endpoint.host)
+            try:
+                [result] = await pooled.session.deliver(
+                    sender, [recipient], prepared, extras=extras
+                )
+            except BaseException:
+                await pool.discard(pooled)
+                raise
+            dead = not pooled.session.is_open and result.status == "transient"
+            if dead and pooled.reused and not fresh:
+                await pool.discard(pooled)
+                fresh = True
+                continue
+            await pool.release(pooled)
+            return result
 
     async def _throttle(self, recipient: str) -> None:
         if self._bucket is not None:

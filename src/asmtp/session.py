@@ -17,7 +17,6 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from .address import needs_smtputf8
 from .config import DSN, Password, Relay, Timeouts, TLSMode
 from .errors import (
     AuthenticationError,
@@ -196,7 +195,8 @@ class Session:
 
     @property
     def is_open(self) -> bool:
-        return self._conn is not None and not self.proto.closed
+        conn = self._conn
+        return conn is not None and not conn.closed and not self.proto.closed
 
     # -- connection set-up ----------------------------------------------------------
 
@@ -330,8 +330,10 @@ class Session:
                     stage="mail",
                 )
             params.append("BODY=8BITMIME")
+        # Addresses are normalized (IDN domains in ASCII) by now: only a UTF-8
+        # local part is left to need SMTPUTF8.
         utf8 = (
-            message.smtputf8 or needs_smtputf8(sender) or any(needs_smtputf8(r) for r in recipients)
+            message.smtputf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
         )
         if utf8:
             if not caps.smtputf8:
@@ -503,6 +505,15 @@ class Session:
         reply = await self._command(self.proto.noop(), self.timeouts.command)
         if reply.code != 250:
             raise _reply_error(reply, "noop")
+
+    async def reset(self) -> None:
+        """RSET: check a reused session is alive and clear any transaction state."""
+        if self._conn is None or self.proto.closed:
+            raise ConnectionLostError("the session is closed", stage="rset")
+        reply = await self._command(self.proto.rset(), self.timeouts.command)
+        if reply.code != 250:
+            raise _reply_error(reply, "rset")
+        self._needs_rset = False
 
     # -- ending -------------------------------------------------------------------
 

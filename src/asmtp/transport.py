@@ -225,6 +225,12 @@ class Connection(asyncio.BufferedProtocol):
         self.proto.tls_started()
 
     @property
+    def closed(self) -> bool:
+        """The connection is gone (closed by either side, or broken)."""
+        transport = self._transport
+        return self._lost or transport is None or transport.is_closing()
+
+    @property
     def reset_by_peer(self) -> bool:
         """The server reset the connection (TCP RST): it closed with bytes of ours
         still unread, so it cannot have read everything sent so far."""
@@ -299,17 +305,29 @@ async def open_connection(
     conn = Connection(proto, host=host)
     conn.step(timeout)
     local = (source_address, 0) if source_address else None
+    conn._task = asyncio.current_task()  # the timer cancels it on timeout
     try:
-        with translate_errors("connect", host), conn._cancellable("connect"):
-            await loop.create_connection(
-                lambda: conn,
-                address or host,
-                port,
-                ssl=ssl_context,
-                server_hostname=(server_hostname or host) if ssl_context else None,
-                local_addr=local,
-            )
-    except BaseException:
+        await loop.create_connection(
+            lambda: conn,
+            address or host,
+            port,
+            ssl=ssl_context,
+            server_hostname=(server_hostname or host) if ssl_context else None,
+            local_addr=local,
+        )
+    except BaseException as exc:
+        # Inline rather than the context managers: this runs once per connection.
         conn.abort()
-        raise
+        if isinstance(exc, asyncio.CancelledError):
+            task = conn._task
+            if conn._timed_out and task is not None and task.uncancel() == 0:
+                raise SMTPTimeoutError(
+                    f"timed out after {timeout:g} s connecting to {host}", stage="connect"
+                ) from None
+            raise
+        with translate_errors("connect", host):
+            raise
+        raise  # pragma: no cover - translate_errors always raises
+    finally:
+        conn._task = None
     return conn

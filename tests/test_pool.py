@@ -1,0 +1,107 @@
+"""Pooled sessions for web backends: reuse counted on the server side, dead sessions
+replaced, limits honoured, concurrent sends kept apart."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from email.message import EmailMessage
+
+import anyio
+from servers import SMTPTestServer, free_port
+
+import asmtp
+
+MakeServer = Callable[..., SMTPTestServer]
+
+
+def note(n: int) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "app@example.com"
+    msg["To"] = f"user{n}@example.org"
+    msg["Subject"] = f"note {n}"
+    msg.set_content(f"body {n}\n")
+    return msg
+
+
+async def test_many_concurrent_sends_share_few_authenticated_sessions(
+    smtp_server: MakeServer, tls_server_context: ssl.SSLContext,
+    tls_client_context: ssl.SSLContext,
+) -> None:
+    server = smtp_server(starttls_context=tls_server_context, auth={"app": "pw"})
+    relay = asmtp.Relay("localhost", server.port, username="app", password="pw",
+                        ssl_context=tls_client_context)
+    results: dict[int, asmtp.Report] = {}
+    async with asmtp.Mailer(relay, pool=asmtp.Pool(max_connections=4)) as mailer:
+
+        async def send(n: int) -> None:
+            results[n] = await mailer.send(note(n))
+
+        async with anyio.create_task_group() as tg:
+            for n in range(120):
+                tg.start_soon(send, n)
+        assert mailer.sessions_opened <= 4
+    assert all(r.ok for r in results.values())
+    assert server.sessions_opened <= 4
+    assert server.max_concurrent_sessions <= 4
+    # never interleaved: each recipient got its own message, intact
+    for m in server.messages:
+        n = int(m.rcpt_tos[0][4:].split("@")[0])
+        assert f"Subject: note {n}".encode() in m.content and f"body {n}".encode() in m.content
+    assert len(server.messages) == 120
+    assert {m.auth_user for m in server.messages} == {"app"}
+
+
+async def test_message_cap_opens_a_new_session(smtp_server: MakeServer) -> None:
+    server = smtp_server()
+    relay = asmtp.Relay(server.host, server.port, tls="none")
+    async with asmtp.Mailer(relay, pool=asmtp.Pool(max_messages=3)) as mailer:
+        for n in range(10):
+            assert (await mailer.send(note(n))).ok
+    assert server.sessions_opened == 4  # 3 + 3 + 3 + 1
+
+
+async def test_age_cap_opens_a_new_session(smtp_server: MakeServer) -> None:
+    server = smtp_server()
+    relay = asmtp.Relay(server.host, server.port, tls="none")
+    async with asmtp.Mailer(relay, pool=asmtp.Pool(max_age=0.3)) as mailer:
+        for n in range(3):
+            assert (await mailer.send(note(n))).ok
+            await anyio.sleep(0.4)
+    assert server.sessions_opened == 3
+
+
+async def test_idle_sessions_are_closed(smtp_server: MakeServer) -> None:
+    server = smtp_server()
+    relay = asmtp.Relay(server.host, server.port, tls="none")
+    async with asmtp.Mailer(relay, pool=asmtp.Pool(idle_timeout=0.3)) as mailer:
+        assert (await mailer.send(note(1))).ok
+        assert server.active_sessions == 1
+        await anyio.sleep(1.0)
+        assert server.wait_idle(timeout=5)
+        assert (await mailer.send(note(2))).ok
+    assert server.sessions_opened == 2
+
+
+async def test_a_server_that_dropped_the_session_is_survived(smtp_server: MakeServer) -> None:
+    port = free_port("127.0.0.1")
+    first = smtp_server(port=port)
+    relay = asmtp.Relay("127.0.0.1", port, tls="none")
+    async with asmtp.Mailer(relay, pool=asmtp.Pool(check_after=60), retry=None) as mailer:
+        assert (await mailer.send(note(1))).ok
+        first.stop()  # drops the pooled connection
+        second = smtp_server(port=port)
+        report = await mailer.send(note(2))
+    assert report.ok, report.failed()
+    assert [m.rcpt_tos for m in second.messages] == [["user2@example.org"]]
+
+
+async def test_checked_before_reuse_after_idling(smtp_server: MakeServer) -> None:
+    server = smtp_server()
+    relay = asmtp.Relay(server.host, server.port, tls="none")
+    async with asmtp.Mailer(relay, pool=asmtp.Pool(check_after=0.1)) as mailer:
+        assert (await mailer.send(note(1))).ok
+        await anyio.sleep(0.2)
+        assert (await mailer.send(note(2))).ok
+    assert server.sessions_opened == 1
+    assert [verb for verb, _ in server.commands].count("RSET") == 1
