@@ -307,9 +307,14 @@ def test_starttls_and_auth(smtp_server: MakeServer, tls_server_context: ssl.SSLC
     assert summary["latency_ms"]["starttls"]["count"] == 4
     assert summary["latency_ms"]["auth"]["count"] == 4
     assert len(server.messages) == 4
-    # a wrong password fails every message at AUTH, under the server's code
+    # a wrong password fails every message at AUTH, under the server's code; a session
+    # that failed to set up is not used for the next message, even with --reuse
+    server.clear()
     code, summary = bench_json(
         target(server),
+        "--reuse",
+        "--concurrency",
+        "1",
         "--messages",
         "2",
         "--tls",
@@ -324,6 +329,8 @@ def test_starttls_and_auth(smtp_server: MakeServer, tls_server_context: ssl.SSLC
     assert code == 1
     assert list(summary["errors"]) == ["auth"]
     assert summary["errors"]["auth"]["535"]["count"] == 2
+    assert server.sessions_opened == 2
+    assert server.messages == []
 
 
 def test_implicit_tls(smtp_server: MakeServer, tls_server_context: ssl.SSLContext) -> None:

@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 from .api import ConnectedSession, connect, send, sendmail
 from .capabilities import Capabilities
 from .config import DSN, Direct, Relay, Timeouts
+from .dkim import DKIM
 from .errors import (
     AuthenticationError,
     AuthUnavailableError,
@@ -59,6 +60,7 @@ __all__ = (
     "ConnectError",
     "ConnectedSession",
     "ConnectionLostError",
+    "DKIM",
     "DSN",
     "Direct",
     "InputError",

@@ -541,15 +541,19 @@ class _Run:
 
     async def _send_one(self, slot: _Slot, index: int, t_start: float) -> None:
         self.sent += 1
+        setting_up = slot.conn is None
         try:
-            if slot.conn is None:
+            if setting_up:
                 await self._open(slot)
+                setting_up = False
             await self._transaction(slot, index)
         except SMTPError as exc:
             key = str(exc.code) if isinstance(exc, ReplyError) else type(exc).__name__
             self._done_failed(slot.stage, key, str(exc))
             if slot.proto is None or slot.proto.closed or not isinstance(exc, ReplyError):
                 slot.drop()
+            elif setting_up:
+                await self._quit(slot)  # never reuse a session that failed to set up
             elif self.config.reuse:
                 await self._rset(slot)
         except asyncio.CancelledError:

@@ -85,7 +85,7 @@ _ED25519_SEED = 32
 def _dkimpy() -> ModuleType:
     """dkimpy, imported on first use so asmtp runs without the extra."""
     try:
-        import dkim  # type: ignore[import-untyped]
+        import dkim
     except ImportError:
         raise InputError(_EXTRA_MISSING) from None
     module: ModuleType = dkim
@@ -136,14 +136,14 @@ def _check_headers(headers: object) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _key_bytes(private_key: object) -> bytes:
-    if isinstance(private_key, str):
-        if not private_key.isascii():
-            raise InputError("DKIM private_key: a key is ASCII text (PEM or base64)")
-        return private_key.encode("ascii")
-    if isinstance(private_key, (bytes, bytearray, memoryview)):
-        return bytes(private_key)
-    raise InputError(f"DKIM private_key must be bytes or str, not {type(private_key).__name__}")
+def _key_bytes(what: str, key: object) -> bytes:
+    if isinstance(key, str):
+        if not key.isascii():
+            raise InputError(f"{what}: a key is ASCII text (PEM or base64)")
+        return key.encode("ascii")
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        return bytes(key)
+    raise InputError(f"{what} must be bytes or str, not {type(key).__name__}")
 
 
 def _ed25519_seed(key: bytes) -> bytes:
@@ -153,9 +153,7 @@ def _ed25519_seed(key: bytes) -> bytes:
     except binascii.Error:
         raw = b""
     if len(raw) != _ED25519_SEED:
-        raise InputError(
-            "DKIM private_key: not a PEM key nor the base64 of a 32-byte Ed25519 seed"
-        )
+        raise InputError("DKIM private_key: not a PEM key nor the base64 of a 32-byte Ed25519 seed")
     _nacl_signing().SigningKey(raw)
     return base64.b64encode(raw)
 
@@ -188,7 +186,7 @@ def _load_private_key(
     private_key: object,
 ) -> tuple[bytes, Literal["rsa-sha256", "ed25519-sha256"]]:
     """(the key as dkimpy takes it, the algorithm it signs with)."""
-    key = _key_bytes(private_key)
+    key = _key_bytes("DKIM private_key", private_key)
     dkim = _dkimpy()
     if _PEM not in key:
         return _ed25519_seed(key), "ed25519-sha256"
@@ -196,7 +194,8 @@ def _load_private_key(
     pem = key.strip().replace(b"\r\n", b"\n") + b"\n"
     try:
         parsed = dkim.crypto.parse_pem_private_key(pem)
-    except dkim.crypto.UnparsableKeyError:
+    except (dkim.crypto.UnparsableKeyError, ValueError, IndexError, TypeError):
+        # Not an RSA key dkimpy reads (an Ed25519 PKCS#8 key, say): try converting.
         return _from_pkcs8(pem)
     bits = int(parsed["modulus"]).bit_length()
     if bits < _MIN_RSA_BITS:
@@ -243,7 +242,8 @@ class DKIM:
     follows from it. ``headers`` names the header fields to sign when present (default
     :data:`DEFAULT_SIGNED_HEADERS`); From is always signed. Every field present that is
     allowed only once (From, To, Subject, ...) is named once more than it occurs, so a
-    copy added later breaks the signature. The key never shows in ``repr``.
+    copy added later breaks the signature. An internationalized ``domain`` is kept in
+    A-labels (as d= carries it). The key never shows in ``repr``.
 
     >>> signer, txt = DKIM.generate("example.org", "mail")
     >>> signer
@@ -259,7 +259,6 @@ class DKIM:
     canonicalization: Literal["relaxed/relaxed"] = field(default="relaxed/relaxed", init=False)
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] = field(default="rsa-sha256", init=False)
     _key: bytes = field(default=b"", init=False, repr=False, compare=False)
-    _d: bytes = field(default=b"", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         domain = _check_name("domain", self.domain, allow_idna=True)
@@ -270,13 +269,13 @@ class DKIM:
             object.__setattr__(self, "headers", _check_headers(self.headers))
         key, algorithm = _load_private_key(self.private_key)
         object.__setattr__(self, "algorithm", algorithm)
+        object.__setattr__(self, "domain", domain)
         object.__setattr__(self, "_key", key)
-        object.__setattr__(self, "_d", domain.encode("ascii"))
 
     @property
     def record_name(self) -> str:
         """The DNS name of the TXT record holding the public key (RFC 6376 3.6.2.1)."""
-        return f"{self.selector}._domainkey.{self._d.decode('ascii')}"
+        return f"{self.selector}._domainkey.{self.domain}"
 
     def headers_to_sign(self, content: bytes) -> list[str]:
         """The h= list for a message (``content`` un-stuffed, CRLF line ends): the chosen
@@ -305,7 +304,7 @@ class DKIM:
                 dkim.sign(
                     content,
                     self.selector.encode("ascii"),
-                    self._d,
+                    self.domain.encode("ascii"),
                     self._key,
                     canonicalize=(b"relaxed", b"relaxed"),
                     signature_algorithm=self.algorithm.encode("ascii"),
@@ -359,8 +358,8 @@ class DKIM:
         :attr:`record_name` (for tests and trials; keep real keys outside the code).
         RSA keys need the ``cryptography`` package."""
         if algorithm == "ed25519":
-            key: bytes = bytes(_nacl_signing().SigningKey.generate()._seed)
-            signer = cls(domain, selector, base64.b64encode(key), headers)
+            seed = bytes(_nacl_signing().SigningKey.generate())
+            signer = cls(domain, selector, base64.b64encode(seed), headers)
         elif algorithm == "rsa":
             if not isinstance(rsa_bits, int) or rsa_bits < _MIN_RSA_BITS:
                 raise InputError(f"DKIM rsa_bits must be at least {_MIN_RSA_BITS}: {rsa_bits!r}")
@@ -395,7 +394,7 @@ def dns_txt_record(public_key: bytes | str) -> str:
     if isinstance(public_key, bytes) and len(public_key) == 32:
         raw = public_key
     else:
-        key = _key_bytes(public_key)
+        key = _key_bytes("dns_txt_record: public_key", public_key)
         if _PEM in key:
             return _txt_from_pem(key)
         try:

@@ -31,6 +31,7 @@ import anyio.abc
 from .address import check_mailbox, domain_of
 from .config import DSN, Direct, Relay, Timeouts, TimeoutSpec
 from .direct import DirectDelivery
+from .dkim import DKIM
 from .dispatch import run_session
 from .errors import InputError, SMTPError
 from .journal import Journal, JournalEntry, journal_key, read_journal
@@ -84,7 +85,10 @@ class Mailer:
     ``retry``: a :class:`~asmtp.Retry` (default: 3 tries) or None for no retries.
     ``rate``/``rate_per_domain``: "50/s", "1000/h". ``recipient_deadline``: seconds that
     bound all of one recipient's tries. ``journal``/``resume``: see :mod:`asmtp.journal`.
-    ``dsn``: an :class:`~asmtp.DSN`. ``unsubscribe``: a URL template ("{recipient}")
+    ``dsn``: an :class:`~asmtp.DSN`. ``dkim``: an :class:`~asmtp.DKIM` signer (the
+    ``dkim`` extra): each message is signed once, over exactly the bytes sent.
+    ``pool``: True or an :class:`~asmtp.Pool` to keep sessions to the relay open and
+    reuse them (web backends). ``unsubscribe``: a URL template ("{recipient}")
     for one-click unsubscribe headers (RFC 8058). ``verp``: a sender template such as
     "bounces+{token}@example.com" ({token}: the recipient as local=domain) so bounces
     name their recipient.
@@ -106,6 +110,7 @@ class Mailer:
         unsubscribe: str | None = None,
         verp: str | None = None,
         pool: bool | Pool = False,
+        dkim: DKIM | None = None,
         debug: bool = False,
     ) -> None:
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
@@ -135,6 +140,7 @@ class Mailer:
         self.dsn = dsn
         self.unsubscribe = unsubscribe
         self.verp = verp
+        self.dkim = dkim
         self.debug = debug
         #: recipients skipped because the journal shows them done (resume)
         self.skipped = 0
@@ -325,9 +331,9 @@ class Mailer:
             if not isinstance(message, EmailMessage):
                 raise InputError("a message given as bytes needs the job's sender")
             sender, _ = envelope_of(message, recipients=[recipient])
-        if not isinstance(message, PreparedMessage):
-            message = self._prepare_cached(message)
+        message = self._prepare_cached(message)
         if self.unsubscribe is not None:
+            # Per-recipient headers, then the signature over exactly these bytes.
             url = self.unsubscribe.format(recipient=recipient, token=_token(recipient))
             message = with_headers(
                 message,
@@ -336,17 +342,26 @@ class Mailer:
                     ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
                 ],
             )
+            if self.dkim is not None:
+                message = self.dkim.sign(message)
         sender = check_mailbox(sender, field="sender", allow_empty=True)
         if self.verp is not None:
             sender = check_mailbox(self.verp.format(token=_token(recipient)), field="verp")
         return sender, recipient, message
 
-    def _prepare_cached(self, message: EmailMessage | bytes) -> PreparedMessage:
-        # Jobs that share one message object share its serialization.
+    def _prepare_cached(self, message: EmailMessage | bytes | PreparedMessage) -> PreparedMessage:
+        # Jobs that share one message object share its serialization (and signature).
         last = self._last_prepared
         if last is not None and last[0] is message:
             return last[1]
-        prepared = prepare_message(message)
+        if isinstance(message, PreparedMessage):
+            if self.dkim is None or self.unsubscribe is not None:
+                return message
+            prepared = message
+        else:
+            prepared = prepare_message(message)
+        if self.dkim is not None and self.unsubscribe is None:
+            prepared = self.dkim.sign(prepared)  # once for all who share the message
         self._last_prepared = (message, prepared)
         return prepared
 

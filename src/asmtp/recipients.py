@@ -43,6 +43,7 @@ __all__ = [
     "Placeholders",
     "Recipient",
     "RecipientList",
+    "address_key",
     "decode_recipients",
     "parse_recipients",
 ]
@@ -266,7 +267,7 @@ def _plain_rows(lines: _Lines) -> Iterator[Recipient | BadRow]:
         checked = _check_address(text)
         if isinstance(checked, str):
             if first and any(d in text for d in _DELIMITERS):
-                checked += f" (a CSV file starts with a header row naming an 'email' column)"
+                checked += " (a CSV file starts with a header row naming an 'email' column)"
             yield BadRow(lines.row_line, text, checked)
         else:
             yield Recipient(lines.row_line, checked[1], checked[0])

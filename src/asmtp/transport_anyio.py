@@ -1,0 +1,350 @@
+"""The anyio driver: one TCP (and TLS) connection over anyio byte streams feeding a
+sans-IO :class:`~asmtp.protocol.ClientProtocol`, for event loops other than asyncio
+(trio).
+
+Owns, for that driver: connecting (``anyio.connect_tcp``, implicit TLS included),
+STARTTLS (``TLSStream.wrap``), the per-step deadline (one ``anyio.fail_at`` around each
+wait), the buffering that keeps :meth:`StreamConnection.write` synchronous, and the one
+place where anyio, OS and SSL exceptions become :mod:`asmtp.errors`
+(:func:`translate_stream_errors`, which hands OS and SSL errors on to
+:func:`asmtp.transport.translate_errors`). The interface is that of
+:class:`asmtp.transport.Connection` (see :class:`AnyConnection`), so a session cannot
+tell the two drivers apart; :func:`open_best` picks one for the running async library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+import sniffio
+from anyio.abc import ByteStream, SocketAttribute
+from anyio.streams.tls import TLSAttribute, TLSStream
+
+from .errors import (
+    ConnectionLostError,
+    LocalProtocolError,
+    SMTPError,
+    SMTPTimeoutError,
+    TransportError,
+)
+from .protocol import ClientProtocol
+from .reply import NEED_DATA, Reply
+from .transport import Connection, open_connection, translate_errors
+
+__all__ = [
+    "AnyConnection",
+    "StreamConnection",
+    "open_best",
+    "open_stream_connection",
+    "translate_stream_errors",
+]
+
+_READ_SIZE = 16384  # replies are small
+
+
+class AnyConnection(Protocol):
+    """What a session needs from a driver: :class:`~asmtp.transport.Connection` on
+    asyncio, :class:`StreamConnection` elsewhere."""
+
+    proto: ClientProtocol
+
+    def step(self, timeout: float | None) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    async def read_reply(self) -> Reply: ...
+    async def drain(self) -> None: ...
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    @property
+    def reset_by_peer(self) -> bool: ...
+    @property
+    def peer(self) -> str | None: ...
+    @property
+    def tls_version(self) -> str | None: ...
+
+
+class StreamConnection:
+    """One connection to an SMTP server over an anyio byte stream, driven by
+    :meth:`read_reply` and :meth:`write` exactly like :class:`~asmtp.transport.Connection`.
+
+    :meth:`write` only queues bytes: they are sent by the next :meth:`read_reply` or
+    :meth:`drain`, which a session always awaits after writing (a command is written,
+    then its reply read; the message is written, then drained). That keeps ``write``
+    synchronous, as on asyncio, and sends pipelined commands in one piece.
+
+    Timeouts are per network step: :meth:`step` sets the deadline for the next command
+    and its whole reply, and every wait until then runs under that one deadline, so a
+    server trickling a byte at a time cannot stretch the step.
+    """
+
+    def __init__(self, proto: ClientProtocol, stream: ByteStream, *, host: str) -> None:
+        self.proto = proto
+        self.host = host
+        self._stream = stream
+        self._outgoing: list[bytes] = []
+        self._timeout: float | None = None
+        self._deadline = math.inf
+        self._closed = False  # by us, or after the server closed, reset or timed out
+        self._lost_exc: BaseException | None = None
+        address = stream.extra(SocketAttribute.remote_address, None)
+        self._peer = str(address[0]) if isinstance(address, tuple) else None
+        self._tls_version: str | None = None
+        if isinstance(stream, TLSStream):
+            self._tls_version = stream.extra(TLSAttribute.tls_version, None)
+
+    # -- the per-step deadline ----------------------------------------------------
+
+    def step(self, timeout: float | None) -> None:
+        """Start a network step that may take ``timeout`` seconds (None: no limit)."""
+        self._timeout = timeout
+        self._deadline = math.inf if timeout is None else anyio.current_time() + timeout
+
+    @contextlib.contextmanager
+    def _io(self, stage: str, doing: str) -> Iterator[None]:
+        """One wait within the step's deadline; a transport failure or a timeout
+        closes the connection (nothing more can be read or sent in order)."""
+        try:
+            with (
+                translate_stream_errors(stage, self.host, self._timeout, doing),
+                anyio.fail_at(self._deadline),
+            ):
+                yield
+        except TransportError as exc:
+            if not isinstance(exc, SMTPTimeoutError) and self._lost_exc is None:
+                self._lost_exc = exc.__cause__ or exc
+            self.abort()
+            raise
+
+    # -- driving the protocol -----------------------------------------------------
+
+    async def read_reply(self) -> Reply:
+        """Send what is queued, then wait for the next whole reply, within the current
+        step's deadline."""
+        proto = self.proto
+        stage = proto.awaiting or "connect"
+        with self._io(stage, f"awaiting the {stage} reply"):
+            await self._send_queued()
+            while (reply := proto.next_reply()) is NEED_DATA:
+                try:
+                    data = await self._stream.receive(_READ_SIZE)
+                except anyio.EndOfStream:
+                    data = b""  # the core's end of stream: next_reply raises ConnectionLostError
+                proto.receive_data(data)
+        assert isinstance(reply, Reply)
+        return reply
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for the next :meth:`read_reply` or :meth:`drain` to send."""
+        if self._closed:
+            raise ConnectionLostError(
+                "the connection is closed", stage=self.proto.awaiting or "connect"
+            )
+        self._outgoing.append(data)
+
+    async def drain(self) -> None:
+        """Send everything written so far; returns once the kernel has taken it all."""
+        stage = self.proto.awaiting or "message"
+        if self._closed:
+            raise ConnectionLostError("the connection was lost while sending", stage=stage)
+        with self._io(stage, "sending"):
+            await self._send_queued()
+
+    async def _send_queued(self) -> None:
+        if not self._outgoing:
+            return
+        data = self._outgoing[0] if len(self._outgoing) == 1 else b"".join(self._outgoing)
+        self._outgoing.clear()
+        await self._stream.send(data)
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        """Run the TLS handshake on this connection (after STARTTLS's 220)."""
+        with self._io("starttls", "during the TLS handshake"):
+            await self._send_queued()
+            # server_side must be explicit: wrap() takes a missing hostname to mean server.
+            self._stream = await TLSStream.wrap(
+                self._stream,
+                server_side=False,
+                hostname=server_hostname,
+                ssl_context=context,
+                # SMTP ends with QUIT and its reply, not with TLS's close_notify.
+                standard_compatible=False,
+            )
+        self._tls_version = self._stream.extra(TLSAttribute.tls_version, None)
+        self.proto.tls_started()
+
+    @property
+    def reset_by_peer(self) -> bool:
+        """The server reset the connection (TCP RST): it closed with bytes of ours
+        still unread, so it cannot have read everything sent so far."""
+        exc = self._lost_exc
+        while exc is not None:
+            if isinstance(exc, ConnectionResetError):
+                return True
+            exc = exc.__cause__
+        return False
+
+    @property
+    def tls_version(self) -> str | None:
+        return self._tls_version
+
+    @property
+    def peer(self) -> str | None:
+        return self._peer
+
+    def close(self) -> None:
+        """Close the connection (after QUIT). Synchronous, as on asyncio: the socket is
+        closed at once; nothing is queued by then, and TLS ends without close_notify."""
+        self._close_socket()
+
+    def abort(self) -> None:
+        """Close at once, dropping anything queued."""
+        self._outgoing.clear()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        # anyio closes a stream only in an await; the socket under it can be closed now,
+        # the documented way: tell the event loop first, then close.
+        self._closed = True
+        raw = self._stream.extra(SocketAttribute.raw_socket, None)
+        if isinstance(raw, socket.socket) and raw.fileno() != -1:
+            anyio.notify_closing(raw)
+            raw.close()
+
+
+@contextlib.contextmanager
+def translate_stream_errors(
+    stage: str, host: str, timeout: float | None, doing: str
+) -> Iterator[None]:
+    """The one place where anyio's exceptions become asmtp errors on this driver; OS
+    and SSL errors go on to :func:`asmtp.transport.translate_errors`. ``doing`` ends
+    the timeout message ("timed out after 1 s awaiting the ehlo reply")."""
+    try:
+        yield
+    except SMTPError:
+        raise
+    except TimeoutError as exc:
+        if exc.errno is not None or timeout is None:  # the kernel's ETIMEDOUT, not ours
+            with translate_errors(stage, host):
+                raise
+        raise SMTPTimeoutError(f"timed out after {timeout:g} s {doing}", stage=stage) from None
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream) as exc:
+        raise ConnectionLostError(
+            f"connection to {host} lost during {stage}: {_loss_reason(exc)}", stage=stage
+        ) from exc
+    except OSError as exc:
+        # connect_tcp raises "All connection attempts failed" chained to each attempt's
+        # own error (refused, unreachable, ...): report the first attempt's.
+        cause: BaseException | None = exc.__cause__
+        if isinstance(cause, BaseExceptionGroup):
+            cause = cause.exceptions[0]
+        if not isinstance(cause, OSError):
+            cause = exc
+        with translate_errors(stage, host):
+            raise cause from None
+
+
+def _loss_reason(exc: BaseException) -> str:
+    if isinstance(exc, anyio.EndOfStream):
+        return "the server closed the connection"
+    if isinstance(exc, anyio.ClosedResourceError):
+        return "the connection is closed"
+    cause = exc.__cause__
+    if isinstance(cause, ConnectionResetError):
+        return "the server reset the connection"
+    return str(cause) if cause is not None else "the connection broke"
+
+
+async def open_stream_connection(
+    proto: ClientProtocol,
+    host: str,
+    port: int,
+    *,
+    address: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    source_address: str | None = None,
+    timeout: float | None = None,
+) -> StreamConnection:
+    """Connect to ``address`` (an IP; defaults to ``host``) and return the connection,
+    as :func:`asmtp.transport.open_connection` does. With ``ssl_context`` the TLS
+    handshake runs at once (implicit TLS, RFC 8314), checked against
+    ``server_hostname`` (defaults to ``host``). ``timeout`` covers the connect, the
+    handshake and, once the caller reads it, the greeting.
+
+    For event loops other than asyncio (under asyncio, anyio's streams do not sit on a
+    socket that can be closed synchronously; :func:`open_best` picks the asyncio driver
+    there)."""
+    if sniffio.current_async_library() == "asyncio":
+        raise LocalProtocolError(
+            "open_stream_connection is the driver for trio; use "
+            "asmtp.transport.open_connection (or open_best) under asyncio"
+        )
+    deadline = math.inf if timeout is None else anyio.current_time() + timeout
+    stream: ByteStream
+    with (
+        translate_stream_errors("connect", host, timeout, f"connecting to {host}"),
+        anyio.fail_at(deadline),
+    ):
+        if ssl_context is None:
+            stream = await anyio.connect_tcp(address or host, port, local_host=source_address)
+        else:
+            stream = await anyio.connect_tcp(
+                address or host,
+                port,
+                local_host=source_address,
+                tls=True,
+                ssl_context=ssl_context,
+                tls_hostname=server_hostname or host,
+                tls_standard_compatible=False,
+            )
+    conn = StreamConnection(proto, stream, host=host)
+    conn._timeout, conn._deadline = timeout, deadline  # the greeting shares the connect's step
+    return conn
+
+
+async def open_best(
+    proto: ClientProtocol,
+    host: str,
+    port: int,
+    *,
+    address: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    source_address: str | None = None,
+    timeout: float | None = None,
+) -> AnyConnection:
+    """Open a connection with the driver for the running async library: the
+    ``BufferedProtocol`` one on asyncio (uvloop included), anyio streams elsewhere."""
+    if sniffio.current_async_library() == "asyncio":
+        return await open_connection(
+            proto,
+            host,
+            port,
+            address=address,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            source_address=source_address,
+            timeout=timeout,
+        )
+    return await open_stream_connection(
+        proto,
+        host,
+        port,
+        address=address,
+        ssl_context=ssl_context,
+        server_hostname=server_hostname,
+        source_address=source_address,
+        timeout=timeout,
+    )
+
+
+if TYPE_CHECKING:  # both drivers offer what a session needs
+
+    def _check(a: Connection, b: StreamConnection) -> tuple[AnyConnection, AnyConnection]:
+        return a, b
