@@ -5,6 +5,7 @@ Ctrl-C, retries and rates."""
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from servers import FaultServer, Received, SMTPTestServer, wait_until
 
 MakeServer = Callable[..., SMTPTestServer]
@@ -94,10 +96,8 @@ def summary_count(stderr: str, label: str) -> int:
 def journal_events(path: Path) -> list[dict[str, Any]]:
     events = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        try:
+        with contextlib.suppress(ValueError):  # a line torn by SIGKILL
             events.append(json.loads(line))
-        except ValueError:
-            pass  # a line torn by SIGKILL
     return events
 
 
@@ -175,8 +175,7 @@ def test_csv_placeholders_render_per_recipient(smtp_server: MakeServer, tmp_path
     )
     body = tmp_path / "body.html"
     body.write_text(
-        "<style>a {color: red}</style><p>Dear {first}, your {plan} plan {{ {unknown} "
-        "{{first}}</p>",
+        "<style>a {color: red}</style><p>Dear {first}, your {plan} plan {{ {unknown} {{first}}</p>",
         encoding="utf-8",
     )
     done = asmtp_send(
@@ -438,6 +437,41 @@ def test_ctrl_c_finishes_sessions_in_flight_and_exits_130(
     assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(r["key"] for r in results)
 
 
+def test_second_ctrl_c_stops_at_once(fault_server: MakeFault, tmp_path: Path) -> None:
+    # no dot is ever answered: only a second Ctrl-C ends the sessions in flight
+    server = fault_server(message="silence")
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"r{i}@example.test\n" for i in range(5)), encoding="utf-8")
+    journal = tmp_path / "run.jsonl"
+    proc = start(
+        "--from", "s@example.test", "--recipients", str(listing), "--body", "b",
+        *relay(server), "--concurrency", "2", "--timeout", "60", "--journal", str(journal),
+        "--json",
+    )  # fmt: skip
+    try:
+        assert wait_until(
+            lambda: journal.exists() and len(journal_events(journal)) == 2, timeout=30.0
+        )
+        for _ in range(20):  # one Ctrl-C after another until it ends (signals may merge)
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
+            if proc.returncode is not None:
+                break
+        stdout, stderr = finish(proc)
+    finally:
+        finish(proc)
+    assert proc.returncode == 130, stderr
+    assert "stopped at once" in stderr
+    assert stdout == ""  # no result came
+    # the two sessions in flight, and any job a worker had taken while waiting its turn
+    cut_off = summary_count(stderr, "unfinished")
+    assert cut_off >= 2
+    assert cut_off + summary_count(stderr, "not attempted") == 5
+    # the two dots stay without a result: a resumed run reports them as unknown
+    assert [e["event"] for e in journal_events(journal)] == ["dot", "dot"]
+
+
 # ----------------------------------------------------------------------- retries, rates, options
 
 
@@ -566,4 +600,3 @@ def test_recipients_from_standard_input(smtp_server: MakeServer) -> None:
         "a@example.test",
         "b@example.test",
     ]
-

@@ -5,26 +5,37 @@ there, all on one port. Also the pure decisions of asmtp.direct, without sockets
 
 from __future__ import annotations
 
+import asyncio
 import random
 import ssl
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import anyio
 import pytest
 import trustme
 
 import asmtp
-from asmtp.config import Direct
-from asmtp.direct import next_address_may_help, plan_jobs
+from asmtp.config import Direct, Timeouts
+from asmtp.direct import DirectDelivery, next_address_may_help, plan_jobs
+from asmtp.message import prepare_message
 from asmtp.results import RecipientResult
+from asmtp.session import Extras
 from dnsserver import DNSServer
-from servers import FaultServer, SMTPTestServer, client_ssl_context, free_port, server_ssl_context
+from servers import (
+    FaultServer,
+    SMTPTestServer,
+    client_ssl_context,
+    free_port,
+    server_ssl_context,
+    wait_until,
+)
 
 MakeServer = Callable[..., SMTPTestServer]
 MakeFault = Callable[..., FaultServer]
 MakeDNS = Callable[..., DNSServer]
 
-MX1, MX2, MX3 = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+MX1, MX2 = "127.0.0.2", "127.0.0.3"
 
 #: two exchangers; the one listed (and named) first has the worse preference
 TWO_MX = """
@@ -57,9 +68,7 @@ def direct(dns: DNSServer, port: int, **options: object) -> Direct:
     return Direct(dns_servers=[dns.spec], port=port, **options)  # type: ignore[arg-type]
 
 
-async def send(
-    to: str | list[str], settings: Direct, *, concurrency: int = 100
-) -> asmtp.Report:
+async def send(to: str | list[str], settings: Direct, *, concurrency: int = 100) -> asmtp.Report:
     return await asmtp.sendmail(
         to=to,
         from_="sender@client.test",
@@ -78,9 +87,7 @@ def rcpts_of(server: SMTPTestServer | FaultServer) -> list[str]:
 # --------------------------------------------------------------------------- MX order
 
 
-async def test_lower_preference_gets_the_mail(
-    dns_server: MakeDNS, smtp_server: MakeServer
-) -> None:
+async def test_lower_preference_gets_the_mail(dns_server: MakeDNS, smtp_server: MakeServer) -> None:
     dns = dns_server({"example.test": TWO_MX})
     port = free_port(MX1, MX2)
     worse = smtp_server(host=MX1, port=port)
@@ -306,7 +313,9 @@ async def test_500_recipients_over_5_domains_ask_each_mx_once(
     dns_server: MakeDNS, smtp_server: MakeServer
 ) -> None:
     domains = [f"d{n}.test" for n in range(5)]
-    dns = dns_server({d: "@ MX 10 mx.example.test." for d in domains} | {"example.test": "mx A 127.0.0.2"})
+    dns = dns_server(
+        {d: "@ MX 10 mx.example.test." for d in domains} | {"example.test": "mx A 127.0.0.2"}
+    )
     port = free_port(MX1)
     server = smtp_server(host=MX1, port=port)
     to = [f"user{i:03d}@{domains[i % 5]}" for i in range(500)]
@@ -404,6 +413,18 @@ def trusting(ca: trustme.CA) -> ssl.SSLContext:
     return client_ssl_context(ca)
 
 
+async def tls_closed(*servers: SMTPTestServer) -> None:
+    """Let the TLS shutdowns finish before the test's event loop closes.
+
+    Closing a TLS connection only starts the close_notify exchange: the socket under
+    it is closed a few loop turns later. Once every server has seen its sessions end,
+    the client's side has its answer too; a few more turns let it act on it.
+    """
+    await anyio.to_thread.run_sync(wait_until, lambda: not any(s.active_sessions for s in servers))
+    for _ in range(10):
+        await asyncio.sleep(0.01)
+
+
 async def test_opportunistic_tls_verified(
     dns_server: MakeDNS, smtp_server: MakeServer, ca: trustme.CA, trusting: ssl.SSLContext
 ) -> None:
@@ -414,6 +435,7 @@ async def test_opportunistic_tls_verified(
     )
     settings = direct(dns, port, tls="opportunistic", ssl_context=trusting)
     [r] = await send("ann@example.test", settings)
+    await tls_closed(server)
     assert r.status == "delivered" and r.tls == "verified"
     [message] = server.messages
     assert message.tls
@@ -430,6 +452,7 @@ async def test_opportunistic_tls_wrong_name_still_delivers_unverified(
     )
     settings = direct(dns, port, tls="opportunistic", ssl_context=trusting)
     [r] = await send("ann@example.test", settings)
+    await tls_closed(server)
     assert r.status == "delivered" and r.tls == "unverified"
     assert r.host == "mx1.example.test"
     [message] = server.messages
@@ -461,6 +484,7 @@ async def test_starttls_mode_skips_a_bad_certificate(
     )
     settings = direct(dns, port, tls="starttls", ssl_context=trusting)
     [r] = await send("ann@example.test", settings)
+    await tls_closed(bad, good)
     assert r.status == "delivered" and r.tls == "verified"
     assert r.host == "mx2.example.test"
     assert bad.messages == []
@@ -482,6 +506,78 @@ async def test_starttls_mode_refuses_plaintext(
     [r] = await send("ann@example.test", settings)
     assert (r.status, r.stage) == ("transient", "starttls")
     assert server.messages == []
+
+
+# --------------------------------------------------------------------------- DirectDelivery
+
+
+MESSAGE = prepare_message(b"Subject: direct\r\n\r\nhello\r\n")
+
+
+def delivery(dns: DNSServer, port: int, **options: object) -> DirectDelivery:
+    # long step timeouts: only the deadline given to deliver() may end a silent session
+    return DirectDelivery(direct(dns, port, **options), Timeouts.uniform(30), helo="c.test")
+
+
+async def test_deadline_stops_the_walk(dns_server: MakeDNS, fault_server: MakeFault) -> None:
+    dns = dns_server({"example.test": PRIMARY_BACKUP})
+    port = free_port(MX1, MX2)
+    primary = fault_server(host=MX1, port=port, greeting="silence")
+    backup = fault_server(host=MX2, port=port)
+    deadline = anyio.current_time() + 1.0
+    [r] = await delivery(dns, port).deliver(
+        "s@c.test", ["ann@example.test"], MESSAGE, deadline=deadline
+    )
+    assert (r.status, r.stage, r.host) == ("transient", "greeting", "mx1.example.test")
+    assert "deadline" in r.message
+    assert len(r.tried) == 1
+    assert primary.connections == 1
+    assert backup.connections == 0  # no new address once the deadline has passed
+
+
+async def test_deadline_while_waiting_for_the_domain_cap(
+    dns_server: MakeDNS, fault_server: MakeFault
+) -> None:
+    dns = dns_server({"example.test": "@ MX 10 mx1\nmx1 A 127.0.0.2"})
+    port = free_port(MX1)
+    server = fault_server(host=MX1, port=port, greeting="silence")
+    sender = delivery(dns, port, per_domain=1)
+    results: dict[str, RecipientResult] = {}
+
+    async def one(rcpt: str, seconds: float) -> None:
+        deadline = anyio.current_time() + seconds
+        [results[rcpt]] = await sender.deliver("s@c.test", [rcpt], MESSAGE, deadline=deadline)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, "first@example.test", 1.5)
+        # the first holds the domain's one session before the second asks for it
+        assert await anyio.to_thread.run_sync(wait_until, lambda: server.connections == 1)
+        tg.start_soon(one, "second@example.test", 1.0)
+    first, second = results["first@example.test"], results["second@example.test"]
+    assert (first.status, first.stage, len(first.tried)) == ("transient", "greeting", 1)
+    assert second.status == "transient" and second.tried == ()
+    assert "per_domain=1" in second.message
+    assert server.connections == 1
+
+
+async def test_extras_reach_the_session_that_delivers(
+    dns_server: MakeDNS, smtp_server: MakeServer
+) -> None:
+    dns = dns_server({"example.test": PRIMARY_BACKUP})
+    port = free_port(MX1, MX2)
+    smtp_server(host=MX1, port=port, rcpt_reply="451 4.7.1 greylisted")
+    backup = smtp_server(host=MX2, port=port)
+    calls: list[list[str]] = []
+
+    async def before_dot(recipients: Sequence[str]) -> None:
+        calls.append(list(recipients))
+
+    [r] = await delivery(dns, port).deliver(
+        "s@c.test", ["ann@example.test"], MESSAGE, extras=Extras(before_dot=before_dot)
+    )
+    assert r.ok and r.host == "mx2.example.test"
+    assert calls == [["ann@example.test"]]  # the primary never got as far as the dot
+    assert rcpts_of(backup) == ["ann@example.test"]
 
 
 # --------------------------------------------------------------------------- pure decisions

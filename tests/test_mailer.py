@@ -9,11 +9,11 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from servers import FaultServer, SMTPTestServer
 
 import asmtp
 from asmtp.mailer import Job
 from asmtp.retry import Rate
+from servers import FaultServer, SMTPTestServer
 
 MakeServer = Callable[..., SMTPTestServer]
 MakeFault = Callable[..., FaultServer]
@@ -111,8 +111,9 @@ async def test_never_retried_after_the_dot_unless_asked(fault_server: MakeFault)
 
 async def test_recipient_deadline_bounds_all_tries(fault_server: MakeFault) -> None:
     server = fault_server(rcpt="silence")
-    async with asmtp.Mailer(relay_to(server), retry=FAST, timeout=60,
-                            recipient_deadline=1.5) as mailer:
+    async with asmtp.Mailer(
+        relay_to(server), retry=FAST, timeout=60, recipient_deadline=1.5
+    ) as mailer:
         [r] = await mailer.send(message(), recipients=["a@example.org"])
     assert r.status == "transient"
     assert "deadline" in r.message
@@ -134,7 +135,8 @@ async def test_journal_and_resume(smtp_server: MakeServer, tmp_path: Path) -> No
     for line in lines:
         if line["event"] == "result" and line["status"] == "delivered":
             assert lines.index(line) > next(
-                i for i, x in enumerate(lines)
+                i
+                for i, x in enumerate(lines)
                 if x["event"] == "dot" and x["recipient"] == line["recipient"]
             )
     # a later run with one more recipient sends only to the new one
@@ -143,22 +145,29 @@ async def test_journal_and_resume(smtp_server: MakeServer, tmp_path: Path) -> No
         assert mailer.skipped == 3
     assert [r.recipient for r in second] == ["d@example.org"]
     assert sorted(m.rcpt_tos[0] for m in server.messages) == [
-        "a@example.org", "c@example.org", "d@example.org"]
+        "a@example.org",
+        "c@example.org",
+        "d@example.org",
+    ]
 
 
 async def test_resume_marks_a_dot_without_result_unknown(
-    smtp_server: MakeServer, tmp_path: Path,
+    smtp_server: MakeServer,
+    tmp_path: Path,
 ) -> None:
     server = smtp_server()
     journal = tmp_path / "run.jsonl"
     journal.write_text(
         json.dumps({"event": "dot", "key": "a@example.org", "recipient": "a@example.org"})
-        + "\n" + '{"event": "result", "key": "b@exa'  # torn by a kill
+        + "\n"
+        + '{"event": "result", "key": "b@exa'  # torn by a kill
     )
     async with asmtp.Mailer(relay_to(server), journal=str(journal), resume=True) as mailer:
         report = await mailer.send(message(), recipients=["a@example.org", "b@example.org"])
     assert [(r.recipient, r.status) for r in report] == [
-        ("a@example.org", "unknown"), ("b@example.org", "delivered")]
+        ("a@example.org", "unknown"),
+        ("b@example.org", "delivered"),
+    ]
     assert [m.rcpt_tos for m in server.messages] == [["b@example.org"]]
 
 
@@ -206,7 +215,9 @@ async def test_bad_job_gets_an_input_result(smtp_server: MakeServer) -> None:
         results = {r.recipient: r async for r in mailer.deliver(jobs)}
     assert results["ok@example.org"].status == "delivered"
     assert (results["not an address"].status, results["not an address"].stage) == (
-        "permanent", "input")
+        "permanent",
+        "input",
+    )
 
 
 async def test_stop_takes_no_new_jobs(smtp_server: MakeServer) -> None:
@@ -242,8 +253,7 @@ def test_rates_parse() -> None:
 
 
 def test_retry_policy_is_a_pure_function_of_the_result() -> None:
-    policy = asmtp.Retry(attempts=4, backoff=2, multiplier=3, max_backoff=10, jitter=0,
-                         deadline=30)
+    policy = asmtp.Retry(attempts=4, backoff=2, multiplier=3, max_backoff=10, jitter=0, deadline=30)
     transient = asmtp.RecipientResult("a@example.org", "transient", stage="mail")
     unknown = asmtp.RecipientResult("a@example.org", "unknown")
     permanent = asmtp.RecipientResult("a@example.org", "permanent", stage="rcpt")

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from email.message import EmailMessage
 
 import anyio
-from servers import SMTPTestServer, free_port
 
 import asmtp
+from servers import SMTPTestServer, free_port
 
 MakeServer = Callable[..., SMTPTestServer]
 
@@ -25,12 +25,14 @@ def note(n: int) -> EmailMessage:
 
 
 async def test_many_concurrent_sends_share_few_authenticated_sessions(
-    smtp_server: MakeServer, tls_server_context: ssl.SSLContext,
+    smtp_server: MakeServer,
+    tls_server_context: ssl.SSLContext,
     tls_client_context: ssl.SSLContext,
 ) -> None:
     server = smtp_server(starttls_context=tls_server_context, auth={"app": "pw"})
-    relay = asmtp.Relay("localhost", server.port, username="app", password="pw",
-                        ssl_context=tls_client_context)
+    relay = asmtp.Relay(
+        "localhost", server.port, username="app", password="pw", ssl_context=tls_client_context
+    )
     results: dict[int, asmtp.Report] = {}
     async with asmtp.Mailer(relay, pool=asmtp.Pool(max_connections=4)) as mailer:
 

@@ -4,10 +4,13 @@ every other brace alone. Pure functions of text: no servers."""
 
 from __future__ import annotations
 
+import doctest
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import asmtp.recipients
 from asmtp import InputError
 from asmtp.recipients import (
     BadRow,
@@ -247,3 +250,8 @@ def test_a_missing_value_leaves_the_placeholder() -> None:
 @given(st.text(alphabet="{}ab xy:;", max_size=40))
 def test_text_without_column_names_is_unchanged(text: str) -> None:
     assert Placeholders(["first"]).fill(text, {"first": "Ann"}) == text
+
+
+def test_docstring_examples() -> None:
+    failures, tried = doctest.testmod(asmtp.recipients)
+    assert tried > 0 and failures == 0

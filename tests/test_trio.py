@@ -103,9 +103,11 @@ def test_whole_exchange_delivers(smtp_server: MakeServer) -> None:
             assert conn.tls_version is None
             await greet_and_ehlo(conn)
             await send_one(conn, "sender@example.com", ["ann@example.org", "bob@example.net"])
+            assert not conn.closed
             assert await command(conn, proto.quit()) == 221
             assert proto.closed
             conn.close()
+            assert conn.closed
             assert not conn.reset_by_peer
             with pytest.raises(ConnectionLostError):
                 conn.write(b"NOOP\r\n")
@@ -270,6 +272,30 @@ def test_server_closing_is_connection_lost(fault_server: MakeFault) -> None:
             assert proto.closed
             with pytest.raises(ConnectionLostError):
                 await conn.drain()
+
+    run_trio(exchange)
+
+
+def test_server_leaving_an_idle_connection_shows_in_closed(fault_server: MakeFault) -> None:
+    # 421 then the server closes (RFC 5321 3.8), while the client reads nothing.
+    server = fault_server(ehlo="reply:421 4.3.2 shutting down")
+
+    async def exchange() -> None:
+        proto = ClientProtocol()
+        async with connection(proto, *server.address) as conn:
+            assert (await conn.read_reply()).code == 220
+            conn.step(TIMEOUT)
+            conn.write(proto.ehlo(HELO))
+            await conn.drain()
+            for _ in range(500):  # up to ~5 s: the poll is a question, not a wait
+                if conn.closed:
+                    break
+                await trio.sleep(0.01)
+            assert conn.closed, "the server's close went unnoticed"
+            # The reply that came before the close is still there to read.
+            reply = await conn.read_reply()
+            assert reply.code == 421
+            assert proto.closed
 
     run_trio(exchange)
 

@@ -41,8 +41,9 @@ async def built_message() -> asmtp.Report:
     async def token() -> str:
         return "oauth2-access-token"
 
-    relay = asmtp.Relay("smtp.example.com", 465, username="a@example.com", password=token,
-                        auth_mechanism="XOAUTH2")
+    relay = asmtp.Relay(
+        "smtp.example.com", 465, username="a@example.com", password=token, auth_mechanism="XOAUTH2"
+    )
     return await asmtp.send(msg, relay=relay, timeout=asmtp.Timeouts.rfc5321())
 
 

@@ -52,6 +52,8 @@ from .results import Attempt, RecipientResult, Report
 from .retry import Rate, Retry
 
 __all__ = (
+    "DKIM",
+    "DSN",
     "Attempt",
     "AuthUnavailableError",
     "AuthenticationError",
@@ -60,8 +62,6 @@ __all__ = (
     "ConnectError",
     "ConnectedSession",
     "ConnectionLostError",
-    "DKIM",
-    "DSN",
     "Direct",
     "InputError",
     "Job",

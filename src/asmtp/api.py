@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from email.message import EmailMessage
@@ -24,7 +23,7 @@ from .dispatch import Job, deliver_one, run_pool
 from .errors import InputError
 from .message import Attachment, build_message, prepare_envelope
 from .results import RecipientResult, Report
-from .session import Endpoint, Session, default_helo
+from .session import Endpoint, Session, default_helo, enable_debug
 
 __all__ = ["connect", "send", "sendmail"]
 
@@ -206,16 +205,6 @@ class ConnectedSession:
     async def noop(self) -> None:
         """Check the session is alive (raises an :class:`~asmtp.errors.SMTPError` if not)."""
         await self._session.noop()
-
-
-def enable_debug() -> None:
-    """Show the transcript (``debug=True``): the ``asmtp`` logger at DEBUG to stderr,
-    unless the application configured handlers of its own."""
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s asmtp %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
 
 
 def format_log_line(result: RecipientResult, *, when: float | None = None) -> str:

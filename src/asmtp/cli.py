@@ -4,6 +4,14 @@ for a domain would go) and ``asmtp demo`` (try it on a local server). Owns turni
 command-line options into the public API's settings, and results into tables and JSON
 Lines. Layer 5: uses the public API only.
 
+Bulk sending (``asmtp send --recipients FILE``, or any of --journal, --resume, --rate,
+--retries, ...) goes through :class:`asmtp.Mailer`: every recipient gets a message
+addressed to them alone (rendered per recipient when a CSV file's ``{column}``
+placeholders are used; see :mod:`asmtp.recipients`), results come as they complete
+(JSON Lines with ``--json``), a progress bar and a summary table go to stderr. The whole
+file is checked before anything is sent. The first Ctrl-C takes no new recipients and
+lets the sessions in flight finish (the journal stays complete); a second stops at once.
+
 Exit status: 0 every recipient delivered (``mx``: every domain resolved); 1 any recipient
 not delivered, "unknown" included (``mx``: any domain did not resolve); 2 bad usage or
 bad input (nothing sent, no connection made); 130 interrupted.
@@ -33,7 +41,7 @@ import anyio
 
 from . import __version__
 from .address import check_header, check_mailbox, parse_address_list
-from .api import enable_debug, format_log_line, sendmail
+from .api import format_log_line, sendmail
 from .config import DSN, TLS_MODES, Direct, Relay, TLSMode
 from .errors import InputError, ResolveError, SMTPError
 from .mailer import Job, Mailer
@@ -48,6 +56,7 @@ from .recipients import BadRow, Recipient, RecipientList, address_key, parse_rec
 from .resolver import MXHost, MXResolver
 from .results import RecipientResult, Report
 from .retry import Rate, Retry
+from .session import enable_debug
 
 __all__ = [
     "EXIT_FAILED",
@@ -281,7 +290,8 @@ def _add_send(sub: Any) -> None:
 
     bulk = send.add_argument_group(
         "bulk sending",
-        "Used with --recipients; with --to, any of these sends through the same engine.",
+        "Used with --recipients; with --to, any of these sends through the same engine "
+        "(results as they complete, a summary on stderr).",
     )
     bulk.add_argument(
         "--journal",
@@ -790,23 +800,24 @@ def _try_template(flag: str, template: str) -> str:
 
 
 def _check_journal(path: Path, *, resume: bool) -> None:
-    """A journal of an earlier run is continued with --resume, never sent over again."""
-    try:
-        used = path.stat().st_size > 0
-    except FileNotFoundError:
-        used = False
-    except OSError as exc:
-        raise InputError(f"--journal: cannot use {str(path)!r}: {exc.strerror}") from exc
-    if used and not resume:
-        raise InputError(
-            f"--journal: {str(path)!r} holds an earlier run; pass --resume to continue it "
-            "(recipients done are skipped), or give a new file"
-        )
-    try:
-        with path.open("a", encoding="utf-8"):
-            pass
-    except OSError as exc:
-        raise InputError(f"--journal: cannot write {str(path)!r}: {exc.strerror}") from exc
+    """A journal of an earlier run is continued with --resume, never sent over again.
+    Checked without creating the file: a run refused for bad input leaves none behind."""
+    if path.is_dir():
+        raise InputError(f"--journal: {str(path)!r} is a folder, not a file")
+    if path.exists():
+        if path.stat().st_size > 0 and not resume:
+            raise InputError(
+                f"--journal: {str(path)!r} holds an earlier run; pass --resume to continue "
+                "it (recipients done are skipped), or give a new file"
+            )
+        writable = os.access(path, os.W_OK)
+    else:
+        folder = path.parent
+        if not folder.is_dir():
+            raise InputError(f"--journal: no folder {str(folder)!r}")
+        writable = os.access(folder, os.W_OK)
+    if not writable:
+        raise InputError(f"--journal: cannot write {str(path)!r} (permission denied)")
 
 
 def _cmd_bulk(args: argparse.Namespace) -> int:
@@ -872,7 +883,7 @@ async def _deliver_bulk(plan: _BulkPlan, run: _BulkRun) -> None:
         with scope:
             async with Mailer(**plan.mailer) as mailer:
                 run.started()
-                async for result in mailer.deliver(plan.jobs()):
+                async for result in mailer.deliver(run.counted(plan.jobs())):
                     run.add(result, mailer.skipped)
     finally:
         if mailer is not None:
@@ -893,6 +904,7 @@ class _BulkRun:
         self.log: IO[str] | None = None
         self.progress: _ProgressBar | None = None
         self.interrupts = 0
+        self.taken = 0
         self.done = 0
         self.skipped = 0
         self.statuses: Counter[str] = Counter()
@@ -903,6 +915,12 @@ class _BulkRun:
 
     def started(self) -> None:
         self._began = time.monotonic()
+
+    def counted(self, jobs: Iterator[Job]) -> Iterator[Job]:
+        """``jobs``, counting those the Mailer took (all but the not attempted)."""
+        for job in jobs:
+            self.taken += 1
+            yield job
 
     def add(self, result: RecipientResult, skipped: int) -> None:
         self.done += 1
@@ -946,8 +964,23 @@ class _BulkRun:
             print(text, file=sys.stderr, flush=True)
 
     @property
+    def hard_stopped(self) -> bool:
+        return self.interrupts >= 2
+
+    @property
     def not_attempted(self) -> int:
+        # After a graceful stop the Mailer gives no result for jobs it had taken but
+        # not yet started: those were not attempted either.
+        if self.hard_stopped:
+            return self.plan.total - self.taken
         return max(0, self.plan.total - self.done - self.skipped)
+
+    @property
+    def cut_off(self) -> int:
+        """Taken but without a result: under way when a second Ctrl-C stopped the run."""
+        if not self.hard_stopped:
+            return 0
+        return max(0, self.taken - self.done - self.skipped)
 
     def print_summary(self) -> None:
         """The summary table on stderr: outcomes by status and reply."""
@@ -965,16 +998,25 @@ class _BulkRun:
             self.rows.items(), key=lambda item: (order.get(item[0][0], 9), -item[1])
         ):
             table.add_row(Text(status, style=_COLOURS.get(status, "")), Text(reply), str(count))
+        how = "interrupted" if self.interrupts else "the run broke off"
+        if self.cut_off:
+            table.add_row(
+                "unfinished",
+                f"{how}; a --resume run sends them (unknown if the dot went out)",
+                str(self.cut_off),
+            )
         if self.not_attempted:
-            why = "interrupted: a --resume run does them" if self.interrupts else ""
-            table.add_row("not attempted", why, str(self.not_attempted))
+            table.add_row(
+                "not attempted", f"{how}: a --resume run does them", str(self.not_attempted)
+            )
         if self.skipped:
             table.add_row("skipped", "already done per journal", str(self.skipped))
         if self.plan.duplicates:
             table.add_row("duplicates", "sent once", str(self.plan.duplicates))
         rate = self.done / elapsed if elapsed > 0 else 0.0
         counts = ", ".join(f"{self.statuses[s]} {s}" for s in _STATUSES if self.statuses[s])
-        line = f"{self.plan.total} recipients: {counts or 'none sent'} ({elapsed:.2f} s"
+        n = self.plan.total
+        line = f"{n} recipient{'s' if n != 1 else ''}: {counts or 'none sent'} ({elapsed:.2f} s"
         line += f", {rate:.1f}/s)" if self.done else ")"
         console = Console(file=sys.stderr, highlight=False, soft_wrap=False)
         console.print(table)
@@ -1015,8 +1057,7 @@ class _ProgressBar:
 
         self.console = Console(file=sys.stderr, force_terminal=True if forced else None)
         self._progress = Progress(
-            TextColumn("sending"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             RateColumn(),
             TimeRemainingColumn(),
@@ -1029,7 +1070,11 @@ class _ProgressBar:
         self._progress.start()
 
     def update(self, run: _BulkRun) -> None:
-        counts = " ".join(f"[{_COLOURS[s]}]{run.statuses[s]} {s}[/]" for s in _STATUSES)
+        counts = " ".join(
+            f"[{_COLOURS[s]}]{run.statuses[s]} {s}[/]"
+            for s in _STATUSES
+            if run.statuses[s] or s == "delivered"
+        )
         self._progress.update(self._task, completed=run.done + run.skipped, counts=counts)
 
     def stop(self, run: _BulkRun) -> None:

@@ -4,26 +4,34 @@
 Owns walking the MX hosts and their addresses (with a cap), deciding after each try
 whether the next address may still succeed (:func:`next_address_may_help`, a pure
 function of the result), opportunistic TLS with a fall-back to an unverified session,
-the per-domain cap on sessions, and batching recipients of one domain.
+the per-domain cap on sessions, and batching and ordering the sessions
+(:func:`plan_jobs`).
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import itertools
 import ssl
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import anyio
 
 from .address import domain_of
-from .config import Direct, Timeouts
+from .config import Direct, Timeouts, TLSMode
 from .dispatch import run_session
-from .errors import CertificateError, ResolveError
+from .errors import (
+    CertificateError,
+    ResolveError,
+    SMTPError,
+    SMTPTimeoutError,
+    TemporaryResolveError,
+)
 from .message import PreparedMessage
 from .resolver import MXHost, MXResolver
 from .results import Attempt, RecipientResult, result_from_error
-from .session import Endpoint, default_ssl_context
+from .session import NO_EXTRAS, Endpoint, Extras, default_ssl_context
 
 __all__ = ["DirectDelivery", "next_address_may_help", "plan_jobs"]
 
@@ -49,15 +57,28 @@ def next_address_may_help(result: RecipientResult) -> bool:
 
 
 def plan_jobs(recipients: Sequence[str], settings: Direct) -> list[list[int]]:
-    """Group recipient indexes into sessions: one each, or with ``batch_per_domain``,
-    up to ``max_rcpts_per_transaction`` of one domain per session."""
-    if not settings.batch_per_domain:
-        return [[i] for i in range(len(recipients))]
-    by_domain: dict[str, list[int]] = {}
+    """Group recipient indexes into sessions, in the order to run them.
+
+    One recipient per session, or with ``batch_per_domain`` up to
+    ``max_rcpts_per_transaction`` of one domain per session. The sessions of the
+    different domains take turns: the pool starts jobs in list order, and a list
+    opening with one busy domain would leave every worker waiting for that domain's
+    ``per_domain`` cap while the other domains' mail sat behind it.
+
+    >>> plan_jobs(["a@x.test", "b@x.test", "c@X.test", "d@y.test"], Direct())
+    [[0], [3], [1], [2]]
+    >>> plan_jobs(["a@x.test", "b@y.test", "c@x.test"], Direct(batch_per_domain=True))
+    [[0, 2], [1]]
+    """
+    size = settings.max_rcpts_per_transaction if settings.batch_per_domain else 1
+    by_domain: dict[str, list[list[int]]] = {}
     for i, rcpt in enumerate(recipients):
-        by_domain.setdefault(domain_of(rcpt), []).append(i)
-    size = settings.max_rcpts_per_transaction
-    return [group[k : k + size] for group in by_domain.values() for k in range(0, len(group), size)]
+        jobs = by_domain.setdefault(domain_of(rcpt), [])
+        if not jobs or len(jobs[-1]) >= size:
+            jobs.append([])
+        jobs[-1].append(i)
+    turns = itertools.zip_longest(*by_domain.values())
+    return [job for turn in turns for job in turn if job is not None]
 
 
 def _unverified_context() -> ssl.SSLContext:
@@ -94,94 +115,166 @@ class DirectDelivery:
         return sem
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], message: PreparedMessage
-    ) -> list[RecipientResult]:
-        """Deliver to recipients of one domain; one result each, in order."""
-        t0 = asyncio.get_running_loop().time()
-        domain = domain_of(recipients[0])
-        try:
-            hosts = await self.resolver.resolve(domain)
-        except ResolveError as exc:
-            elapsed = asyncio.get_running_loop().time() - t0
-            return [result_from_error(r, exc, host=None, elapsed=elapsed) for r in recipients]
-        async with self._limit(domain):
-            return await self._walk(hosts, sender, recipients, message, t0)
-
-    async def _walk(
         self,
-        hosts: list[MXHost],
         sender: str,
         recipients: Sequence[str],
         message: PreparedMessage,
-        t0: float,
+        *,
+        extras: Extras = NO_EXTRAS,
+        deadline: float | None = None,
     ) -> list[RecipientResult]:
-        settings = self.settings
+        """Deliver to recipients of one domain; one result each, in order.
+
+        Each result carries every attempt in ``tried``; one that ran out of addresses
+        is the last failure, made transient when an earlier attempt failed only for
+        now (a 5xx greeting from a backup while the primary is down is no bounce).
+        ``deadline`` (event loop time) bounds the lookup, the wait for the domain's
+        session cap and every session; no new address is tried once it has passed.
+        """
+        job = _Job(sender, message, extras, deadline, anyio.current_time())
+        domain = domain_of(recipients[0])
+        try:
+            with _until(deadline):
+                hosts = await self.resolver.resolve(domain)
+        except ResolveError as exc:
+            return job.failed(recipients, exc, host=None)
+        except TimeoutError:
+            late = TemporaryResolveError(
+                f"{domain}: the recipient's deadline passed during the MX lookup",
+                domain=domain,
+                permanent=False,
+                enhanced_status="4.4.3",
+            )
+            return job.failed(recipients, late, host=None)
+        limit = self._limit(domain)
+        try:
+            with _until(deadline):
+                await limit.acquire()
+        except TimeoutError:
+            waited = SMTPTimeoutError(
+                f"the recipient's deadline passed waiting for a session to {domain} "
+                f"(per_domain={self.settings.per_domain})",
+                stage="connect",
+            )
+            return job.failed(recipients, waited, host=hosts[0].name)
+        try:
+            return await self._walk(hosts, recipients, job)
+        finally:
+            limit.release()
+
+    async def _walk(
+        self, hosts: list[MXHost], recipients: Sequence[str], job: _Job
+    ) -> list[RecipientResult]:
         tried: dict[str, list[Attempt]] = {r: [] for r in recipients}
         final: dict[str, RecipientResult] = {}
+        # recipients that met a temporary failure somewhere: a later try may get through
+        deferred: set[str] = set()
         pending = list(recipients)
-        budget = settings.max_addresses
+        budget = self.settings.max_addresses
         last: list[RecipientResult] = []
         for host in hosts:
             for address in host.addresses:
                 if budget <= 0 or not pending:
                     break
+                if last and job.deadline is not None and anyio.current_time() >= job.deadline:
+                    break
                 budget -= 1
-                last = await self._try(host.name, address, sender, pending, message, t0)
+                sessions = await self._try(host.name, address, pending, job)
+                for results in sessions:
+                    for result in results:
+                        tried[result.recipient].append(
+                            Attempt(host.name, address, result.stage, result.code, result.message)
+                        )
+                last = sessions[-1]
                 for result in last:
-                    tried[result.recipient].append(
-                        Attempt(host.name, address, result.stage, result.code, result.message)
-                    )
                     if not next_address_may_help(result):
                         final[result.recipient] = result
+                    elif result.status == "transient":
+                        deferred.add(result.recipient)
                 pending = [r for r in pending if r not in final]
         for result in last:  # out of addresses: the last failure stands
-            final.setdefault(result.recipient, result)
+            if result.recipient not in final:
+                if result.status == "permanent" and result.recipient in deferred:
+                    # e.g. the primary unreachable, the backup refusing at greeting:
+                    # not a reason to give up on the recipient for good
+                    result = replace(result, status="transient")
+                final[result.recipient] = result
         return [_with_tried(final[r], tried[r]) for r in recipients]
 
     async def _try(
+        self, host: str, address: str, recipients: Sequence[str], job: _Job
+    ) -> list[list[RecipientResult]]:
+        """One try at one address: the results of each session it took (two when a
+        certificate that does not verify is retried without verification)."""
+        settings = self.settings
+        results, error = await self._session(
+            host, address, recipients, job, settings.tls, self._context
+        )
+        sessions = [results]
+        if isinstance(error, CertificateError) and self._fallback is not None:
+            # Opportunistic TLS (RFC 7435): a certificate that does not verify still
+            # beats plaintext. Connect again, encrypt without verifying, and say so.
+            results, _ = await self._session(
+                host, address, recipients, job, "opportunistic", self._fallback
+            )
+            sessions.append(results)
+        return sessions
+
+    async def _session(
         self,
         host: str,
         address: str,
-        sender: str,
         recipients: Sequence[str],
-        message: PreparedMessage,
-        t0: float,
-    ) -> list[RecipientResult]:
+        job: _Job,
+        tls: TLSMode,
+        context: ssl.SSLContext | None,
+    ) -> tuple[list[RecipientResult], SMTPError | None]:
         settings = self.settings
         endpoint = Endpoint(
             host=host,
             port=settings.port,
             helo=self.helo,
-            tls=settings.tls,
-            ssl_context=self._context,
+            tls=tls,
+            ssl_context=context,
             addresses=(address,),
             source_address=settings.source_address,
         )
-        results, error = await run_session(
-            endpoint, self.timeouts, sender, recipients, message, debug=self.debug, started=t0
+        return await run_session(
+            endpoint,
+            self.timeouts,
+            job.sender,
+            recipients,
+            job.message,
+            debug=self.debug,
+            started=job.started,
+            extras=job.extras,
+            deadline=job.deadline,
         )
-        if isinstance(error, CertificateError) and self._fallback is not None:
-            # Opportunistic TLS (RFC 7435): a certificate that does not verify still
-            # beats plaintext. Connect again, encrypt without verifying, and say so.
-            fallback = Endpoint(
-                host=host,
-                port=settings.port,
-                helo=self.helo,
-                tls="opportunistic",
-                ssl_context=self._fallback,
-                addresses=(address,),
-                source_address=settings.source_address,
-            )
-            results, _ = await run_session(
-                fallback,
-                self.timeouts,
-                sender,
-                recipients,
-                message,
-                debug=self.debug,
-                started=t0,
-            )
-        return results
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What every session of one :meth:`DirectDelivery.deliver` call shares (times
+    are event loop time, as :func:`anyio.current_time` gives it)."""
+
+    sender: str
+    message: PreparedMessage
+    extras: Extras
+    deadline: float | None
+    started: float
+
+    def failed(
+        self, recipients: Sequence[str], error: SMTPError, *, host: str | None
+    ) -> list[RecipientResult]:
+        elapsed = anyio.current_time() - self.started
+        return [result_from_error(r, error, host=host, elapsed=elapsed) for r in recipients]
+
+
+def _until(deadline: float | None) -> contextlib.AbstractContextManager[object]:
+    """A scope raising TimeoutError at ``deadline`` (event loop time), or no limit."""
+    if deadline is None:
+        return contextlib.nullcontext()
+    return anyio.fail_after(max(0.0, deadline - anyio.current_time()))
 
 
 def _with_tried(result: RecipientResult, tried: list[Attempt]) -> RecipientResult:

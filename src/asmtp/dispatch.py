@@ -9,7 +9,6 @@ every session in flight and re-raises, with no result made up.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -70,8 +69,7 @@ async def run_session(
     transaction), then QUIT. Returns the results, in ``recipients`` order, and the
     error that ended the session early, if one did. ``deadline`` (event loop time)
     cuts the whole session short."""
-    loop = asyncio.get_running_loop()
-    t0 = loop.time() if started is None else started
+    t0 = anyio.current_time() if started is None else started
     session = Session(endpoint, timeouts, debug=debug)
     final: dict[str, RecipientResult] = {}
 
@@ -91,7 +89,7 @@ async def run_session(
         if deadline is None:
             await body()
         else:
-            with anyio.fail_after(max(0.0, deadline - loop.time())):
+            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                 await body()
     except (SMTPError, TimeoutError) as exc:
         session.abort()
@@ -100,7 +98,7 @@ async def run_session(
             if isinstance(exc, SMTPError)
             else SMTPTimeoutError("the recipient's deadline passed", stage=session.stage)
         )
-        elapsed = loop.time() - t0
+        elapsed = anyio.current_time() - t0
         for rcpt in recipients:
             if rcpt not in final:
                 final[rcpt] = result_from_error(
@@ -115,7 +113,7 @@ async def run_session(
     except Exception as exc:  # a bug in asmtp must not cost other recipients theirs
         session.abort()
         logger.exception("asmtp internal error while delivering to %s", ", ".join(recipients))
-        elapsed = loop.time() - t0
+        elapsed = anyio.current_time() - t0
         status = "unknown" if session.dot_sent else "transient"
         for rcpt in recipients:
             final.setdefault(

@@ -50,22 +50,21 @@ def read_journal(path: str | os.PathLike[str]) -> dict[str, JournalEntry]:
     it) is ignored: its step had not gone ahead, since each step waits for its line."""
     entries: dict[str, JournalEntry] = {}
     try:
-        f = Path(path).open(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return entries
-    with f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(record, dict) or "key" not in record:
-                continue
-            event = record.get("event")
-            if event not in ("dot", "result"):
-                continue
-            status = record.get("status") if event == "result" else None
-            entries[journal_key(record["key"])] = JournalEntry(event, status, record)
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or "key" not in record:
+            continue
+        event = record.get("event")
+        if event not in ("dot", "result"):
+            continue
+        status = record.get("status") if event == "result" else None
+        entries[journal_key(record["key"])] = JournalEntry(event, status, record)
     return entries
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import string
 import types
+import urllib.parse
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -31,8 +33,8 @@ import anyio.abc
 from .address import check_mailbox, domain_of
 from .config import DSN, Direct, Relay, Timeouts, TimeoutSpec
 from .direct import DirectDelivery
-from .dkim import DKIM
 from .dispatch import run_session
+from .dkim import DKIM
 from .errors import InputError, SMTPError
 from .journal import Journal, JournalEntry, journal_key, read_journal
 from .message import (
@@ -45,7 +47,7 @@ from .message import (
 from .pool import Pool, SessionPool
 from .results import RecipientResult, Report, result_from_error
 from .retry import Rate, Retry, TokenBucket
-from .session import Endpoint, Extras, default_helo
+from .session import Endpoint, Extras, default_helo, enable_debug
 
 __all__ = ["Job", "Mailer"]
 
@@ -121,6 +123,10 @@ class Mailer:
             raise InputError("resume=True needs a journal")
         if recipient_deadline is not None and recipient_deadline <= 0:
             raise InputError("recipient_deadline must be positive seconds")
+        if unsubscribe is not None:
+            _check_template("unsubscribe", unsubscribe, {"recipient", "token"})
+        if verp is not None:
+            _check_template("verp", verp, {"token"})
         if verp is not None and "{token}" not in verp:
             raise InputError("verp must contain {token}, e.g. bounces+{token}@example.com")
         self.relay: Relay | Direct = relay if relay is not None else Direct()
@@ -142,6 +148,8 @@ class Mailer:
         self.verp = verp
         self.dkim = dkim
         self.debug = debug
+        if debug:
+            enable_debug()
         #: recipients skipped because the journal shows them done (resume)
         self.skipped = 0
         self._stopping = False
@@ -301,7 +309,10 @@ class Mailer:
                     key=job.key,
                 )
             else:
-                result = await self._with_retries(job, key, sender, recipient, prepared)
+                tried = await self._with_retries(job, key, sender, recipient, prepared)
+                if tried is None:
+                    return None
+                result = tried
         except Exception as exc:  # a bug must not cost the other jobs their results
             logger.exception("asmtp internal error on job %r", key)
             result = RecipientResult(
@@ -334,7 +345,10 @@ class Mailer:
         message = self._prepare_cached(message)
         if self.unsubscribe is not None:
             # Per-recipient headers, then the signature over exactly these bytes.
-            url = self.unsubscribe.format(recipient=recipient, token=_token(recipient))
+            url = self.unsubscribe.format(
+                recipient=urllib.parse.quote(recipient, safe="@"),
+                token=urllib.parse.quote(_token(recipient), safe="@="),
+            )
             message = with_headers(
                 message,
                 [
@@ -367,7 +381,9 @@ class Mailer:
 
     async def _with_retries(
         self, job: Job, key: Any, sender: str, recipient: str, prepared: PreparedMessage
-    ) -> RecipientResult:
+    ) -> RecipientResult | None:
+        """Try, and retry transient failures; None when the mailer stopped before the
+        first try."""
         start = anyio.current_time()
         deadline = start + self.recipient_deadline if self.recipient_deadline else None
         journal = self._journal
@@ -379,19 +395,27 @@ class Mailer:
 
         extras = Extras(dsn=self.dsn, before_dot=before_dot if journal is not None else None)
         tries = 0
+        result: RecipientResult | None = None
         while True:
             await self._throttle(recipient)
-            tries += 1
             async with self._limiter:
+                if self._stopping:
+                    # Stopped while this job waited for its turn: it was not attempted
+                    # (or keeps its last result); a resumed run takes it from here.
+                    break
+                tries += 1
                 result = await self._attempt(sender, recipient, prepared, extras, deadline)
             elapsed = anyio.current_time() - start
             wait = self.retry.next_delay(result, tries, elapsed)
             if wait is not None and deadline is not None and start + elapsed + wait >= deadline:
                 wait = None
             if wait is None or self._stopping:
-                return replace(result, key=job.key, attempts=tries, elapsed=elapsed)
+                break
             logger.info("retrying %s in %.1f s after: %s", recipient, wait, result.message)
             await anyio.sleep(wait)
+        if result is None:
+            return None
+        return replace(result, key=job.key, attempts=tries, elapsed=anyio.current_time() - start)
 
     async def _attempt(
         self,
@@ -518,6 +542,16 @@ class _JobSource:
         elif not isinstance(job, Job):
             raise InputError(f"deliver() takes asmtp.Job items, not {type(job).__name__}")
         return job
+
+
+def _check_template(what: str, template: str, allowed: set[str]) -> None:
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise InputError(f"{what} template {template!r}: {exc}") from exc
+    if not fields <= allowed:
+        names = ", ".join("{" + n + "}" for n in sorted(allowed))
+        raise InputError(f"{what} template {template!r} may only use {names}")
 
 
 def _token(recipient: str) -> str:

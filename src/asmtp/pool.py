@@ -48,7 +48,7 @@ class Pool:
 class PooledSession:
     """A session on loan from the pool, with its bookkeeping."""
 
-    __slots__ = ("session", "created", "last_used", "messages")
+    __slots__ = ("created", "last_used", "messages", "session")
 
     def __init__(self, session: Session, now: float) -> None:
         self.session = session

@@ -9,13 +9,16 @@ failure is classified. The bytes and the rules of the exchange stay in
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+
+import anyio
+import anyio.to_thread
 
 from .config import DSN, Password, Relay, Timeouts, TLSMode
 from .errors import (
@@ -36,7 +39,14 @@ from .results import RecipientResult, TLSState, result_from_error
 from .sasl import choose_mechanism, make_mechanism
 from .transport import Connection, open_connection
 
-__all__ = ["Endpoint", "Extras", "Session", "default_helo", "default_ssl_context"]
+__all__ = [
+    "Endpoint",
+    "Extras",
+    "Session",
+    "default_helo",
+    "default_ssl_context",
+    "enable_debug",
+]
 
 logger = logging.getLogger("asmtp")
 
@@ -54,12 +64,22 @@ def default_ssl_context() -> ssl.SSLContext:
     return _default_context
 
 
+def enable_debug() -> None:
+    """Show the transcript (``debug=True``): the ``asmtp`` logger at DEBUG to stderr,
+    unless the application configured handlers of its own."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s asmtp %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
 async def default_helo() -> str:
     """The machine's fully qualified name for EHLO, looked up once in a worker thread
     (``getfqdn`` may block on DNS) and never on the event loop."""
     global _fqdn
     if _fqdn is None:
-        name = await asyncio.get_running_loop().run_in_executor(None, socket.getfqdn)
+        name = await anyio.to_thread.run_sync(socket.getfqdn)
         ok = name and "." in name and all(c.isalnum() or c in "-." for c in name)
         _fqdn = name if ok else "localhost.localdomain"
     return _fqdn
@@ -130,7 +150,7 @@ async def _addresses(host: str, port: int) -> tuple[str, ...]:
     except OSError:
         pass
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError:
         return ()
     seen: dict[str, None] = {}
@@ -273,9 +293,9 @@ class Session:
             return
         reply = await self._command(self.proto.starttls(), self.timeouts.command)
         if reply.code != 220:
-            if ep.tls == "starttls" or reply.code == 421:
-                raise _reply_error(reply, "starttls")
-            return  # opportunistic: carry on in plaintext
+            # Offered but refused: even opportunistic TLS does not carry on in the clear
+            # (plaintext only when STARTTLS is not offered); the next host may do better.
+            raise _reply_error(reply, "starttls")
         assert self._conn is not None and ep.ssl_context is not None
         self._conn.step(self.timeouts.command)
         await self._conn.start_tls(ep.ssl_context, ep.host)
@@ -332,9 +352,7 @@ class Session:
             params.append("BODY=8BITMIME")
         # Addresses are normalized (IDN domains in ASCII) by now: only a UTF-8
         # local part is left to need SMTPUTF8.
-        utf8 = (
-            message.smtputf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
-        )
+        utf8 = message.smtputf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
         if utf8:
             if not caps.smtputf8:
                 raise MessageRejectedError(
@@ -475,20 +493,19 @@ class Session:
         """One transaction, one result per recipient, whatever happens (a session
         that fails leaves its recipients with a transient, permanent or unknown
         result, never without one)."""
-        loop = asyncio.get_running_loop()
-        t0 = loop.time() if started is None else started
+        t0 = anyio.current_time() if started is None else started
         host = self.endpoint.host
         try:
             refused, final = await self.transaction(sender, recipients, message, extras=extras)
         except SMTPError as exc:
-            elapsed = loop.time() - t0
+            elapsed = anyio.current_time() - t0
             return [
                 result_from_error(
                     r, exc, host=host, tls=self.tls, elapsed=elapsed, dot_sent=self.dot_sent
                 )
                 for r in recipients
             ]
-        elapsed = loop.time() - t0
+        elapsed = anyio.current_time() - t0
         results = []
         for rcpt in recipients:
             reply = refused.get(rcpt)
@@ -528,7 +545,7 @@ class Session:
         except SMTPError:
             pass
         finally:
-            conn.close()
+            await conn.aclose()
 
     def abort(self) -> None:
         """Close at once, without QUIT (errors, cancellation)."""

@@ -53,6 +53,7 @@ class Connection(asyncio.BufferedProtocol):
         self._lost_exc: BaseException | None = None
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._close_waiter: asyncio.Future[None] | None = None
         self._deadline = float("inf")
         self._timeout: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -92,9 +93,9 @@ class Connection(asyncio.BufferedProtocol):
             self._lost_exc = exc
             self.proto.receive_data(b"")
         self._wake()
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        for waiter in (self._drain_waiter, self._close_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         self._cancel_timer()
 
     def pause_writing(self) -> None:
@@ -245,6 +246,21 @@ class Connection(asyncio.BufferedProtocol):
     def peer(self) -> str | None:
         info = self._transport.get_extra_info("peername") if self._transport else None
         return str(info[0]) if info else None
+
+    async def aclose(self, timeout: float = 1.0) -> None:
+        """Close and, over TLS, wait (at most ``timeout``) until the close_notify
+        exchange is over and the socket is really closed, so that nothing is left
+        behind when the event loop ends right after a send."""
+        self.close()
+        if self._lost or not self.proto.tls:
+            return
+        waiter = self._close_waiter = self._loop.create_future()
+        handle = self._loop.call_later(timeout, self.abort)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._close_waiter = None
 
     def close(self) -> None:
         self._cancel_timer()

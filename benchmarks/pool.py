@@ -1,0 +1,940 @@
+"""Pooled-session benchmark: one long-lived Mailer serving many small sends, as a web
+service does, against a local relay that requires STARTTLS and AUTH.
+
+This file owns the whole benchmark: the relay (aiosmtpd with STARTTLS on a throw-away
+trustme certificate and AUTH PLAIN/LOGIN, in its own process, counting sessions, TLS
+handshakes, AUTHs and messages), the parent that runs every client in a fresh subprocess
+in interleaved rounds and measures it, the worker mode that runs one client once, and the
+markdown report.
+
+The work is the same for every client: S sends (default 1000) of one 2 KB message to one
+recipient each, from T tasks (default 50) that share one sender object and each loop
+"send, wait for the result, send the next" until S sends are done.
+
+    python benchmarks/pool.py                        # 1000 sends, 50 tasks, 3 rounds
+    python benchmarks/pool.py --sends 2000 --tasks 100 --rounds 5
+    python benchmarks/pool.py --only asmtp-pool,aiosmtplib --rounds 1 --out /tmp/pool.md
+
+Documented peers: aiosmtplib (one connection per send), aiosmtpd (the relay), trustme
+(the certificates) and uvloop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import email.policy
+import json
+import logging
+import os
+import platform
+import resource
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import IO, Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+HOST = "127.0.0.1"
+SENDER = "bench@example.test"
+HELO = "bench.example.test"
+RELAY_NAME = "relay.bench.example.test"
+USERNAME = "bench"
+PASSWORD = "bench-password"
+SEND_TIMEOUT = 30.0  # seconds per network step, in every client
+POOL_CONNECTIONS = 10
+MAX_SENDS = 100_000
+MAX_TASKS = 1_000
+PEER = "aiosmtplib"
+TARGET = 5.0  # the goal: pooled asmtp at least this many times aiosmtplib's sends/s
+
+# name -> (event loop, what it is)
+CLIENTS: dict[str, tuple[str, str]] = {
+    "asmtp-pool": (
+        "asyncio",
+        f"asmtp.Mailer(relay, pool=asmtp.Pool(max_connections={POOL_CONNECTIONS}))",
+    ),
+    "asmtp-pool-uvloop": ("uvloop", "the same on uvloop"),
+    "asmtp-nopool": ("asyncio", "asmtp.Mailer(relay) without a pool: one session per send"),
+    "aiosmtplib": ("asyncio", "aiosmtplib.send(...) per send: one session per send"),
+}
+
+
+# ---------------------------------------------------------------------------- the work
+
+
+def build_message() -> bytes:
+    """The one message every send carries: about 2 KB, CRLF line ends."""
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = f"Benchmark <{SENDER}>"
+    msg["To"] = "Benchmark user <user@example.test>"
+    msg["Subject"] = "asmtp pooled-session benchmark"
+    msg["Date"] = "Thu, 01 Jan 2026 00:00:00 +0000"
+    msg["Message-ID"] = "<pool.1@bench.example.test>"
+    line = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs."
+    msg.set_content("\n".join(f"{i:02d} {line}" for i in range(1, 24)) + "\n")
+    return msg.as_bytes()
+
+
+def recipient(index: int) -> str:
+    return f"user-{index:05d}@example.test"
+
+
+def cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def emit(stream: IO[str], obj: dict[str, Any]) -> None:
+    stream.write(json.dumps(obj) + "\n")
+    stream.flush()
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+# ---------------------------------------------------------------------------- the relay
+
+#: what the relay counts; every key exists from the start, so the control thread can copy
+#: the dict while the loop updates it (values change, the size never does).
+STAT_KEYS = (
+    "sessions",  # connections accepted (counted once, not again after STARTTLS)
+    "active",
+    "peak",  # most sessions open (and not yet past QUIT) at once
+    "starttls",  # completed TLS handshakes
+    "auth_PLAIN",
+    "auth_LOGIN",
+    "auth_failed",
+    "messages",  # accepted at the end-of-data dot
+    "rset",
+    "quit",
+)
+
+
+def server_main(cert_file: str, key_file: str) -> int:
+    """The relay: aiosmtpd on the standard asyncio loop (its STARTTLS is built on asyncio's
+    own SSL protocol, which uvloop does not have). Prints ``{"port": N}`` once listening;
+    then answers each ``stats`` line on stdin with its counters as one JSON line, and stops
+    at the end of stdin."""
+    from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+    stats = dict.fromkeys(STAT_KEYS, 0)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+
+    class Handler:
+        async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+            stats["messages"] += 1
+            return "250 2.0.0 OK: queued"
+
+        async def handle_RSET(self, server: SMTP, session: Any, envelope: Any) -> str:
+            stats["rset"] += 1
+            return "250 2.0.0 OK"
+
+        async def handle_QUIT(self, server: SMTP, session: Any, envelope: Any) -> str:
+            stats["quit"] += 1
+            # Over once QUIT is answered: a client may open the session that replaces
+            # this one before the relay has noticed the close.
+            if isinstance(server, CountingSMTP):
+                server.bench_closed()
+            return "221 2.0.0 Bye"
+
+        def handle_STARTTLS(self, server: SMTP, session: Any, envelope: Any) -> bool:
+            stats["starttls"] += 1  # called once the handshake has completed
+            return True
+
+    def authenticate(
+        server: SMTP, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        if (
+            isinstance(data, LoginPassword)
+            and data.login == USERNAME.encode()
+            and data.password == PASSWORD.encode()
+        ):
+            key = f"auth_{mechanism.upper()}"
+            stats[key if key in stats else "auth_PLAIN"] += 1
+            return AuthResult(success=True, auth_data=USERNAME)
+        stats["auth_failed"] += 1
+        return AuthResult(success=False, handled=False)
+
+    class CountingSMTP(SMTP):
+        """Counts each connection once: aiosmtpd calls connection_made again, and
+        connection_lost may come twice, after STARTTLS."""
+
+        bench_state = 0  # 0 new, 1 counted open, 2 counted closed
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            if self.bench_state == 0:
+                self.bench_state = 1
+                stats["sessions"] += 1
+                stats["active"] += 1
+                stats["peak"] = max(stats["peak"], stats["active"])
+
+        def bench_closed(self) -> None:
+            if self.bench_state == 1:
+                self.bench_state = 2
+                stats["active"] -= 1
+
+        def connection_lost(self, error: Exception | None) -> None:
+            self.bench_closed()
+            super().connection_lost(error)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        handler = Handler()
+        stop = asyncio.Event()
+
+        def factory() -> SMTP:
+            # hostname given: aiosmtpd would otherwise look up the FQDN per connection;
+            # loop given: it would otherwise probe for one.
+            return CountingSMTP(
+                handler,
+                hostname=RELAY_NAME,
+                tls_context=context,
+                require_starttls=True,
+                auth_required=True,
+                auth_require_tls=True,
+                authenticator=authenticate,
+                decode_data=False,
+                loop=loop,
+            )
+
+        server = await loop.create_server(factory, HOST, 0, backlog=1024)
+        port = server.sockets[0].getsockname()[1]
+
+        def control() -> None:
+            for line in sys.stdin:
+                command = line.strip()
+                if command == "stats":
+                    emit(sys.stdout, dict(stats))
+                elif command == "reset-peak":  # between runs, when nothing else happens
+                    stats["peak"] = stats["active"]
+            loop.call_soon_threadsafe(stop.set)
+
+        threading.Thread(target=control, daemon=True).start()
+        emit(sys.stdout, {"port": port})
+        async with server:
+            await stop.wait()
+
+    asyncio.run(serve())
+    return 0
+
+
+class Relay:
+    """The relay process, seen from the parent."""
+
+    def __init__(self, tls_dir: Path, cpus: set[int] | None) -> None:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--server-worker"]
+        argv += ["--cert", str(tls_dir / "server.pem"), "--key", str(tls_dir / "server.key")]
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr
+        )
+        if cpus:
+            os.sched_setaffinity(self.proc.pid, cpus)
+        assert self.proc.stdout is not None
+        killer = threading.Timer(15.0, self.proc.kill)  # it must start within 15 s
+        killer.start()
+        try:
+            first = json.loads(self.proc.stdout.readline() or b"{}")
+        finally:
+            killer.cancel()
+        if "port" not in first:
+            raise SystemExit(f"the relay did not start: {self.exit_reason() or 'no port'}")
+        self.port = int(first["port"])
+
+    def stats(self) -> dict[str, int]:
+        """The relay's counters now (empty if it has died)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(b"stats\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return {}
+        line = self.proc.stdout.readline()
+        return {k: int(v) for k, v in json.loads(line).items()} if line else {}
+
+    def reset_peak(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.write(b"reset-peak\n")
+            self.proc.stdin.flush()
+
+    def wait_for(
+        self, key: str, target: int, limit: float = 2.0, *, invert: bool = False
+    ) -> dict[str, int]:
+        """The counters once ``key`` reaches ``target`` (falls to it, with ``invert``) or
+        ``limit`` seconds pass."""
+        deadline = time.monotonic() + limit
+        while True:
+            stats = self.stats()
+            if not stats or time.monotonic() >= deadline:
+                return stats
+            if (stats[key] <= target) if invert else (stats[key] >= target):
+                return stats
+            time.sleep(0.02)
+
+    def cpu(self) -> float:
+        """The relay's CPU seconds so far (from /proc; 0 where there is none)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def exit_reason(self) -> str | None:
+        status = self.proc.poll()
+        if status is None:
+            return None
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        return f"{how} ({tail(self._stderr)})"
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._stderr.close()
+
+
+def make_tls_material(directory: Path) -> None:
+    """A throw-away CA (ca.pem, for the clients) and a certificate for 127.0.0.1 signed by
+    it (server.pem, server.key, for the relay)."""
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    leaf = ca.issue_cert(HOST, "localhost")
+    leaf.private_key_pem.write_to_path(str(directory / "server.key"))
+    with open(directory / "server.pem", "wb") as chain:
+        for blob in leaf.cert_chain_pems:
+            chain.write(blob.bytes())
+
+
+# ---------------------------------------------------------------------------- worker side
+
+#: one send: (delivered?, error text); the worker times each call around it.
+SendOne = Callable[[int], Awaitable[tuple[bool, str]]]
+
+
+@contextlib.asynccontextmanager
+async def asmtp_sender(
+    port: int, context: ssl.SSLContext, pooled: bool, stats: dict[str, Any]
+) -> AsyncIterator[SendOne]:
+    import asmtp
+
+    relay = asmtp.Relay(
+        HOST,
+        port,
+        username=USERNAME,
+        password=PASSWORD,
+        tls="starttls",
+        ssl_context=context,
+        helo=HELO,
+    )
+    pool = asmtp.Pool(max_connections=POOL_CONNECTIONS) if pooled else False
+    message = build_message()
+    # No retries: a failed send is counted as failed, as aiosmtplib's would be.
+    async with asmtp.Mailer(relay, pool=pool, retry=None, timeout=SEND_TIMEOUT) as mailer:
+
+        async def send_one(index: int) -> tuple[bool, str]:
+            report = await mailer.send(message, sender=SENDER, recipients=[recipient(index)])
+            result = report[0]
+            if result.status == "delivered":
+                return True, ""
+            return False, f"{result.status} {result.code} at {result.stage}: {result.message}"
+
+        try:
+            yield send_one
+        finally:
+            stats["sessions_opened"] = mailer.sessions_opened
+
+
+@contextlib.asynccontextmanager
+async def aiosmtplib_sender(
+    port: int, context: ssl.SSLContext, stats: dict[str, Any]
+) -> AsyncIterator[SendOne]:
+    import aiosmtplib
+
+    message = build_message()
+
+    async def send_one(index: int) -> tuple[bool, str]:
+        try:
+            await aiosmtplib.send(
+                message,
+                sender=SENDER,
+                recipients=[recipient(index)],
+                hostname=HOST,
+                port=port,
+                start_tls=True,
+                username=USERNAME,
+                password=PASSWORD,
+                tls_context=context,
+                local_hostname=HELO,
+                timeout=SEND_TIMEOUT,
+            )
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        return True, ""
+
+    yield send_one
+
+
+def check_available(client: str) -> str | None:
+    """None when the client can run in this interpreter, else why not."""
+    try:
+        if CLIENTS[client][0] == "uvloop":
+            import uvloop  # noqa: F401
+        if client.startswith("asmtp"):
+            import asmtp
+
+            missing = [n for n in ("Mailer", "Pool", "Relay") if not hasattr(asmtp, n)]
+            if missing:
+                return f"asmtp has no {', '.join(missing)}"
+        else:
+            import aiosmtplib  # noqa: F401
+    except ImportError as exc:
+        return f"cannot import: {exc}"
+    return None
+
+
+def version_of(client: str) -> str:
+    if client.startswith("asmtp"):
+        import asmtp
+
+        return f"asmtp {getattr(asmtp, '__version__', '?')}"
+    import aiosmtplib
+
+    return f"aiosmtplib {aiosmtplib.__version__}"
+
+
+async def run_worker(
+    client: str, port: int, ca_file: str, sends: int, tasks: int, deadline: float
+) -> dict[str, Any]:
+    context = ssl.create_default_context(cafile=ca_file)
+    stats: dict[str, Any] = {}
+    if client.startswith("asmtp"):
+        sender = asmtp_sender(port, context, client.startswith("asmtp-pool"), stats)
+    else:
+        sender = aiosmtplib_sender(port, context, stats)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    next_index = 0
+    timed_out = False
+    async with sender as send_one:
+        # Ready: imports done, TLS context built, the Mailer entered (its pool is empty:
+        # sessions open lazily, within the measured work).
+        emit(sys.stdout, {"ready": True, "cpu": cpu_self(), "version": version_of(client)})
+        loop = asyncio.get_running_loop()
+        if (await loop.run_in_executor(None, sys.stdin.readline)).strip() != "go":
+            return {"result": False}
+        started = time.perf_counter()
+
+        async def task() -> None:
+            nonlocal next_index
+            while next_index < sends:  # bounded: every turn takes one of the S sends
+                index = next_index
+                next_index += 1
+                start = time.perf_counter()
+                ok, error = await send_one(index)
+                if ok:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors[error] += 1
+
+        try:
+            async with asyncio.timeout(deadline):
+                await asyncio.gather(*(task() for _ in range(tasks)))
+        except TimeoutError:
+            timed_out = True
+        work = time.perf_counter() - started
+        work_cpu = cpu_self()
+    return {
+        "result": True,
+        "work": work,
+        "work_cpu": work_cpu,
+        "delivered": len(latencies),
+        "failed": sum(errors.values()),
+        "started": next_index,
+        "timed_out": timed_out,
+        "errors": dict(errors.most_common(5)),
+        "latencies": [round(x, 6) for x in latencies],
+        **stats,
+    }
+
+
+def worker_main(
+    client: str, port: int, ca_file: str, sends: int, tasks: int, deadline: float
+) -> int:
+    """Run one client once. One JSON line each way on stdout/stdin: ``{"ready"...}`` after
+    setup; wait for ``go``; ``{"result"...}`` (written after the Mailer has closed), with
+    the wall and CPU time of the sends alone."""
+    if client.startswith("asmtp"):
+        with contextlib.suppress(ImportError):
+            import asmtp  # noqa: F401  (the installed one, else the checkout's src/)
+        if "asmtp" not in sys.modules:
+            sys.path.insert(0, str(REPO / "src"))
+    why = check_available(client)
+    if why is not None:
+        emit(sys.stdout, {"unavailable": why})
+        return 0
+    coro = run_worker(client, port, ca_file, sends, tasks, deadline)
+    if CLIENTS[client][0] == "uvloop":
+        import uvloop
+
+        result = uvloop.run(coro)
+    else:
+        result = asyncio.run(coro)
+    if result.get("result"):
+        emit(sys.stdout, result)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parent side
+
+
+@dataclass
+class Run:
+    """One client run, as measured by the parent and the relay."""
+
+    wall: float = 0.0  # the sends alone, go to the last result, timed in the worker
+    cpu: float = 0.0  # the worker's CPU seconds for the sends alone
+    window: float = 0.0  # go to the result line, timed in the parent (for the busy figures)
+    relay_cpu: float = 0.0
+    others_cpu: float = 0.0
+    delivered: int = 0
+    relay_messages: int = 0
+    sessions: int = 0  # connections the relay saw
+    peak: int = 0  # most open at once
+    starttls: int = 0
+    auths: dict[str, int] = field(default_factory=dict)
+    rset: int = 0
+    pool_opened: int | None = None  # asmtp's own count of pooled sessions opened
+    latencies: list[float] = field(default_factory=list)
+    error: str = ""
+    version: str = ""
+
+
+@dataclass
+class Row:
+    runs: list[Run] = field(default_factory=list)
+    unavailable: str = ""
+
+
+def tail(stream: IO[bytes], lines: int = 3) -> str:
+    stream.seek(0)
+    text = stream.read().decode("utf-8", "replace").strip().splitlines()
+    return " / ".join(text[-lines:]) or "no output"
+
+
+def machine_busy() -> float:
+    """Seconds all CPUs together have spent busy since boot (/proc/stat); 0 without /proc."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(limit: float, threshold: float = 0.2, sample: float = 0.25) -> None:
+    """Wait, up to ``limit`` seconds, until the machine is idle but for ``threshold`` of one
+    CPU over a ``sample``: other load skews a run more than rounds can average out."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = machine_busy()
+        time.sleep(sample)
+        if (machine_busy() - before) / sample <= threshold:
+            return
+
+
+def run_client(
+    client: str, relay: Relay, ca_file: Path, args: argparse.Namespace, cpus: set[int] | None
+) -> Run | str:
+    """One run in a fresh interpreter; a str means the client is unavailable."""
+    # The worker stops its own sends shortly before the hard timeout, so that a hang is
+    # reported with what was done; the hard timeout kills it if even that does not work.
+    deadline = max(1.0, args.hard_timeout - min(30.0, args.hard_timeout / 4))
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", client]
+    argv += ["--port", str(relay.port), "--ca", str(ca_file), "--deadline", f"{deadline:g}"]
+    argv += ["--sends", str(args.sends), "--tasks", str(args.tasks)]
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
+        if cpus:  # before "go", so the measured work runs only there
+            os.sched_setaffinity(proc.pid, cpus)
+        assert proc.stdin is not None and proc.stdout is not None
+        killer = threading.Timer(args.hard_timeout, proc.kill)
+        killer.start()
+        run = Run()
+        result: dict[str, Any] = {}
+        try:
+            ready = json.loads(proc.stdout.readline() or b"{}")
+            if "unavailable" in ready:
+                return str(ready["unavailable"])
+            if not ready.get("ready"):
+                run.error = f"worker died before starting: {tail(errors)}"
+                return run
+            run.version = str(ready.get("version", ""))
+            relay.reset_peak()
+            before, relay_cpu_before = relay.stats(), relay.cpu()
+            busy_before = machine_busy()
+            start = time.perf_counter()
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            # Until the result line: the sends and the Mailer's close (QUIT to its pooled
+            # sessions), which a service pays too, once, at shutdown.
+            run.window = time.perf_counter() - start
+            busy = machine_busy() - busy_before
+            result = json.loads(line or b"{}")
+        finally:
+            killer.cancel()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            proc.stdout.close()
+        if not result.get("result"):
+            reason = "killed at the hard timeout" if proc.returncode < 0 else tail(errors)
+            run.error = f"worker failed ({reason})"
+            return run
+        run.wall = float(result["work"])
+        run.cpu = float(result["work_cpu"]) - float(ready["cpu"])
+        run.delivered = int(result["delivered"])
+        run.latencies = [float(x) for x in result["latencies"]]
+        if "sessions_opened" in result and client.startswith("asmtp-pool"):
+            run.pool_opened = int(result["sessions_opened"])
+        # The relay may count the last message or closed session a moment after the
+        # client has moved on.
+        after = relay.wait_for("messages", before.get("messages", 0) + run.delivered)
+        if after and after["active"]:
+            after = relay.wait_for("active", 0, invert=True)
+        if after and before:
+            run.relay_messages = after["messages"] - before["messages"]
+            run.sessions = after["sessions"] - before["sessions"]
+            run.peak = after["peak"]
+            run.starttls = after["starttls"] - before["starttls"]
+            run.rset = after["rset"] - before["rset"]
+            run.auths = {
+                key.removeprefix("auth_"): after[key] - before[key]
+                for key in ("auth_PLAIN", "auth_LOGIN", "auth_failed")
+                if after[key] - before[key]
+            }
+        run.relay_cpu = relay.cpu() - relay_cpu_before
+        client_cpu = usage.ru_utime + usage.ru_stime - float(ready["cpu"])
+        run.others_cpu = max(0.0, busy - client_cpu - run.relay_cpu)
+        problems = []
+        if result["timed_out"]:
+            problems.append(
+                f"not finished after {deadline:g} s: {result['started']} sends started,"
+                f" {run.delivered} delivered"
+            )
+        if result["failed"]:
+            problems.append(f"{result['failed']} failed: {result['errors']}")
+        if run.delivered + int(result["failed"]) != args.sends and not result["timed_out"]:
+            problems.append(f"{run.delivered + int(result['failed'])} results for {args.sends}")
+        run.error = "; ".join(problems)
+        return run
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for name in ("uvloop", "aiosmtpd", "trustme"):
+        try:
+            module = __import__(name)
+            versions[name] = str(getattr(module, "__version__", "?"))
+        except ImportError:
+            versions[name] = "not installed"
+    return {
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": model,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        **versions,
+    }
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def rate(run: Run) -> float:
+    """Delivered sends per second (a run that failed or was cut short counts what it did)."""
+    return run.delivered / run.wall if run.wall > 0 else 0.0
+
+
+def render(
+    rows: dict[str, Row],
+    *,
+    args: argparse.Namespace,
+    size: int,
+    placement: str,
+    info: dict[str, str],
+    versions: dict[str, str],
+) -> str:
+    sends, tasks = args.sends, args.tasks
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# asmtp pooled-session benchmark",
+        "",
+        f"- date: {date}",
+        f"- machine: {info['nproc']} CPUs, {info['cpu']}, {info['kernel']}; {placement}",
+        f"- Python {info['python']}, uvloop {info['uvloop']}"
+        + "".join(f", {v}" for v in sorted(set(versions.values())) if v),
+        f"- relay: aiosmtpd {info['aiosmtpd']} on {HOST} in its own process (standard asyncio"
+        f" loop), STARTTLS required (trustme {info['trustme']} certificate, ECDSA P-256),"
+        " AUTH PLAIN/LOGIN required",
+        f"- work: {sends} sends of one {size}-byte message to one recipient each, from {tasks}"
+        " tasks sharing one sender, each sending and awaiting one send at a time;"
+        f" {args.rounds} round(s), clients interleaved, order rotated each round;"
+        f" pooled clients: at most {POOL_CONNECTIONS} sessions, each reused for up to 100"
+        " sends (asmtp.Pool's default max_messages); no retries in any client",
+        "- sends/s: delivered sends / wall time from the go signal to the last send's result"
+        " (timed in the client; interpreter start, imports and setup excluded, and the"
+        " Mailer's closing QUITs too); median (min-max) over rounds",
+        "- latency: each `await mailer.send(...)` / `await aiosmtplib.send(...)`, timed in the"
+        " client around the call (so pooled rows include the wait for a free session),"
+        " delivered sends of all rounds pooled",
+        "- CPU: the client process's user+system seconds over the same window, per 1000"
+        " delivered sends, median over rounds",
+        "- sessions: connections the relay accepted per run (median; min-max when rounds"
+        " differ); sends/session: relay-counted messages over those; peak: most sessions open"
+        " at once (a session counts as closed once its QUIT is answered); AUTH: the mechanism"
+        " the relay saw",
+        "- delivered: the client's own count over all rounds / sends (the relay's count is"
+        " checked against it under Problems); relay busy: the relay's CPU time over the run's"
+        " wall time (near 100% means the relay set the pace); others busy: all other CPU time"
+        " on the machine in the same window, in % of one CPU",
+        f"- vs {PEER}: sends/s median over {PEER}'s (standard asyncio loop) on this table;"
+        " above 1 is faster",
+        "",
+        "| client | sends/s median (min-max) | p50 ms | p99 ms | CPU s per 1000 sends"
+        " | sessions | sends/session | peak | AUTH | delivered | relay busy | others busy"
+        f" | vs {PEER} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    medians: dict[str, float] = {}
+    for client, row in rows.items():
+        good = [run for run in row.runs if run.delivered]
+        if good:
+            medians[client] = statistics.median(rate(run) for run in good)
+    peer = medians.get(PEER)
+    for client, row in rows.items():
+        if row.unavailable:
+            lines.append(f"| {client} | unavailable: {row.unavailable} |" + " |" * 11)
+            continue
+        good = [run for run in row.runs if run.delivered]
+        if not good:
+            reason = row.runs[0].error if row.runs else "not run"
+            lines.append(f"| {client} | failed: {reason} |" + " |" * 11)
+            continue
+        rates = [rate(run) for run in good]
+        cpu = statistics.median(run.cpu / run.delivered * 1000 for run in good)
+        latencies = [x for run in good for x in run.latencies]
+        sessions = sorted(run.sessions for run in good)
+        spread = f" ({sessions[0]}-{sessions[-1]})" if sessions[0] != sessions[-1] else ""
+        per_session = statistics.median(
+            run.relay_messages / run.sessions if run.sessions else 0.0 for run in good
+        )
+        mechanisms = Counter[str]()
+        for run in good:
+            mechanisms.update(run.auths)
+        auth = ", ".join(sorted(mechanisms)) or "none"
+        delivered = sum(run.delivered for run in row.runs)
+        flag = "" if all(not run.error for run in row.runs) else " (!)"
+        busy = statistics.median(run.relay_cpu / run.window * 100 for run in good)
+        others = statistics.median(run.others_cpu / run.window * 100 for run in good)
+        ratio = f"{medians[client] / peer:.2f}x" if peer else "n/a"
+        lines.append(
+            f"| {client} | {fmt(medians[client], 0)} ({fmt(min(rates), 0)}-{fmt(max(rates), 0)})"
+            f" | {fmt(percentile(latencies, 0.5) * 1000)}"
+            f" | {fmt(percentile(latencies, 0.99) * 1000)} | {fmt(cpu, 3)}"
+            f" | {statistics.median(sessions):g}{spread} | {per_session:.1f}"
+            f" | {max(run.peak for run in good)} | {auth}"
+            f" | {delivered}/{sends * len(row.runs)}{flag} | {busy:.0f}% | {others:.0f}%"
+            f" | {ratio} |"
+        )
+    pooled = medians.get("asmtp-pool")
+    if pooled is not None and peer:
+        verdict = "met" if pooled / peer >= TARGET else "NOT met"
+        lines += [
+            "",
+            f"Target (asmtp-pool at least {TARGET:g}x {PEER}'s sends/s): {verdict}"
+            f" ({pooled / peer:.2f}x).",
+        ]
+    problems = []
+    for client, row in rows.items():
+        for i, run in enumerate(row.runs):
+            notes = [run.error] if run.error else []
+            if run.relay_messages != run.delivered:
+                notes.append(f"the relay counted {run.relay_messages} messages")
+            if run.pool_opened is not None and run.pool_opened != run.sessions:
+                notes.append(f"asmtp says it opened {run.pool_opened} sessions")
+            if run.starttls != run.sessions:
+                notes.append(f"{run.starttls} TLS handshakes for {run.sessions} sessions")
+            if notes:
+                problems.append(f"- {client} round {i + 1}: " + "; ".join(notes))
+    if problems:
+        lines += ["", "Problems:", *problems]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog="clients: " + "; ".join(f"{name}: {what}" for name, (_, what) in CLIENTS.items()),
+    )
+    parser.add_argument("--sends", type=int, default=1000, help="sends per run (default 1000)")
+    parser.add_argument("--tasks", type=int, default=50, help="concurrent tasks (default 50)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument(
+        "--only", action="append", help="clients to run, comma-separated; repeatable"
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "pool-latest.md")
+    parser.add_argument(
+        "--hard-timeout", type=float, default=300.0, help="seconds before a run is killed"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="before each run, wait up to this many seconds for other load to pass (0: do not)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin the relay and the client to separate CPUs",
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--server-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ca", help=argparse.SUPPRESS)
+    parser.add_argument("--cert", help=argparse.SUPPRESS)
+    parser.add_argument("--key", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=270.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not 1 <= args.sends <= MAX_SENDS:
+        parser.error(f"--sends must be between 1 and {MAX_SENDS}")
+    if not 1 <= args.tasks <= MAX_TASKS:
+        parser.error(f"--tasks must be between 1 and {MAX_TASKS}")
+    if not 1 <= args.rounds <= 20:
+        parser.error("--rounds must be between 1 and 20")
+    if not 1 <= args.hard_timeout <= 3600:
+        parser.error("--hard-timeout must be between 1 and 3600 seconds")
+    names = [n.strip() for item in args.only or [] for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CLIENTS]
+    if unknown:
+        parser.error(f"unknown client(s) {unknown}; known: {', '.join(CLIENTS)}")
+    args.clients = [c for c in CLIENTS if c in names] if names else list(CLIENTS)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, args.port, args.ca, args.sends, args.tasks, args.deadline)
+    if args.server_worker:
+        return server_main(args.cert, args.key)
+
+    size = len(build_message())
+    info = machine()  # before pinning this process changes what nproc would say
+    available = sorted(os.sched_getaffinity(0))
+    cpus: set[int] | None = None
+    placement = f"not pinned ({len(available)} CPUs shared by client and relay)"
+    if args.pin and len(available) >= 2:
+        # The relay (and this parent, idle but for reading counters) on one CPU, each client
+        # on another: every client gets the same one core, whatever the scheduler does.
+        os.sched_setaffinity(0, {available[0]})
+        cpus = {available[1]}
+        placement = f"relay pinned to CPU {available[0]}, each client to CPU {available[1]}"
+    if args.settle > 0:
+        placement += (
+            f"; before each run, waited (up to {args.settle:g} s) for other load below 20% of a CPU"
+        )
+
+    rows = {client: Row() for client in args.clients}
+    with tempfile.TemporaryDirectory(prefix="asmtp-pool-bench-") as tmp:
+        tls_dir = Path(tmp)
+        make_tls_material(tls_dir)
+        relay = Relay(tls_dir, {available[0]} if cpus else None)
+        print(f"relay: aiosmtpd on {HOST}:{relay.port}", file=sys.stderr)
+        try:
+            for round_index in range(args.rounds):
+                shift = round_index % len(args.clients)
+                for client in args.clients[shift:] + args.clients[:shift]:
+                    row = rows[client]
+                    if row.unavailable:
+                        continue
+                    if args.settle > 0:
+                        wait_for_quiet(args.settle)
+                    outcome = run_client(client, relay, tls_dir / "ca.pem", args, cpus)
+                    death = relay.exit_reason()
+                    if isinstance(outcome, str):
+                        row.unavailable = outcome
+                        print(f"{client}: unavailable ({outcome})", file=sys.stderr)
+                        continue
+                    if death is not None:
+                        outcome.error = "; ".join(
+                            x for x in (outcome.error, f"the relay {death}") if x
+                        )
+                    row.runs.append(outcome)
+                    print(
+                        f"round {round_index + 1}/{args.rounds} {client}:"
+                        f" {rate(outcome):,.0f} sends/s,"
+                        f" {outcome.delivered}/{args.sends} delivered,"
+                        f" relay counted {outcome.relay_messages} in {outcome.sessions} sessions"
+                        + (f"; {outcome.error}" if outcome.error else ""),
+                        file=sys.stderr,
+                    )
+                    if death is not None:
+                        raise SystemExit(f"the relay {death}; stopping")
+        finally:
+            relay.stop()
+    versions = {
+        client.split("-")[0]: run.version
+        for client, row in rows.items()
+        for run in row.runs
+        if run.version
+    }
+    report = render(rows, args=args, size=size, placement=placement, info=info, versions=versions)
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(f"written: {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""A sample application that sends mail with asmtp, and its own tests."""
