@@ -732,6 +732,10 @@ def render(
         " differ); sends/session: relay-counted messages over those; peak: most sessions open"
         " at once (a session counts as closed once its QUIT is answered); AUTH: the mechanism"
         " the relay saw",
+        "- relay CPU: the relay process's CPU seconds from the go signal to the client's"
+        " result line (its share of the sessions' closing included), per 1000 delivered"
+        " sends, median over rounds: 1000 over it is the most sends/s this relay could take"
+        " on one core from that client, however fast the client",
         "- delivered: the client's own count over all rounds / sends (the relay's count is"
         " checked against it under Problems); relay busy: the relay's CPU time over the run's"
         " wall time (near 100% means the relay set the pace); others busy: all other CPU time"
@@ -740,9 +744,9 @@ def render(
         " above 1 is faster",
         "",
         "| client | sends/s median (min-max) | p50 ms | p99 ms | CPU s per 1000 sends"
-        " | sessions | sends/session | peak | AUTH | delivered | relay busy | others busy"
-        f" | vs {PEER} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        " | relay CPU s per 1000 sends | sessions | sends/session | peak | AUTH | delivered"
+        f" | relay busy | others busy | vs {PEER} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     medians: dict[str, float] = {}
     for client, row in rows.items():
@@ -752,15 +756,16 @@ def render(
     peer = medians.get(PEER)
     for client, row in rows.items():
         if row.unavailable:
-            lines.append(f"| {client} | unavailable: {row.unavailable} |" + " |" * 11)
+            lines.append(f"| {client} | unavailable: {row.unavailable} |" + " |" * 12)
             continue
         good = [run for run in row.runs if run.delivered]
         if not good:
             reason = row.runs[0].error if row.runs else "not run"
-            lines.append(f"| {client} | failed: {reason} |" + " |" * 11)
+            lines.append(f"| {client} | failed: {reason} |" + " |" * 12)
             continue
         rates = [rate(run) for run in good]
         cpu = statistics.median(run.cpu / run.delivered * 1000 for run in good)
+        relay_cpu = statistics.median(run.relay_cpu / run.delivered * 1000 for run in good)
         latencies = [x for run in good for x in run.latencies]
         sessions = sorted(run.sessions for run in good)
         spread = f" ({sessions[0]}-{sessions[-1]})" if sessions[0] != sessions[-1] else ""
@@ -779,7 +784,7 @@ def render(
         lines.append(
             f"| {client} | {fmt(medians[client], 0)} ({fmt(min(rates), 0)}-{fmt(max(rates), 0)})"
             f" | {fmt(percentile(latencies, 0.5) * 1000)}"
-            f" | {fmt(percentile(latencies, 0.99) * 1000)} | {fmt(cpu, 3)}"
+            f" | {fmt(percentile(latencies, 0.99) * 1000)} | {fmt(cpu, 3)} | {fmt(relay_cpu, 3)}"
             f" | {statistics.median(sessions):g}{spread} | {per_session:.1f}"
             f" | {max(run.peak for run in good)} | {auth}"
             f" | {delivered}/{sends * len(row.runs)}{flag} | {busy:.0f}% | {others:.0f}%"
@@ -914,7 +919,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"round {round_index + 1}/{args.rounds} {client}:"
                         f" {rate(outcome):,.0f} sends/s,"
                         f" {outcome.delivered}/{args.sends} delivered,"
-                        f" relay counted {outcome.relay_messages} in {outcome.sessions} sessions"
+                        f" relay counted {outcome.relay_messages} in {outcome.sessions} sessions;"
+                        f" client CPU {outcome.cpu:.2f} s, relay CPU {outcome.relay_cpu:.2f} s,"
+                        f" others {outcome.others_cpu:.2f} s in {outcome.window:.2f} s"
                         + (f"; {outcome.error}" if outcome.error else ""),
                         file=sys.stderr,
                     )

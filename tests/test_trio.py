@@ -170,7 +170,8 @@ def test_starttls(
             assert not proto.capabilities.starttls  # RFC 3207 4.2: asked again, over TLS
             await send_one(conn, "sender@example.com", ["ann@example.org"])
             assert await command(conn, proto.quit()) == 221
-            conn.close()
+            await conn.aclose()  # close_notify both ways, then the socket
+            assert conn.closed
 
     run_trio(exchange)
     [message] = server.messages
@@ -195,7 +196,7 @@ def test_implicit_tls(
             await greet_and_ehlo(conn)
             await send_one(conn, "sender@example.com", ["ann@example.org"])
             assert await command(conn, proto.quit()) == 221
-            conn.close()
+            await conn.aclose()
 
     run_trio(exchange)
     [message] = server.messages
@@ -274,6 +275,36 @@ def test_server_closing_is_connection_lost(fault_server: MakeFault) -> None:
                 await conn.drain()
 
     run_trio(exchange)
+
+
+def test_reset_while_sending_the_message(fault_server: MakeFault) -> None:
+    # The server closes after 354 with most of the message unread: the kernel resets.
+    server = fault_server(data="close_mid_data")
+    body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 6000 + b".\r\n"
+
+    async def exchange() -> None:
+        proto = ClientProtocol()
+        async with connection(proto, *server.address) as conn:
+            await greet_and_ehlo(conn)
+            conn.step(TIMEOUT)
+            conn.write(proto.mail("sender@example.com") + proto.rcpt("a@example.org"))
+            conn.write(proto.data())
+            assert [(await conn.read_reply()).code for _ in range(3)] == [250, 250, 354]
+            conn.step(TIMEOUT)
+            conn.write(proto.message(body))
+            with pytest.raises(ConnectionLostError) as caught:
+                await conn.drain()
+                # The kernel took it all: then the reply read must show the reset, the
+                # session's proof that the end-of-data dot was never read.
+                try:
+                    await conn.read_reply()
+                finally:
+                    assert conn.reset_by_peer
+            assert caught.value.stage == "message"
+            assert conn.closed
+
+    run_trio(exchange)
+    assert server.messages == []
 
 
 def test_server_leaving_an_idle_connection_shows_in_closed(fault_server: MakeFault) -> None:

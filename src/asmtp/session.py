@@ -37,7 +37,7 @@ from .protocol import ClientProtocol, State
 from .reply import Reply
 from .results import RecipientResult, TLSState, result_from_error
 from .sasl import choose_mechanism, make_mechanism
-from .transport import Connection, open_connection
+from .transport_anyio import AnyConnection, open_best
 
 __all__ = [
     "Endpoint",
@@ -197,7 +197,7 @@ class Session:
         self.stage = "connect"
         self.connected_to: str | None = None
         self._needs_rset = False
-        self._conn: Connection | None = None
+        self._conn: AnyConnection | None = None
         trace = None
         if debug or logger.isEnabledFor(logging.DEBUG):
             global _session_ids
@@ -229,7 +229,7 @@ class Session:
         for address in addresses:
             self.stage = "connect"
             try:
-                self._conn = await open_connection(
+                self._conn = await open_best(
                     self.proto,
                     ep.host,
                     ep.port,

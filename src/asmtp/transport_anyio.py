@@ -60,6 +60,7 @@ class AnyConnection(Protocol):
     async def read_reply(self) -> Reply: ...
     async def drain(self) -> None: ...
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None: ...
+    async def aclose(self, timeout: float = 1.0) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
     @property
@@ -209,6 +210,25 @@ class StreamConnection:
     def peer(self) -> str | None:
         return self._peer
 
+    async def aclose(self, timeout: float = 1.0) -> None:
+        """Close and, over TLS, first exchange close_notify with the server (waiting at
+        most ``timeout``), so nothing is left behind when the event loop ends right
+        after a send. The socket is closed whatever happens, cancellation included."""
+        try:
+            if not self._closed and isinstance(self._stream, TLSStream):
+                with (
+                    anyio.move_on_after(timeout),
+                    contextlib.suppress(
+                        anyio.BrokenResourceError,
+                        anyio.ClosedResourceError,
+                        anyio.EndOfStream,
+                        OSError,
+                    ),
+                ):
+                    await self._stream.unwrap()  # a server that has gone is not an error
+        finally:
+            self._close_socket()
+
     def close(self) -> None:
         """Close the connection (after QUIT). Synchronous, as on asyncio: the socket is
         closed at once; nothing is queued by then, and TLS ends without close_notify."""
@@ -222,7 +242,9 @@ class StreamConnection:
     def _close_socket(self) -> None:
         # anyio closes a stream only in an await; the socket under it can be closed now,
         # the documented way: tell the event loop first, then close.
-        self._closed = True
+        if not self._closed:
+            self._closed = True
+            self.proto.receive_data(b"")  # nothing more will come (as on asyncio)
         raw = self._stream.extra(SocketAttribute.raw_socket, None)
         if isinstance(raw, socket.socket) and raw.fileno() != -1:
             anyio.notify_closing(raw)
