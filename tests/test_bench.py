@@ -37,7 +37,7 @@ _ORDER = ("min", *(f"p{p:g}" for p in PERCENTILES), "max")
 
 
 def bench_argv(*args: str) -> list[str]:
-    return [sys.executable, "-c", _ENTRY, *args]
+    return [sys.executable, "-m", "asmtp", "bench", *args]
 
 
 def bench(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -42,6 +42,7 @@ import anyio
 from . import __version__
 from .address import check_header, check_mailbox, parse_address_list
 from .api import format_log_line, sendmail
+from .bench import add_bench_parser, main_bench
 from .config import DSN, TLS_MODES, Direct, Relay, TLSMode
 from .errors import InputError, ResolveError, SMTPError
 from .mailer import Job, Mailer
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_send(sub)
     _add_mx(sub)
     _add_demo(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -1299,7 +1301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``asmtp`` with ``argv`` (default: the process's); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"send": _cmd_send, "mx": _cmd_mx, "demo": _cmd_demo}
+    commands = {"send": _cmd_send, "mx": _cmd_mx, "demo": _cmd_demo, "bench": main_bench}
     try:
         return commands[args.command](args)
     except InputError as exc:
