@@ -377,3 +377,31 @@ def test_refused_greeting_allows_only_quit() -> None:
     with pytest.raises(LocalProtocolError):
         proto.ehlo("c.example")
     assert proto.quit() == b"QUIT\r\n"
+
+
+def test_quit_rides_with_the_last_message_when_pipelining() -> None:
+    proto = greeted(b"250-mx\r\n250 PIPELINING\r\n")
+    proto.mail("a@example.com")
+    proto.rcpt("b@example.org")
+    proto.data()
+    for answer in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+        reply(proto, answer)
+    assert proto.message(b"hi\r\n.\r\n", then_quit=True) == b"hi\r\n.\r\nQUIT\r\n"
+    proto.receive_data(b"250 2.0.0 queued\r\n221 2.0.0 bye\r\n")
+    assert [proto.next_reply(), proto.next_reply()] == [
+        Reply(250, ("2.0.0 queued",)),
+        Reply(221, ("2.0.0 bye",)),
+    ]
+    assert proto.state is State.CLOSED
+
+
+def test_quit_after_the_message_needs_pipelining() -> None:
+    proto = greeted(b"250 mx\r\n")
+    proto.mail("a@example.com")
+    reply(proto, b"250 ok\r\n")
+    proto.rcpt("b@example.org")
+    reply(proto, b"250 ok\r\n")
+    proto.data()
+    reply(proto, b"354 go\r\n")
+    with pytest.raises(LocalProtocolError, match="PIPELINING"):
+        proto.message(b"hi\r\n.\r\n", then_quit=True)

@@ -77,7 +77,9 @@ async def run_session(
         pending = list(recipients)
         await session.connect()
         while pending:
-            got = await session.deliver(sender, pending, message, started=t0, extras=extras)
+            got = await session.deliver(
+                sender, pending, message, started=t0, extras=extras, last=True
+            )
             again = [r.recipient for r in got if r.code == 452 and r.stage == "rcpt"]
             progress = len(again) < len(pending)
             for r in got:

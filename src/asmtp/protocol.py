@@ -315,17 +315,28 @@ class ClientProtocol:
             raise LocalProtocolError("DATA without MAIL and RCPT")
         return self._command("data", "DATA")
 
-    def message(self, data: bytes) -> bytes:
+    def message(self, data: bytes, *, then_quit: bool = False) -> bytes:
         """The message content after DATA's 354: ``data`` is already CRLF-normalized,
-        dot-stuffed and ends with ``CRLF . CRLF`` (see :mod:`asmtp.message`)."""
+        dot-stuffed and ends with ``CRLF . CRLF`` (see :mod:`asmtp.message`).
+
+        ``then_quit`` sends QUIT in the same write, for a session's last transaction
+        on a server that offers PIPELINING (RFC 2920 3.1: message content may open a
+        group and QUIT may close one): one write and one round trip fewer."""
         if self.state is not State.DATA or self._pending:
             raise LocalProtocolError(f"message content in state {self.state.value}")
         if not data.endswith(b"\r\n.\r\n"):
             raise LocalProtocolError("message content must end with CRLF . CRLF")
+        if then_quit and not self.capabilities.pipelining:
+            raise LocalProtocolError("QUIT after the message needs PIPELINING")
         if self.trace is not None:
             self.trace(f"> [message: {len(data) - 3} octets]")
             self.trace("> .")
+            if then_quit:
+                self.trace("> QUIT")
         self._pending.append("message")
+        if then_quit:
+            self._pending.append("quit")
+            return data + b"QUIT\r\n"
         return data
 
     def rset(self) -> bytes:

@@ -103,12 +103,12 @@ class ReplyParser:
         Reply(250, ('mx.example.org', 'PIPELINING', 'SIZE 1000'))
     """
 
-    __slots__ = ("_buf", "_code", "_lines", "eof", "max_line", "max_lines")
+    __slots__ = ("_buf", "_scan", "_count", "eof", "max_line", "max_lines")
 
     def __init__(self, *, max_line: int = MAX_LINE, max_lines: int = MAX_LINES) -> None:
         self._buf = bytearray()
-        self._lines: list[str] = []
-        self._code = 0
+        self._scan = 0  # where the scan for the end of the current reply resumes
+        self._count = 0  # lines of the current reply scanned so far
         self.eof = False
         self.max_line = max_line
         self.max_lines = max_lines
@@ -127,77 +127,60 @@ class ReplyParser:
     def clear(self) -> int:
         """Drop everything buffered (after STARTTLS: RFC 3207 section 4.2, nothing the
         server sent in the clear may be acted on). Returns how many bytes were dropped."""
-        dropped = len(self._buf) + sum(len(line) for line in self._lines)
+        dropped = len(self._buf)
         self._buf.clear()
-        self._lines.clear()
+        self._scan = self._count = 0
         return dropped
 
     def next_reply(self) -> Reply | _NeedData:
         buf = self._buf
         if not buf:
             return NEED_DATA
-        if not self._lines:
-            # Fast path: most replies are one line ("250 2.1.0 Ok\r\n").
-            end = buf.find(b"\n")
-            if 4 <= end <= self.max_line and buf[3] == 0x20 and buf[:3].isdigit():
-                code = int(buf[:3])
-                if 200 <= code <= 599:
-                    stop = end - 1 if buf[end - 1] == 0x0D else end
-                    text = buf[4:stop].decode("utf-8", "replace")
-                    del buf[: end + 1]
-                    return Reply(code, (text,))
-        start = 0
+        # Find where the reply ends (its first line without "-" after the code)
+        # looking at one byte per line; parse only once the whole reply is here.
+        start, count, max_line = self._scan, self._count, self.max_line
         while True:
             end = buf.find(b"\n", start)
             if end < 0:
-                if len(buf) - start > self.max_line:
-                    raise RemoteProtocolError(
-                        f"reply line longer than {self.max_line} octets", stage=None
-                    )
-                if start:
-                    del buf[:start]
+                if len(buf) - start > max_line:
+                    raise RemoteProtocolError(f"reply line longer than {max_line} octets")
+                self._scan, self._count = start, count
                 return NEED_DATA
-            line = bytes(buf[start:end])
-            start = end + 1
-            if len(line) > self.max_line:
-                raise RemoteProtocolError(f"reply line longer than {self.max_line} octets")
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            code, last, text = _split_line(line)
-            if self._lines and code != self._code:
-                raise RemoteProtocolError(
-                    f"reply lines disagree on the code ({self._code} then {code})"
-                )
-            self._code = code
-            self._lines.append(text)
-            if last:
-                del buf[:start]
-                reply = Reply(code, tuple(self._lines))
-                self._lines.clear()
-                return reply
-            if len(self._lines) >= self.max_lines:
+            if end - start > max_line:
+                raise RemoteProtocolError(f"reply line longer than {max_line} octets")
+            count += 1
+            if end - start < 4 or buf[start + 3] != 0x2D:  # not "ddd-": the last line
+                break
+            if count >= self.max_lines:
                 raise RemoteProtocolError(f"reply longer than {self.max_lines} lines")
+            start = end + 1
+        self._scan = self._count = 0
+        block = buf[: end + 1].decode("utf-8", "replace")
+        del buf[: end + 1]
+        lines = block.split("\n")
+        lines.pop()  # after the final newline
+        # The scan saw "-" after the code on every line but the last, and none there.
+        last = lines[-1].removesuffix("\r")
+        code_text = last[:3]
+        if not (code_text.isascii() and code_text.isdigit()) or last[3:4] not in ("", " "):
+            raise RemoteProtocolError(f"malformed reply line: {_show(last)}")
+        code = int(code_text)
+        if not 200 <= code <= 599:
+            raise RemoteProtocolError(f"reply code out of range: {_show(last)}")
+        if count == 1:
+            return Reply(code, (last[4:],))
+        texts = []
+        for line in lines:
+            if not line.startswith(code_text):
+                other = line[:3]
+                if other.isascii() and other.isdigit():
+                    raise RemoteProtocolError(
+                        f"reply lines disagree on the code ({other} then {code})"
+                    )
+                raise RemoteProtocolError(f"malformed reply line: {_show(line)}")
+            texts.append(line[4:].removesuffix("\r"))
+        return Reply(code, tuple(texts))
 
 
-def _split_line(line: bytes) -> tuple[int, bool, str]:
-    """Split ``b"250-PIPELINING"`` into (250, False, "PIPELINING")."""
-    if len(line) < 3 or not line[:3].isdigit():
-        raise RemoteProtocolError(f"malformed reply line: {_show(line)}")
-    code = int(line[:3])
-    if not 200 <= code <= 599:
-        raise RemoteProtocolError(f"reply code out of range: {_show(line)}")
-    if len(line) == 3:
-        return code, True, ""
-    sep = line[3]
-    if sep == 0x20:  # " "
-        last = True
-    elif sep == 0x2D:  # "-"
-        last = False
-    else:
-        raise RemoteProtocolError(f"malformed reply line: {_show(line)}")
-    return code, last, line[4:].decode("utf-8", "replace")
-
-
-def _show(line: bytes, limit: int = 80) -> str:
-    shown = line[:limit].decode("ascii", "backslashreplace")
-    return repr(shown + ("..." if len(line) > limit else ""))
+def _show(line: str, limit: int = 80) -> str:
+    return repr(line[:limit] + ("..." if len(line) > limit else ""))

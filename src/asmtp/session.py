@@ -370,6 +370,7 @@ class Session:
         message: PreparedMessage,
         *,
         extras: Extras = NO_EXTRAS,
+        last: bool = False,
     ) -> tuple[dict[str, Reply], Reply]:
         """One mail transaction. Returns the refused recipients (with their RCPT reply)
         and the reply to the end of data. Raises an :class:`~asmtp.errors.SMTPError`
@@ -454,7 +455,14 @@ class Session:
         if extras.before_dot is not None:
             await extras.before_dot([r for r in recipients if r not in refused])
         conn.step(timeouts.data_block)
-        conn.write(proto.message(message.data))
+        # The session's last transaction: QUIT rides along with the content, unless
+        # some recipients await a new transaction (452 too many recipients).
+        then_quit = (
+            last
+            and proto.capabilities.pipelining
+            and not any(r.code == 452 for r in refused.values())
+        )
+        conn.write(proto.message(message.data, then_quit=then_quit))
         await conn.drain()  # lost while the kernel would not take more: the dot never left
         self.dot_sent = True
         conn.step(timeouts.data_end)
@@ -489,6 +497,7 @@ class Session:
         *,
         started: float | None = None,
         extras: Extras = NO_EXTRAS,
+        last: bool = False,
     ) -> list[RecipientResult]:
         """One transaction, one result per recipient, whatever happens (a session
         that fails leaves its recipients with a transient, permanent or unknown
@@ -496,7 +505,9 @@ class Session:
         t0 = anyio.current_time() if started is None else started
         host = self.endpoint.host
         try:
-            refused, final = await self.transaction(sender, recipients, message, extras=extras)
+            refused, final = await self.transaction(
+                sender, recipients, message, extras=extras, last=last
+            )
         except SMTPError as exc:
             elapsed = anyio.current_time() - t0
             return [
@@ -540,7 +551,10 @@ class Session:
         if conn is None:
             return
         try:
-            if self.proto.state in (State.READY, State.MAIL, State.CONNECTED, State.REFUSED):
+            if self.proto.awaiting == "quit":  # pipelined after the last message
+                conn.step(self.timeouts.command)
+                await conn.read_reply()
+            elif self.proto.state in (State.READY, State.MAIL, State.CONNECTED, State.REFUSED):
                 await self._command(self.proto.quit(), self.timeouts.command)
         except SMTPError:
             pass
