@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import __version__
+from .argtypes import positive_float, positive_int
 from .config import TLS_MODES, TLSMode
 from .errors import (
     InputError,
@@ -1019,26 +1020,6 @@ def _host_port(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0 < number < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {value!r}")
-    return number
-
-
 # ----------------------------------------------------------------------- the command
 
 _DESCRIPTION = (
@@ -1061,17 +1042,17 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "target", type=_host_port, metavar="HOST[:PORT]", help="the server (port default 25)"
     )
     bound = parser.add_argument_group("how much (at least one)")
-    bound.add_argument("--messages", type=_positive_int, metavar="N", help="send N messages")
+    bound.add_argument("--messages", type=positive_int, metavar="N", help="send N messages")
     bound.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help="start messages for this long, then wait for those in flight (at most --timeout)",
     )
     load = parser.add_argument_group("load")
     load.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         metavar="C",
         help="messages (and sessions) in flight at once (default 10)",
@@ -1100,7 +1081,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     )
     message.add_argument(
         "--recipients-per-message",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="R",
         help="RCPTs per message (default 1)",
@@ -1147,7 +1128,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     )
     session.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="SECONDS",
         help="per network step (default 30)",

@@ -42,6 +42,7 @@ import anyio
 from . import __version__
 from .address import check_header, check_mailbox, parse_address_list
 from .api import format_log_line, sendmail
+from .argtypes import positive_float, positive_int
 from .bench import add_bench_parser, main_bench
 from .config import DSN, TLS_MODES, Direct, Relay, TLSMode
 from .errors import InputError, ResolveError, SMTPError
@@ -120,16 +121,6 @@ def _port(value: str) -> int:
     return number
 
 
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not number > 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {value!r}")
-    return number
-
-
 def _count(value: str) -> int:
     try:
         number = int(value)
@@ -145,16 +136,6 @@ def _rate(value: str) -> Rate:
         return Rate.parse(value)
     except InputError as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
-    return number
 
 
 # ----------------------------------------------------------------------- the parser
@@ -246,7 +227,7 @@ def _add_send(sub: Any) -> None:
     )
     direct.add_argument(
         "--per-domain",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"sessions open to one domain at once (default {_PER_DOMAIN})",
     )
@@ -258,7 +239,7 @@ def _add_send(sub: Any) -> None:
     )
     direct.add_argument(
         "--dns-timeout",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help=f"per DNS query (default {_DNS_TIMEOUT:g})",
     )
@@ -274,14 +255,14 @@ def _add_send(sub: Any) -> None:
     common.add_argument("--helo", metavar="NAME", help="the name to greet with (EHLO)")
     common.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=100,
         metavar="N",
         help="sessions open at once (default 100)",
     )
     common.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="SECONDS",
         help="per network step (default 30)",
@@ -365,7 +346,7 @@ def _add_mx(sub: Any) -> None:
         metavar="IP[:PORT]",
         help="ask this DNS server (may repeat; default: the system's)",
     )
-    mx.add_argument("--dns-timeout", type=_positive_float, default=_DNS_TIMEOUT, metavar="SECONDS")
+    mx.add_argument("--dns-timeout", type=positive_float, default=_DNS_TIMEOUT, metavar="SECONDS")
     mx.add_argument("--json", action="store_true", help="JSON Lines, one per domain")
 
 
@@ -376,8 +357,8 @@ def _add_demo(sub: Any) -> None:
         description="Start an SMTP server on 127.0.0.1 that keeps what it receives as "
         ".eml files, and send a message to many recipients through it.",
     )
-    demo.add_argument("--recipients", type=_positive_int, default=30, metavar="N")
-    demo.add_argument("--concurrency", type=_positive_int, default=10, metavar="N")
+    demo.add_argument("--recipients", type=positive_int, default=30, metavar="N")
+    demo.add_argument("--concurrency", type=positive_int, default=10, metavar="N")
     demo.add_argument(
         "--dir",
         type=Path,

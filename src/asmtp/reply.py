@@ -103,7 +103,7 @@ class ReplyParser:
         Reply(250, ('mx.example.org', 'PIPELINING', 'SIZE 1000'))
     """
 
-    __slots__ = ("_buf", "_scan", "_count", "eof", "max_line", "max_lines")
+    __slots__ = ("_buf", "_count", "_scan", "eof", "max_line", "max_lines")
 
     def __init__(self, *, max_line: int = MAX_LINE, max_lines: int = MAX_LINES) -> None:
         self._buf = bytearray()
