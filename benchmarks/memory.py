@@ -102,7 +102,7 @@ async def run(port: int, count: int, concurrency: int, limit: float) -> dict[str
     start_rss = rss_mb()
     started = time.monotonic()
     async with asmtp.Mailer(relay, concurrency=concurrency, retry=None, timeout=30) as mailer:
-        with asyncio.timeout(limit):
+        async with asyncio.timeout(limit):
             async for result in mailer.deliver(jobs()):
                 statuses[result.status] += 1
                 done = sum(statuses.values())

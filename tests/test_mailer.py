@@ -270,3 +270,14 @@ async def test_rate_limited_run_completes(smtp_server: MakeServer) -> None:
     async with asmtp.Mailer(relay_to(server), rate="20/s", rate_per_domain="10/s") as mailer:
         report = await mailer.send(message(), recipients=[f"u{i}@example.org" for i in range(15)])
     assert report.ok and len(server.messages) == 15
+
+
+async def test_an_error_in_the_callers_block_propagates_unwrapped(
+    smtp_server: MakeServer,
+) -> None:
+    server = smtp_server()
+    with pytest.raises(KeyError):
+        async with asmtp.Mailer(relay_to(server)) as mailer:
+            async for _ in mailer.deliver(Job(f"u{i}@example.org", message()) for i in range(50)):
+                raise KeyError("the caller's bug")
+    assert server.wait_idle(timeout=5)

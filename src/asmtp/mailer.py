@@ -163,6 +163,7 @@ class Mailer:
         self._bucket: TokenBucket | None = None
         self._domain_buckets: dict[str, TokenBucket] = {}
         self._last_prepared: tuple[object, PreparedMessage] | None = None
+        self._last_sender: tuple[object, str] | None = None
         self._pool: SessionPool | None = None
         self._reaper = anyio.CancelScope()
 
@@ -206,6 +207,15 @@ class Mailer:
             if self._pool is not None:
                 await self._pool.aclose()
             if tg is not None:
+                exc_type, exc_value, _ = exc
+                if exc_value is not None and not isinstance(
+                    exc_value, anyio.get_cancelled_exc_class()
+                ):
+                    # The caller's own error in the `async with` body: end the workers
+                    # and let it propagate as it is, not wrapped in an ExceptionGroup.
+                    tg.cancel_scope.cancel()
+                    await tg.__aexit__(None, None, None)
+                    return None
                 return await tg.__aexit__(*exc)
             return None
         finally:
@@ -341,7 +351,7 @@ class Mailer:
         if sender is None:
             if not isinstance(message, EmailMessage):
                 raise InputError("a message given as bytes needs the job's sender")
-            sender, _ = envelope_of(message, recipients=[recipient])
+            sender = self._sender_of(message)
         message = self._prepare_cached(message)
         if self.unsubscribe is not None:
             # Per-recipient headers, then the signature over exactly these bytes.
@@ -362,6 +372,15 @@ class Mailer:
         if self.verp is not None:
             sender = check_mailbox(self.verp.format(token=_token(recipient)), field="verp")
         return sender, recipient, message
+
+    def _sender_of(self, message: EmailMessage) -> str:
+        # Jobs that share one message object share its parsed Sender/From too.
+        last = self._last_sender
+        if last is not None and last[0] is message:
+            return last[1]
+        sender, _ = envelope_of(message, recipients=["placeholder@example.invalid"])
+        self._last_sender = (message, sender)
+        return sender
 
     def _prepare_cached(self, message: EmailMessage | bytes | PreparedMessage) -> PreparedMessage:
         # Jobs that share one message object share its serialization (and signature).
@@ -384,8 +403,10 @@ class Mailer:
     ) -> RecipientResult | None:
         """Try, and retry transient failures; None when the mailer stopped before the
         first try."""
-        start = anyio.current_time()
-        deadline = start + self.recipient_deadline if self.recipient_deadline else None
+        start = time.monotonic()  # for elapsed; deadlines are in the event loop's time
+        deadline = (
+            anyio.current_time() + self.recipient_deadline if self.recipient_deadline else None
+        )
         journal = self._journal
 
         async def before_dot(recipients: Sequence[str]) -> None:
@@ -405,9 +426,13 @@ class Mailer:
                     break
                 tries += 1
                 result = await self._attempt(sender, recipient, prepared, extras, deadline)
-            elapsed = anyio.current_time() - start
+            elapsed = time.monotonic() - start
             wait = self.retry.next_delay(result, tries, elapsed)
-            if wait is not None and deadline is not None and start + elapsed + wait >= deadline:
+            if (
+                wait is not None
+                and deadline is not None
+                and anyio.current_time() + wait >= deadline
+            ):
                 wait = None
             if wait is None or self._stopping:
                 break
@@ -415,7 +440,7 @@ class Mailer:
             await anyio.sleep(wait)
         if result is None:
             return None
-        return replace(result, key=job.key, attempts=tries, elapsed=anyio.current_time() - start)
+        return replace(result, key=job.key, attempts=tries, elapsed=time.monotonic() - start)
 
     async def _attempt(
         self,
