@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import string
+import time
 import types
 import urllib.parse
 from collections.abc import (
@@ -207,7 +208,7 @@ class Mailer:
             if self._pool is not None:
                 await self._pool.aclose()
             if tg is not None:
-                exc_type, exc_value, _ = exc
+                _, exc_value, _ = exc
                 if exc_value is not None and not isinstance(
                     exc_value, anyio.get_cancelled_exc_class()
                 ):
