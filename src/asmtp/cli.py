@@ -1299,7 +1299,8 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    return uvloop.run(coro)
+    result: _T = uvloop.run(coro)  # typed whether or not uvloop ships its stubs
+    return result
 
 
 if __name__ == "__main__":  # pragma: no cover
