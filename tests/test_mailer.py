@@ -18,6 +18,7 @@ from servers import FaultServer, SMTPTestServer
 MakeServer = Callable[..., SMTPTestServer]
 MakeFault = Callable[..., FaultServer]
 FAST = asmtp.Retry(attempts=3, backoff=0.01, jitter=0)
+FAST_TWO = asmtp.Retry(attempts=2, backoff=0.01, jitter=0)
 
 
 def relay_to(server: SMTPTestServer | FaultServer) -> asmtp.Relay:
@@ -281,3 +282,42 @@ async def test_an_error_in_the_callers_block_propagates_unwrapped(
             async for _ in mailer.deliver(Job(f"u{i}@example.org", message()) for i in range(50)):
                 raise KeyError("the caller's bug")
     assert server.wait_idle(timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("stage", "fault", "status", "tries"),
+    [
+        ("greeting", "close", "transient", 2),
+        ("greeting", "reply:421 4.3.2 busy", "transient", 2),
+        ("ehlo", "garbage", "transient", 2),
+        ("mail", "reply:421 4.3.2 closing", "transient", 2),
+        ("mail", "reply:451 4.3.0 later", "transient", 2),
+        ("rcpt", "huge", "transient", 2),
+        ("rcpt", "reply:550 5.1.1 unknown", "permanent", 1),
+        ("data", "close", "transient", 2),
+        ("data", "reply:554 5.6.0 no", "permanent", 1),
+        ("message", "close", "unknown", 1),
+        ("message", "silence", "unknown", 1),
+        ("message", "reply:451 4.3.0 later", "transient", 2),
+    ],
+)
+async def test_every_fault_one_result_and_retries_only_where_allowed(
+    fault_server: MakeFault, stage: str, fault: str, status: str, tries: int
+) -> None:
+    server = fault_server(**{stage: fault})
+    recipients = [f"r{i}@example.org" for i in range(3)]
+    async with asmtp.Mailer(relay_to(server), retry=FAST_TWO, timeout=1.5) as mailer:
+        results = [r async for r in mailer.deliver(Job(r, message()) for r in recipients)]
+    assert sorted(r.recipient for r in results) == recipients
+    assert {(r.status, r.stage, r.attempts) for r in results} == {(status, stage, tries)}
+    assert server.connections == tries * len(recipients)
+
+
+async def test_bytes_trickled_one_per_second_hit_the_step_timeout(
+    fault_server: MakeFault,
+) -> None:
+    server = fault_server(greeting="trickle", trickle_interval=1.0)
+    async with asmtp.Mailer(relay_to(server), retry=None, timeout=2) as mailer:
+        [r] = await mailer.send(message(), recipients=["a@example.org"])
+    assert (r.status, r.stage) == ("transient", "greeting")
+    assert "timed out" in r.message
