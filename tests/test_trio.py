@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-import sniffio
 import trio
 
 import asmtp
@@ -42,7 +41,7 @@ RECEIVED = b"Subject: from trio\r\n\r\nfirst line\r\n.starts with a dot\r\n"
 
 def run_trio(test: Callable[[], Awaitable[None]]) -> None:
     async def main() -> None:
-        assert sniffio.current_async_library() == "trio"
+        assert trio.lowlevel.current_trio_token() is not None
         await test()
 
     trio.run(main)

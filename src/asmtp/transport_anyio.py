@@ -14,6 +14,7 @@ tell the two drivers apart; :func:`open_best` picks one for the running async li
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import select
@@ -23,7 +24,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
-import sniffio
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute, TLSStream
 
@@ -332,7 +332,7 @@ async def open_stream_connection(
     For event loops other than asyncio (under asyncio, anyio's streams do not sit on a
     socket that can be closed synchronously; :func:`open_best` picks the asyncio driver
     there)."""
-    if sniffio.current_async_library() == "asyncio":
+    if _on_asyncio():
         raise LocalProtocolError(
             "open_stream_connection is the driver for trio; use "
             "asmtp.transport.open_connection (or open_best) under asyncio"
@@ -373,7 +373,7 @@ async def open_best(
 ) -> AnyConnection:
     """Open a connection with the driver for the running async library: the
     ``BufferedProtocol`` one on asyncio (uvloop included), anyio streams elsewhere."""
-    if sniffio.current_async_library() == "asyncio":
+    if _on_asyncio():
         return await open_connection(
             proto,
             host,
@@ -400,3 +400,13 @@ if TYPE_CHECKING:  # both drivers offer what a session needs
 
     def _check(a: Connection, b: StreamConnection) -> tuple[AnyConnection, AnyConnection]:
         return a, b
+
+
+def _on_asyncio() -> bool:
+    """Whether the running event loop is asyncio's (uvloop included): the fast
+    BufferedProtocol driver applies there; anything else (trio) goes over anyio."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
