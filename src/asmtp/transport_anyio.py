@@ -373,18 +373,8 @@ async def open_best(
 ) -> AnyConnection:
     """Open a connection with the driver for the running async library: the
     ``BufferedProtocol`` one on asyncio (uvloop included), anyio streams elsewhere."""
-    if _on_asyncio():
-        return await open_connection(
-            proto,
-            host,
-            port,
-            address=address,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname,
-            source_address=source_address,
-            timeout=timeout,
-        )
-    return await open_stream_connection(
+    opener = open_connection if _on_asyncio() else open_stream_connection
+    return await opener(
         proto,
         host,
         port,
