@@ -30,6 +30,7 @@ from typing import Any, TypeAlias
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectSendStream
 
 from .address import check_mailbox, domain_of
 from .config import DSN, Direct, Relay, Timeouts, TimeoutSpec
@@ -268,20 +269,36 @@ class Mailer:
         if isinstance(jobs, Sequence):
             workers = min(workers, len(jobs)) or 1
 
-        async def worker(out: anyio.abc.ObjectSendStream[RecipientResult]) -> None:
+        async def worker(out: MemoryObjectSendStream[RecipientResult]) -> None:
             async with out:
                 with run.scope():
                     while (job := await source.next()) is not None:
                         result = await self._run_job(job)
-                        if result is not None:
-                            await out.send(result)
+                        if result is None:
+                            continue
+                        try:
+                            try:
+                                out.send_nowait(result)  # no loop trip while there is room
+                            except anyio.WouldBlock:
+                                await out.send(result)
+                        except anyio.BrokenResourceError:
+                            return  # the consumer stopped iterating: nobody to tell
 
         for _ in range(workers):
             self._tg.start_soon(worker, send.clone())
         send.close()
         try:
             async with receive:
-                async for result in receive:
+                while True:
+                    try:
+                        result = receive.receive_nowait()
+                    except anyio.WouldBlock:
+                        try:
+                            result = await receive.receive()
+                        except anyio.EndOfStream:
+                            break
+                    except anyio.EndOfStream:
+                        break
                     yield result
         finally:
             run.cancel()
@@ -420,13 +437,21 @@ class Mailer:
         result: RecipientResult | None = None
         while True:
             await self._throttle(recipient)
-            async with self._limiter:
+            # Uncontended, take the slot without a checkpoint (a trip round the event
+            # loop per job costs more than the bookkeeping of a whole session).
+            try:
+                self._limiter.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._limiter.acquire()
+            try:
                 if self._stopping:
                     # Stopped while this job waited for its turn: it was not attempted
                     # (or keeps its last result); a resumed run takes it from here.
                     break
                 tries += 1
                 result = await self._attempt(sender, recipient, prepared, extras, deadline)
+            finally:
+                self._limiter.release()
             elapsed = time.monotonic() - start
             wait = self.retry.next_delay(result, tries, elapsed)
             if (

@@ -85,7 +85,10 @@ class SessionPool:
         The semaphore counts borrowers, not sessions: a session is either lent out
         or idle, and a new one is opened only when none is idle, so no more than
         ``max_connections`` ever exist."""
-        await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()  # uncontended: no trip round the event loop
+        except anyio.WouldBlock:
+            await self._slots.acquire()
         try:
             while self._idle and not fresh:
                 pooled = self._idle.pop()  # most recently used: warm, least likely closed
