@@ -19,14 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import datetime
-import email.policy
 import json
 import os
-import platform
 import re
-import resource
 import shutil
 import socket
 import statistics
@@ -38,15 +33,34 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-HOST = "127.0.0.1"
-SENDER = "bench@example.test"
-HELO = "bench.example.test"
+from _common import (
+    HELO,
+    HERE,
+    HOST,
+    SENDER,
+    add_run_options,
+    benchmark_message,
+    cpu_self,
+    emit,
+    ensure_asmtp_importable,
+    exit_reason,
+    fmt,
+    header,
+    machine,
+    machine_busy,
+    percentile,
+    place,
+    process_cpu,
+    reap,
+    run_worker_process,
+    select_clients,
+    tail,
+    wait_for_quiet,
+)
+
 MESSAGE_TIMEOUT = 30.0  # seconds, per message, in every client
 MAX_MESSAGES = 100_000
 MAX_CONCURRENCY = 1_000
@@ -77,15 +91,11 @@ def peer_for(client: str, base: str) -> str:
 
 def build_message() -> bytes:
     """The one message every client sends: about 2 KB, CRLF line ends."""
-    msg = EmailMessage(policy=email.policy.SMTP)
-    msg["From"] = f"Benchmark <{SENDER}>"
-    msg["To"] = "Benchmark list <list@example.test>"
-    msg["Subject"] = "asmtp fan-out benchmark"
-    msg["Date"] = "Thu, 01 Jan 2026 00:00:00 +0000"
-    msg["Message-ID"] = "<fanout.1@bench.example.test>"
-    line = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs."
-    msg.set_content("\n".join(f"{i:02d} {line}" for i in range(1, 24)) + "\n")
-    return msg.as_bytes()
+    return benchmark_message(
+        to="Benchmark list <list@example.test>",
+        subject="asmtp fan-out benchmark",
+        message_id="<fanout.1@bench.example.test>",
+    )
 
 
 def build_recipients(count: int) -> list[str]:
@@ -223,25 +233,12 @@ def version_of(client: str) -> str:
     return ""
 
 
-def cpu_self() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 def worker_main(client: str, port: int, count: int, concurrency: int) -> int:
     """Run one client once. Protocol with the parent, one JSON line each way on stdout:
     ``{"ready"...}`` after imports and setup; wait for ``go`` on stdin; ``{"result"...}``."""
     sys.path.insert(0, str(HERE))  # bare_client
     if client.startswith("asmtp"):
-        with contextlib.suppress(ImportError):
-            import asmtp  # noqa: F401  (the installed one, else the checkout's src/)
-        if "asmtp" not in sys.modules:
-            sys.path.insert(0, str(REPO / "src"))
+        ensure_asmtp_importable()
     why = check_available(client)
     if why is not None:
         emit({"unavailable": why})
@@ -386,11 +383,7 @@ class Sink:
 
     def exit_reason(self) -> str | None:
         """None while the sink runs; else how it ended."""
-        status = self.proc.poll()
-        if status is None:
-            return None
-        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-        return f"{how} ({tail(self._stderr)})"
+        return exit_reason(self.proc, self._stderr)
 
     def wait_for_count(self, at_least: int, limit: float = 2.0) -> int:
         """The counter, once it reaches ``at_least`` or ``limit`` seconds pass."""
@@ -401,19 +394,11 @@ class Sink:
 
     def cpu(self) -> float:
         """The sink's CPU seconds so far (from /proc; 0 where there is none)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        reap(self.proc)
         self._reader.join(2)
         self._stderr.close()
 
@@ -475,37 +460,6 @@ class Row:
     unavailable: str = ""
 
 
-def machine_busy() -> float:
-    """Seconds all CPUs together have spent busy since boot (/proc/stat: user, nice, system,
-    irq, softirq, steal); 0 where there is no /proc."""
-    try:
-        with open("/proc/stat", "rb") as stat:
-            fields = stat.readline().split()
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_quiet(limit: float, threshold: float = 0.2, sample: float = 0.25) -> float:
-    """Wait, up to ``limit`` seconds, until the machine is idle but for ``threshold`` of one
-    CPU over a ``sample`` (other people's builds skew a run far more than rounds can average
-    out). Returns the busy fraction last seen."""
-    deadline = time.monotonic() + limit
-    while True:
-        before = machine_busy()
-        time.sleep(sample)
-        load = (machine_busy() - before) / sample
-        if load <= threshold or time.monotonic() >= deadline:
-            return load
-
-
-def tail(path_file: Any, lines: int = 3) -> str:
-    path_file.seek(0)
-    text = path_file.read().decode("utf-8", "replace").strip().splitlines()
-    return " / ".join(text[-lines:]) or "no output"
-
-
 def run_python_client(
     client: str,
     sink: Sink,
@@ -517,51 +471,24 @@ def run_python_client(
     """One run in a fresh interpreter; a str means the client is unavailable."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", client]
     argv += ["--port", str(sink.port), "--messages", str(count), "--concurrency", str(concurrency)]
-    with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
-        if cpus:  # before "go", so the measured work runs only there
-            os.sched_setaffinity(proc.pid, cpus)
-        assert proc.stdin is not None and proc.stdout is not None
-        killer = threading.Timer(hard_timeout, proc.kill)
-        killer.start()
-        run = Run()
-        try:
-            ready = json.loads(proc.stdout.readline() or b"{}")
-            if "unavailable" in ready:
-                return str(ready["unavailable"])
-            if not ready.get("ready"):
-                run.error = f"worker died before starting: {tail(errors)}"
-                return run
-            run.version = str(ready.get("version", ""))
-            messages_before, sink_cpu_before = sink.messages(), sink.cpu()
-            busy_before = machine_busy()
-            start = time.perf_counter()
-            proc.stdin.write(b"go\n")
-            proc.stdin.flush()
-            line = proc.stdout.readline()
-            run.wall = time.perf_counter() - start
-            busy = machine_busy() - busy_before
-            result = json.loads(line or b"{}")
-        finally:
-            killer.cancel()
-            proc.stdin.close()
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            proc.stdout.close()
-        if not result.get("result"):
-            reason = "killed at the hard timeout" if proc.returncode < 0 else tail(errors)
-            run.error = f"worker failed ({reason})"
-            return run
-        # The client's CPU for the work alone: its total less what it had used when ready.
-        run.cpu = usage.ru_utime + usage.ru_stime - float(ready["cpu"])
-        run.delivered = int(result["delivered"])
-        run.latencies = [float(x) for x in result["latencies"]]
-        run.sink_count = sink.wait_for_count(messages_before + run.delivered) - messages_before
-        run.sink_cpu = sink.cpu() - sink_cpu_before
-        run.others_cpu = max(0.0, busy - run.cpu - run.sink_cpu)
-        if result["failed"]:
-            run.error = f"{result['failed']} failed: {result['errors']}"
+    worker = run_worker_process(argv, cpus, hard_timeout, lambda: (sink.messages(), sink.cpu()))
+    if isinstance(worker, str):
+        return worker
+    run = Run(wall=worker.elapsed, error=worker.error, version=worker.version)
+    if worker.error or worker.usage is None:
         return run
+    messages_before, sink_cpu_before = worker.before
+    result, usage = worker.result, worker.usage
+    # The client's CPU for the work alone: its total less what it had used when ready.
+    run.cpu = usage.ru_utime + usage.ru_stime - float(worker.ready["cpu"])
+    run.delivered = int(result["delivered"])
+    run.latencies = [float(x) for x in result["latencies"]]
+    run.sink_count = sink.wait_for_count(messages_before + run.delivered) - messages_before
+    run.sink_cpu = sink.cpu() - sink_cpu_before
+    run.others_cpu = max(0.0, worker.busy - run.cpu - run.sink_cpu)
+    if result["failed"]:
+        run.error = f"{result['failed']} failed: {result['errors']}"
+    return run
 
 
 def run_smtp_source(
@@ -626,39 +553,6 @@ def run_client(
     return run_python_client(client, sink, args.messages, concurrency, args.hard_timeout, cpus)
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    index = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
-    return ordered[index]
-
-
-def machine() -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    try:
-        import uvloop
-
-        uvloop_version = uvloop.__version__
-    except ImportError:
-        uvloop_version = "not installed"
-    return {
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": model,
-        "kernel": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "uvloop": uvloop_version,
-    }
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}"
-
-
 def rate(run: Run, count: int) -> float:
     return count / run.wall if run.wall > 0 else 0.0
 
@@ -675,14 +569,8 @@ def render(
     info: dict[str, str],
     versions: dict[str, str],
 ) -> str:
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# asmtp fan-out benchmark",
-        "",
-        f"- date: {date}",
-        f"- machine: {info['nproc']} CPUs, {info['cpu']}, {info['kernel']}; {placement}",
-        f"- Python {info['python']}, uvloop {info['uvloop']}"
-        + "".join(f", {v}" for v in sorted(set(versions.values())) if v),
+        *header("asmtp fan-out benchmark", info, placement, versions),
         f"- sink: {sink.name} on {HOST}, PIPELINING "
         + ("offered" if sink.banner_has_pipelining else "not offered"),
         f"- work: {count} messages of {size} bytes, one recipient and one connection each;"
@@ -784,21 +672,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto", help="default auto"
     )
-    parser.add_argument(
-        "--hard-timeout", type=float, default=300.0, help="seconds before a run is killed"
-    )
-    parser.add_argument(
-        "--settle",
-        type=float,
-        default=5.0,
-        help="before each run, wait up to this many seconds for other load to pass (0: do not)",
-    )
-    parser.add_argument(
-        "--no-pin",
-        dest="pin",
-        action="store_false",
-        help="do not pin the sink and the client to separate CPUs",
-    )
+    add_run_options(parser, "sink")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sink-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -815,11 +689,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
     if not 1 <= args.rounds <= 20:
         parser.error("--rounds must be between 1 and 20")
-    names = [n.strip() for item in args.only or [] for n in item.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CLIENTS]
-    if unknown:
-        parser.error(f"unknown client(s) {unknown}; known: {', '.join(CLIENTS)}")
-    args.clients = [c for c in CLIENTS if c in names] if names else list(CLIENTS)
+    select_clients(parser, args, list(CLIENTS))
     return args
 
 
@@ -833,23 +703,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = len(build_message())
     body_size = size - len(build_message().split(b"\r\n\r\n", 1)[0]) - 4
     info = machine()  # before pinning this process changes what nproc would say
-    available = sorted(os.sched_getaffinity(0))
-    cpus: set[int] | None = None
-    placement = f"not pinned ({len(available)} CPUs shared by client and sink)"
-    if args.pin and len(available) >= 2:
-        # The sink (and this parent, idle but for reading the sink's counters) on one CPU, each
-        # client on another: every client gets the same one core, whatever the scheduler does.
-        os.sched_setaffinity(0, {available[0]})
-        cpus = {available[1]}
-        placement = f"sink pinned to CPU {available[0]}, each client to CPU {available[1]}"
-    if args.settle > 0:
-        placement += (
-            f"; before each run, waited (up to {args.settle:g} s) for other load below 20% of a CPU"
-        )
+    # The sink (and this parent, idle but for reading the sink's counters) on one CPU, each
+    # client on another.
+    sink_cpus, cpus, placement = place(args.pin, args.settle, "sink")
 
     def start_sink() -> Sink:
         session_limit = max(1024, 2 * max(args.concurrency) + 64)
-        sink = Sink(args.sink, session_limit, {available[0]} if cpus else None)
+        sink = Sink(args.sink, session_limit, sink_cpus)
         print(f"sink: {sink.name}, port {sink.port}", file=sys.stderr)
         return sink
 

@@ -24,13 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
-import email.policy
 import json
 import logging
 import os
-import platform
-import resource
 import ssl
 import statistics
 import subprocess
@@ -41,15 +37,32 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from email.message import EmailMessage
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-HOST = "127.0.0.1"
-SENDER = "bench@example.test"
-HELO = "bench.example.test"
+from _common import (
+    HELO,
+    HERE,
+    HOST,
+    SENDER,
+    add_run_options,
+    benchmark_message,
+    cpu_self,
+    emit,
+    ensure_asmtp_importable,
+    exit_reason,
+    fmt,
+    header,
+    machine,
+    percentile,
+    place,
+    process_cpu,
+    reap,
+    run_worker_process,
+    select_clients,
+    wait_for_quiet,
+)
+
 RELAY_NAME = "relay.bench.example.test"
 USERNAME = "bench"
 PASSWORD = "bench-password"
@@ -77,36 +90,15 @@ CLIENTS: dict[str, tuple[str, str]] = {
 
 def build_message() -> bytes:
     """The one message every send carries: about 2 KB, CRLF line ends."""
-    msg = EmailMessage(policy=email.policy.SMTP)
-    msg["From"] = f"Benchmark <{SENDER}>"
-    msg["To"] = "Benchmark user <user@example.test>"
-    msg["Subject"] = "asmtp pooled-session benchmark"
-    msg["Date"] = "Thu, 01 Jan 2026 00:00:00 +0000"
-    msg["Message-ID"] = "<pool.1@bench.example.test>"
-    line = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs."
-    msg.set_content("\n".join(f"{i:02d} {line}" for i in range(1, 24)) + "\n")
-    return msg.as_bytes()
+    return benchmark_message(
+        to="Benchmark user <user@example.test>",
+        subject="asmtp pooled-session benchmark",
+        message_id="<pool.1@bench.example.test>",
+    )
 
 
 def recipient(index: int) -> str:
     return f"user-{index:05d}@example.test"
-
-
-def cpu_self() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def emit(stream: IO[str], obj: dict[str, Any]) -> None:
-    stream.write(json.dumps(obj) + "\n")
-    stream.flush()
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    index = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
-    return ordered[index]
 
 
 # ---------------------------------------------------------------------------- the relay
@@ -224,13 +216,13 @@ def server_main(cert_file: str, key_file: str) -> int:
             for line in sys.stdin:
                 command = line.strip()
                 if command == "stats":
-                    emit(sys.stdout, dict(stats))
+                    emit(dict(stats))
                 elif command == "reset-peak":  # between runs, when nothing else happens
                     stats["peak"] = stats["active"]
             loop.call_soon_threadsafe(stop.set)
 
         threading.Thread(target=control, daemon=True).start()
-        emit(sys.stdout, {"port": port})
+        emit({"port": port})
         async with server:
             await stop.wait()
 
@@ -294,28 +286,16 @@ class Relay:
 
     def cpu(self) -> float:
         """The relay's CPU seconds so far (from /proc; 0 where there is none)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(self.proc.pid)
 
     def exit_reason(self) -> str | None:
-        status = self.proc.poll()
-        if status is None:
-            return None
-        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-        return f"{how} ({tail(self._stderr)})"
+        return exit_reason(self.proc, self._stderr)
 
     def stop(self) -> None:
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        reap(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._stderr.close()
@@ -448,7 +428,7 @@ async def run_worker(
     async with sender as send_one:
         # Ready: imports done, TLS context built, the Mailer entered (its pool is empty:
         # sessions open lazily, within the measured work).
-        emit(sys.stdout, {"ready": True, "cpu": cpu_self(), "version": version_of(client)})
+        emit({"ready": True, "cpu": cpu_self(), "version": version_of(client)})
         loop = asyncio.get_running_loop()
         if (await loop.run_in_executor(None, sys.stdin.readline)).strip() != "go":
             return {"result": False}
@@ -494,13 +474,10 @@ def worker_main(
     setup; wait for ``go``; ``{"result"...}`` (written after the Mailer has closed), with
     the wall and CPU time of the sends alone."""
     if client.startswith("asmtp"):
-        with contextlib.suppress(ImportError):
-            import asmtp  # noqa: F401  (the installed one, else the checkout's src/)
-        if "asmtp" not in sys.modules:
-            sys.path.insert(0, str(REPO / "src"))
+        ensure_asmtp_importable()
     why = check_available(client)
     if why is not None:
-        emit(sys.stdout, {"unavailable": why})
+        emit({"unavailable": why})
         return 0
     coro = run_worker(client, port, ca_file, sends, tasks, deadline)
     if CLIENTS[client][0] == "uvloop":
@@ -510,7 +487,7 @@ def worker_main(
     else:
         result = asyncio.run(coro)
     if result.get("result"):
-        emit(sys.stdout, result)
+        emit(result)
     return 0
 
 
@@ -545,34 +522,6 @@ class Row:
     unavailable: str = ""
 
 
-def tail(stream: IO[bytes], lines: int = 3) -> str:
-    stream.seek(0)
-    text = stream.read().decode("utf-8", "replace").strip().splitlines()
-    return " / ".join(text[-lines:]) or "no output"
-
-
-def machine_busy() -> float:
-    """Seconds all CPUs together have spent busy since boot (/proc/stat); 0 without /proc."""
-    try:
-        with open("/proc/stat", "rb") as stat:
-            fields = stat.readline().split()
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_quiet(limit: float, threshold: float = 0.2, sample: float = 0.25) -> None:
-    """Wait, up to ``limit`` seconds, until the machine is idle but for ``threshold`` of one
-    CPU over a ``sample``: other load skews a run more than rounds can average out."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        before = machine_busy()
-        time.sleep(sample)
-        if (machine_busy() - before) / sample <= threshold:
-            return
-
-
 def run_client(
     client: str, relay: Relay, ca_file: Path, args: argparse.Namespace, cpus: set[int] | None
 ) -> Run | str:
@@ -583,110 +532,58 @@ def run_client(
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", client]
     argv += ["--port", str(relay.port), "--ca", str(ca_file), "--deadline", f"{deadline:g}"]
     argv += ["--sends", str(args.sends), "--tasks", str(args.tasks)]
-    with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
-        if cpus:  # before "go", so the measured work runs only there
-            os.sched_setaffinity(proc.pid, cpus)
-        assert proc.stdin is not None and proc.stdout is not None
-        killer = threading.Timer(args.hard_timeout, proc.kill)
-        killer.start()
-        run = Run()
-        result: dict[str, Any] = {}
-        try:
-            ready = json.loads(proc.stdout.readline() or b"{}")
-            if "unavailable" in ready:
-                return str(ready["unavailable"])
-            if not ready.get("ready"):
-                run.error = f"worker died before starting: {tail(errors)}"
-                return run
-            run.version = str(ready.get("version", ""))
-            relay.reset_peak()
-            before, relay_cpu_before = relay.stats(), relay.cpu()
-            busy_before = machine_busy()
-            start = time.perf_counter()
-            proc.stdin.write(b"go\n")
-            proc.stdin.flush()
-            line = proc.stdout.readline()
-            # Until the result line: the sends and the Mailer's close (QUIT to its pooled
-            # sessions), which a service pays too, once, at shutdown.
-            run.window = time.perf_counter() - start
-            busy = machine_busy() - busy_before
-            result = json.loads(line or b"{}")
-        finally:
-            killer.cancel()
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            proc.stdout.close()
-        if not result.get("result"):
-            reason = "killed at the hard timeout" if proc.returncode < 0 else tail(errors)
-            run.error = f"worker failed ({reason})"
-            return run
-        run.wall = float(result["work"])
-        run.cpu = float(result["work_cpu"]) - float(ready["cpu"])
-        run.delivered = int(result["delivered"])
-        run.latencies = [float(x) for x in result["latencies"]]
-        if "sessions_opened" in result and client.startswith("asmtp-pool"):
-            run.pool_opened = int(result["sessions_opened"])
-        # The relay may count the last message or closed session a moment after the
-        # client has moved on.
-        after = relay.wait_for("messages", before.get("messages", 0) + run.delivered)
-        if after and after["active"]:
-            after = relay.wait_for("active", 0, invert=True)
-        if after and before:
-            run.relay_messages = after["messages"] - before["messages"]
-            run.sessions = after["sessions"] - before["sessions"]
-            run.peak = after["peak"]
-            run.starttls = after["starttls"] - before["starttls"]
-            run.rset = after["rset"] - before["rset"]
-            run.auths = {
-                key.removeprefix("auth_"): after[key] - before[key]
-                for key in ("auth_PLAIN", "auth_LOGIN", "auth_failed")
-                if after[key] - before[key]
-            }
-        run.relay_cpu = relay.cpu() - relay_cpu_before
-        client_cpu = usage.ru_utime + usage.ru_stime - float(ready["cpu"])
-        run.others_cpu = max(0.0, busy - client_cpu - run.relay_cpu)
-        problems = []
-        if result["timed_out"]:
-            problems.append(
-                f"not finished after {deadline:g} s: {result['started']} sends started,"
-                f" {run.delivered} delivered"
-            )
-        if result["failed"]:
-            problems.append(f"{result['failed']} failed: {result['errors']}")
-        if run.delivered + int(result["failed"]) != args.sends and not result["timed_out"]:
-            problems.append(f"{run.delivered + int(result['failed'])} results for {args.sends}")
-        run.error = "; ".join(problems)
+
+    def before_go() -> tuple[dict[str, int], float]:
+        relay.reset_peak()
+        return relay.stats(), relay.cpu()
+
+    worker = run_worker_process(argv, cpus, args.hard_timeout, before_go)
+    if isinstance(worker, str):
+        return worker
+    # Until the result line: the sends and the Mailer's close (QUIT to its pooled
+    # sessions), which a service pays too, once, at shutdown.
+    run = Run(window=worker.elapsed, error=worker.error, version=worker.version)
+    if worker.error or worker.usage is None:
         return run
-
-
-def machine() -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for name in ("uvloop", "aiosmtpd", "trustme"):
-        try:
-            module = __import__(name)
-            versions[name] = str(getattr(module, "__version__", "?"))
-        except ImportError:
-            versions[name] = "not installed"
-    return {
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": model,
-        "kernel": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        **versions,
-    }
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}"
+    before, relay_cpu_before = worker.before
+    result, usage = worker.result, worker.usage
+    run.wall = float(result["work"])
+    run.cpu = float(result["work_cpu"]) - float(worker.ready["cpu"])
+    run.delivered = int(result["delivered"])
+    run.latencies = [float(x) for x in result["latencies"]]
+    if "sessions_opened" in result and client.startswith("asmtp-pool"):
+        run.pool_opened = int(result["sessions_opened"])
+    # The relay may count the last message or closed session a moment after the
+    # client has moved on.
+    after = relay.wait_for("messages", before.get("messages", 0) + run.delivered)
+    if after and after["active"]:
+        after = relay.wait_for("active", 0, invert=True)
+    if after and before:
+        run.relay_messages = after["messages"] - before["messages"]
+        run.sessions = after["sessions"] - before["sessions"]
+        run.peak = after["peak"]
+        run.starttls = after["starttls"] - before["starttls"]
+        run.rset = after["rset"] - before["rset"]
+        run.auths = {
+            key.removeprefix("auth_"): after[key] - before[key]
+            for key in ("auth_PLAIN", "auth_LOGIN", "auth_failed")
+            if after[key] - before[key]
+        }
+    run.relay_cpu = relay.cpu() - relay_cpu_before
+    client_cpu = usage.ru_utime + usage.ru_stime - float(worker.ready["cpu"])
+    run.others_cpu = max(0.0, worker.busy - client_cpu - run.relay_cpu)
+    problems = []
+    if result["timed_out"]:
+        problems.append(
+            f"not finished after {deadline:g} s: {result['started']} sends started,"
+            f" {run.delivered} delivered"
+        )
+    if result["failed"]:
+        problems.append(f"{result['failed']} failed: {result['errors']}")
+    if run.delivered + int(result["failed"]) != args.sends and not result["timed_out"]:
+        problems.append(f"{run.delivered + int(result['failed'])} results for {args.sends}")
+    run.error = "; ".join(problems)
+    return run
 
 
 def rate(run: Run) -> float:
@@ -704,14 +601,8 @@ def render(
     versions: dict[str, str],
 ) -> str:
     sends, tasks = args.sends, args.tasks
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# asmtp pooled-session benchmark",
-        "",
-        f"- date: {date}",
-        f"- machine: {info['nproc']} CPUs, {info['cpu']}, {info['kernel']}; {placement}",
-        f"- Python {info['python']}, uvloop {info['uvloop']}"
-        + "".join(f", {v}" for v in sorted(set(versions.values())) if v),
+        *header("asmtp pooled-session benchmark", info, placement, versions),
         f"- relay: aiosmtpd {info['aiosmtpd']} on {HOST} in its own process (standard asyncio"
         f" loop), STARTTLS required (trustme {info['trustme']} certificate, ECDSA P-256),"
         " AUTH PLAIN/LOGIN required",
@@ -827,21 +718,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only", action="append", help="clients to run, comma-separated; repeatable"
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "pool-latest.md")
-    parser.add_argument(
-        "--hard-timeout", type=float, default=300.0, help="seconds before a run is killed"
-    )
-    parser.add_argument(
-        "--settle",
-        type=float,
-        default=5.0,
-        help="before each run, wait up to this many seconds for other load to pass (0: do not)",
-    )
-    parser.add_argument(
-        "--no-pin",
-        dest="pin",
-        action="store_false",
-        help="do not pin the relay and the client to separate CPUs",
-    )
+    add_run_options(parser, "relay")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--server-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -858,11 +735,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--rounds must be between 1 and 20")
     if not 1 <= args.hard_timeout <= 3600:
         parser.error("--hard-timeout must be between 1 and 3600 seconds")
-    names = [n.strip() for item in args.only or [] for n in item.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CLIENTS]
-    if unknown:
-        parser.error(f"unknown client(s) {unknown}; known: {', '.join(CLIENTS)}")
-    args.clients = [c for c in CLIENTS if c in names] if names else list(CLIENTS)
+    select_clients(parser, args, list(CLIENTS))
     return args
 
 
@@ -874,26 +747,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return server_main(args.cert, args.key)
 
     size = len(build_message())
-    info = machine()  # before pinning this process changes what nproc would say
-    available = sorted(os.sched_getaffinity(0))
-    cpus: set[int] | None = None
-    placement = f"not pinned ({len(available)} CPUs shared by client and relay)"
-    if args.pin and len(available) >= 2:
-        # The relay (and this parent, idle but for reading counters) on one CPU, each client
-        # on another: every client gets the same one core, whatever the scheduler does.
-        os.sched_setaffinity(0, {available[0]})
-        cpus = {available[1]}
-        placement = f"relay pinned to CPU {available[0]}, each client to CPU {available[1]}"
-    if args.settle > 0:
-        placement += (
-            f"; before each run, waited (up to {args.settle:g} s) for other load below 20% of a CPU"
-        )
+    # Before pinning this process changes what nproc would say.
+    info = machine(("uvloop", "aiosmtpd", "trustme"))
+    # The relay (and this parent, idle but for reading counters) on one CPU, each client
+    # on another.
+    relay_cpus, cpus, placement = place(args.pin, args.settle, "relay")
 
     rows = {client: Row() for client in args.clients}
     with tempfile.TemporaryDirectory(prefix="asmtp-pool-bench-") as tmp:
         tls_dir = Path(tmp)
         make_tls_material(tls_dir)
-        relay = Relay(tls_dir, {available[0]} if cpus else None)
+        relay = Relay(tls_dir, relay_cpus)
         print(f"relay: aiosmtpd on {HOST}:{relay.port}", file=sys.stderr)
         try:
             for round_index in range(args.rounds):
