@@ -136,9 +136,19 @@ class ReplyParser:
         buf = self._buf
         if not buf:
             return NEED_DATA
+        start, count, max_line = self._scan, self._count, self.max_line
+        if not start:
+            # Fast path: most replies are one line ("250 2.1.0 Ok\r\n").
+            end = buf.find(b"\n")
+            if 4 <= end <= max_line and buf[3] == 0x20:
+                head = buf[:3]
+                if head.isdigit() and 200 <= (code := int(head)) <= 599:
+                    stop = end - 1 if buf[end - 1] == 0x0D else end
+                    text = buf[4:stop].decode("utf-8", "replace")
+                    del buf[: end + 1]
+                    return Reply(code, (text,))
         # Find where the reply ends (its first line without "-" after the code)
         # looking at one byte per line; parse only once the whole reply is here.
-        start, count, max_line = self._scan, self._count, self.max_line
         while True:
             end = buf.find(b"\n", start)
             if end < 0:
