@@ -10,9 +10,10 @@ from email.message import EmailMessage
 import anyio
 
 import asmtp
-from servers import SMTPTestServer, free_port
+from servers import FaultServer, SMTPTestServer, free_port
 
 MakeServer = Callable[..., SMTPTestServer]
+MakeFault = Callable[..., FaultServer]
 
 
 def note(n: int) -> EmailMessage:
@@ -107,3 +108,15 @@ async def test_checked_before_reuse_after_idling(smtp_server: MakeServer) -> Non
         assert (await mailer.send(note(2))).ok
     assert server.sessions_opened == 1
     assert [verb for verb, _ in server.commands].count("RSET") == 1
+
+
+async def test_recipient_deadline_applies_to_pooled_sends(fault_server: MakeFault) -> None:
+    server = fault_server(rcpt="silence")
+    relay = asmtp.Relay(server.host, server.port, tls="none")
+    async with asmtp.Mailer(
+        relay, pool=True, retry=None, timeout=60, recipient_deadline=1.5
+    ) as mailer:
+        [r] = await mailer.send(note(1))
+        assert (r.status, r.stage) == ("transient", "rcpt")
+        assert "deadline" in r.message
+    assert server.wait_idle(timeout=5)  # the cut-short session was not kept

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import string
 import time
 import types
@@ -37,7 +38,7 @@ from .config import DSN, Direct, Relay, Timeouts, TimeoutSpec
 from .direct import DirectDelivery
 from .dispatch import run_session
 from .dkim import DKIM
-from .errors import InputError, SMTPError
+from .errors import InputError, SMTPError, SMTPTimeoutError
 from .journal import Journal, JournalEntry, journal_key, read_journal
 from .message import (
     PreparedMessage,
@@ -49,7 +50,7 @@ from .message import (
 from .pool import Pool, SessionPool
 from .results import RecipientResult, Report, result_from_error
 from .retry import Rate, Retry, TokenBucket
-from .session import Endpoint, Extras, default_helo, enable_debug
+from .session import Endpoint, Extras, Session, default_helo, enable_debug
 
 __all__ = ["Job", "Mailer"]
 
@@ -482,7 +483,9 @@ class Mailer:
             )
             return result
         if self._pool is not None:
-            return await self._pooled_attempt(self._pool, sender, recipient, prepared, extras)
+            return await self._pooled_attempt(
+                self._pool, sender, recipient, prepared, extras, deadline
+            )
         assert self._endpoint is not None
         results, _ = await run_session(
             self._endpoint,
@@ -503,29 +506,43 @@ class Mailer:
         recipient: str,
         prepared: PreparedMessage,
         extras: Extras,
+        deadline: float | None,
     ) -> RecipientResult:
         """One send on a pooled session; a reused session that turns out to be dead
-        before the dot is replaced by a fresh one, once."""
+        before the dot is replaced by a fresh one, once. ``deadline`` (event loop time)
+        bounds the wait for a session and the send."""
         fresh = False
-        while True:
-            try:
-                pooled = await pool.acquire(fresh=fresh)
-            except SMTPError as exc:
-                return result_from_error(recipient, exc, host=pool.endpoint.host)
-            try:
-                [result] = await pooled.session.deliver(
-                    sender, [recipient], prepared, extras=extras
-                )
-            except BaseException:
-                await pool.discard(pooled)
-                raise
-            dead = not pooled.session.is_open and result.status == "transient"
-            if dead and pooled.reused and not fresh:
-                await pool.discard(pooled)
-                fresh = True
-                continue
-            await pool.release(pooled)
-            return result
+        session: Session | None = None
+        with anyio.move_on_at(math.inf if deadline is None else deadline):
+            while True:
+                try:
+                    pooled = await pool.acquire(fresh=fresh)
+                except SMTPError as exc:
+                    return result_from_error(recipient, exc, host=pool.endpoint.host)
+                session = pooled.session
+                try:
+                    [result] = await session.deliver(sender, [recipient], prepared, extras=extras)
+                except BaseException:
+                    await pool.discard(pooled)  # its state is unknown: never reused
+                    raise
+                dead = not session.is_open and result.status == "transient"
+                if dead and pooled.reused and not fresh:
+                    await pool.discard(pooled)
+                    fresh = True
+                    continue
+                await pool.release(pooled)
+                return result
+        # The deadline passed, waiting for a session or during the send.
+        return result_from_error(
+            recipient,
+            SMTPTimeoutError(
+                "the recipient's deadline passed",
+                stage=session.stage if session is not None else "connect",
+            ),
+            host=pool.endpoint.host,
+            tls=session.tls if session is not None else "none",
+            dot_sent=session.dot_sent if session is not None else False,
+        )
 
     async def _throttle(self, recipient: str) -> None:
         if self._bucket is not None:
