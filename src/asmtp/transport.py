@@ -41,6 +41,26 @@ class Connection(asyncio.BufferedProtocol):
     when it fires early, so a fast session costs one timer in all.
     """
 
+    __slots__ = (
+        "_buffer",
+        "_close_waiter",
+        "_deadline",
+        "_drain_waiter",
+        "_loop",
+        "_lost",
+        "_lost_exc",
+        "_paused",
+        "_task",
+        "_timed_out",
+        "_timeout",
+        "_timer",
+        "_transport",
+        "_view",
+        "_waiter",
+        "host",
+        "proto",
+    )
+
     def __init__(self, proto: ClientProtocol, *, host: str) -> None:
         self.proto = proto
         self.host = host
