@@ -71,10 +71,6 @@ class Reply:
             text = text[m.end() :]
         return text
 
-    @property
-    def is_positive(self) -> bool:
-        return self.code < 400
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Reply):
             return NotImplemented
@@ -112,11 +108,6 @@ class ReplyParser:
         self.eof = False
         self.max_line = max_line
         self.max_lines = max_lines
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet part of a returned reply."""
-        return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if not data:

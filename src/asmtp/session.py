@@ -195,7 +195,6 @@ class Session:
         self.dot_sent = False
         self.tls: TLSState = "none"
         self.stage = "connect"
-        self.connected_to: str | None = None
         self._needs_rset = False
         self._conn: AnyConnection | None = None
         trace = None
@@ -208,10 +207,6 @@ class Session:
                 logger.debug("%s %s", tag, line)
 
         self.proto = ClientProtocol(trace=trace, tls=False)
-
-    @property
-    def capabilities(self) -> object:
-        return self.proto.capabilities
 
     @property
     def is_open(self) -> bool:
@@ -239,7 +234,6 @@ class Session:
                     source_address=ep.source_address,
                     timeout=self.timeouts.connect,
                 )
-                self.connected_to = address
                 break
             except ConnectError as exc:
                 last = exc

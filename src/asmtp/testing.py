@@ -25,14 +25,14 @@ import asyncio
 import contextlib
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email import policy
 from email.headerregistry import AddressHeader
 from email.message import EmailMessage
 from email.parser import BytesParser
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import anyio
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -149,6 +149,7 @@ class _Script:
     refusals: dict[str, str] = field(default_factory=dict)
     failures: dict[FailureStage, list[str]] = field(default_factory=dict)
     users: dict[str, str] | None = None
+    on_message: Callable[[SentMessage], None] | None = None
     messages: list[SentMessage] = field(default_factory=list)
     sessions: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -167,6 +168,8 @@ class _Script:
             return self.refusals.get(address.lower())
 
     def record(self, message: SentMessage) -> None:
+        if self.on_message is not None:
+            self.on_message(message)  # before the 250: the caller sees it done
         with self.changed:
             self.messages.append(message)
             self.changed.notify_all()
@@ -306,7 +309,8 @@ class Outbox:
       ``outbox.relay_with(username=..., password=...)``.
     * :meth:`fail_next` scripts transient (or any) failures for the next transactions.
     * ``hostname``: the name in the greeting; ``data_size_limit``: the SIZE offered
-      (None: no limit).
+      (None: no limit); ``on_message``: called (in the server's thread) with each
+      accepted message before the server answers 250.
 
     Start and stop with ``with``/``async with`` or :meth:`start`/:meth:`stop`. Records
     are thread-safe snapshots; the server runs in its own thread, so a test may block
@@ -320,8 +324,11 @@ class Outbox:
         auth: Mapping[str, str] | None = None,
         hostname: str = "outbox.asmtp.test",
         data_size_limit: int | None = 32 * 1024 * 1024,
+        on_message: Callable[[SentMessage], None] | None = None,
     ) -> None:
-        self._script = _Script(users=dict(auth) if auth is not None else None)
+        self._script = _Script(
+            users=dict(auth) if auth is not None else None, on_message=on_message
+        )
         for address, reply in (refuse or {}).items():
             self.refuse(address, reply)
         self.host = _HOST
@@ -361,7 +368,7 @@ class Outbox:
 
     # ----------------------------------------------------------------- life cycle
 
-    def start(self) -> Outbox:
+    def start(self) -> Self:
         """Listen on a free port of 127.0.0.1 (chosen by the kernel, so parallel test
         runs never race for one) and serve from a new thread."""
         if self._thread is not None:
@@ -433,13 +440,13 @@ class Outbox:
         if not thread.is_alive():
             loop.close()
 
-    def __enter__(self) -> Outbox:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    async def __aenter__(self) -> Outbox:
+    async def __aenter__(self) -> Self:
         return await anyio.to_thread.run_sync(self.start)
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute
-from anyio.streams.tls import TLSAttribute, TLSStream
+from anyio.streams.tls import TLSStream
 
 from .errors import (
     ConnectionLostError,
@@ -67,10 +67,6 @@ class AnyConnection(Protocol):
     def closed(self) -> bool: ...
     @property
     def reset_by_peer(self) -> bool: ...
-    @property
-    def peer(self) -> str | None: ...
-    @property
-    def tls_version(self) -> str | None: ...
 
 
 class StreamConnection:
@@ -96,11 +92,6 @@ class StreamConnection:
         self._deadline = math.inf
         self._closed = False  # by us, or after the server closed, reset or timed out
         self._lost_exc: BaseException | None = None
-        address = stream.extra(SocketAttribute.remote_address, None)
-        self._peer = str(address[0]) if isinstance(address, tuple) else None
-        self._tls_version: str | None = None
-        if isinstance(stream, TLSStream):
-            self._tls_version = stream.extra(TLSAttribute.tls_version, None)
 
     # -- the per-step deadline ----------------------------------------------------
 
@@ -179,7 +170,6 @@ class StreamConnection:
                 # SMTP ends with QUIT and its reply, not with TLS's close_notify.
                 standard_compatible=False,
             )
-        self._tls_version = self._stream.extra(TLSAttribute.tls_version, None)
         self.proto.tls_started()
 
     @property
@@ -201,14 +191,6 @@ class StreamConnection:
                 return True
             exc = exc.__cause__
         return False
-
-    @property
-    def tls_version(self) -> str | None:
-        return self._tls_version
-
-    @property
-    def peer(self) -> str | None:
-        return self._peer
 
     async def aclose(self, timeout: float = 1.0) -> None:
         """Close and, over TLS, first exchange close_notify with the server (waiting at
