@@ -257,6 +257,18 @@ class Connection(asyncio.BufferedProtocol):
         still unread, so it cannot have read everything sent so far."""
         return isinstance(self._lost_exc, ConnectionResetError)
 
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version in use ("TLSv1.3"), or None in plaintext."""
+        obj = self._transport.get_extra_info("ssl_object") if self._transport else None
+        return obj.version() if obj is not None else None
+
+    @property
+    def peer(self) -> str | None:
+        """The server's IP address."""
+        info = self._transport.get_extra_info("peername") if self._transport else None
+        return str(info[0]) if info else None
+
     async def aclose(self, timeout: float = 1.0) -> None:
         """Close and, over TLS, wait (at most ``timeout``) until the close_notify
         exchange is over and the socket is really closed, so that nothing is left

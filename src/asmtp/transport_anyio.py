@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute
-from anyio.streams.tls import TLSStream
+from anyio.streams.tls import TLSAttribute, TLSStream
 
 from .errors import (
     ConnectionLostError,
@@ -67,6 +67,10 @@ class AnyConnection(Protocol):
     def closed(self) -> bool: ...
     @property
     def reset_by_peer(self) -> bool: ...
+    @property
+    def peer(self) -> str | None: ...
+    @property
+    def tls_version(self) -> str | None: ...
 
 
 class StreamConnection:
@@ -191,6 +195,18 @@ class StreamConnection:
                 return True
             exc = exc.__cause__
         return False
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version in use ("TLSv1.3"), or None in plaintext (asked when read)."""
+        version: str | None = self._stream.extra(TLSAttribute.tls_version, None)
+        return version
+
+    @property
+    def peer(self) -> str | None:
+        """The server's IP address (asked when read)."""
+        address = self._stream.extra(SocketAttribute.remote_address, None)
+        return str(address[0]) if isinstance(address, tuple) else None
 
     async def aclose(self, timeout: float = 1.0) -> None:
         """Close and, over TLS, first exchange close_notify with the server (waiting at
