@@ -112,6 +112,36 @@ def test_too_many_lines_is_refused() -> None:
         p.next_reply()
 
 
+def test_a_multiline_reply_fed_one_byte_at_a_time() -> None:
+    p = ReplyParser()
+    data = EHLO_REPLY + b"250 2.1.0 Ok\r\n"
+    replies = []
+    for i in range(len(data)):
+        p.feed(data[i : i + 1])
+        while (r := p.next_reply()) is not NEED_DATA:
+            replies.append(r)
+    whole = ReplyParser()
+    whole.feed(data)
+    assert replies == [whole.next_reply(), whole.next_reply()]
+    assert [r.code for r in replies] == [250, 250] and len(replies[0].lines) > 3
+
+
+def test_a_complete_continuation_line_too_long_is_refused() -> None:
+    p = ReplyParser(max_line=100)
+    p.feed(b"250-mx\r\n250-" + b"x" * 200 + b"\r\n250 OK\r\n")
+    with pytest.raises(RemoteProtocolError, match="longer than 100"):
+        p.next_reply()
+
+
+def test_lines_up_to_the_limit_and_bare_lf_endings_are_accepted() -> None:
+    p = ReplyParser(max_line=100)
+    longest = b"250-" + b"y" * 96  # 100 octets before the newline
+    p.feed(longest + b"\n250-SIZE 10\n250 OK\n")
+    r = p.next_reply()
+    assert isinstance(r, Reply)
+    assert r.lines == ("y" * 96, "SIZE 10", "OK")
+
+
 def test_capabilities_from_a_real_ehlo_reply() -> None:
     p = ReplyParser()
     p.feed(EHLO_REPLY + b"")

@@ -16,7 +16,10 @@ A real reply::
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .reply import Reply
 
@@ -32,29 +35,18 @@ class Capabilities:
     (1000, ('PLAIN',), True)
     """
 
-    extensions: dict[str, str] = field(default_factory=dict)
+    extensions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     #: False after a HELO fallback: the server speaks plain RFC 821 SMTP.
     esmtp: bool = True
 
     @classmethod
     def from_ehlo(cls, reply: Reply) -> Capabilities:
-        ext: dict[str, str] = {}
-        for line in reply.lines[1:]:
-            keyword, _, params = line.strip().partition(" ")
-            if not keyword:
-                continue
-            key = keyword.upper()
-            # Old servers announce "AUTH=LOGIN" beside "AUTH LOGIN"; merge both.
-            if key.startswith("AUTH="):
-                key, params = "AUTH", keyword[5:] + (" " + params if params else "")
-            if key == "AUTH" and "AUTH" in ext:
-                params = ext["AUTH"] + " " + params
-            ext[key] = params.strip()
-        return cls(ext)
+        # A server says the same thing to every session: parse each wording once.
+        return _from_ehlo_lines(reply.lines[1:])
 
     @classmethod
     def helo(cls) -> Capabilities:
-        return cls({}, esmtp=False)
+        return _HELO
 
     def __contains__(self, keyword: object) -> bool:
         return isinstance(keyword, str) and keyword.upper() in self.extensions
@@ -100,3 +92,23 @@ class Capabilities:
         for mech in raw.upper().split():
             seen.setdefault(mech, None)
         return tuple(seen)
+
+
+@functools.lru_cache(maxsize=256)
+def _from_ehlo_lines(lines: tuple[str, ...]) -> Capabilities:
+    ext: dict[str, str] = {}
+    for line in lines:
+        keyword, _, params = line.strip().partition(" ")
+        if not keyword:
+            continue
+        key = keyword.upper()
+        # Old servers announce "AUTH=LOGIN" beside "AUTH LOGIN"; merge both.
+        if key.startswith("AUTH="):
+            key, params = "AUTH", keyword[5:] + (" " + params if params else "")
+        if key == "AUTH" and "AUTH" in ext:
+            params = ext["AUTH"] + " " + params
+        ext[key] = params.strip()
+    return Capabilities(MappingProxyType(ext))
+
+
+_HELO = Capabilities(MappingProxyType({}), esmtp=False)

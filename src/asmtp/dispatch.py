@@ -19,6 +19,7 @@ from .errors import SMTPError, SMTPTimeoutError
 from .message import PreparedMessage
 from .results import RecipientResult, result_from_error
 from .session import NO_EXTRAS, Endpoint, Extras, Session
+from .transport_anyio import loop_clock
 
 __all__ = ["deliver_one", "run_pool", "run_session"]
 
@@ -69,23 +70,18 @@ async def run_session(
     transaction), then QUIT. Returns the results, in ``recipients`` order, and the
     error that ended the session early, if one did. ``deadline`` (event loop time)
     cuts the whole session short."""
-    t0 = anyio.current_time() if started is None else started
+    clock = loop_clock()
+    t0 = clock() if started is None else started
     session = Session(endpoint, timeouts, debug=debug)
     final: dict[str, RecipientResult] = {}
 
     async def body() -> None:
-        pending = list(recipients)
-        await session.connect()
-        while pending:
-            got = await session.deliver(
-                sender, pending, message, started=t0, extras=extras, last=True
+        conn = await session.open()
+        await conn.run(
+            session.one_shot(
+                sender, recipients, message, final, started=t0, extras=extras, clock=clock
             )
-            again = [r.recipient for r in got if r.code == 452 and r.stage == "rcpt"]
-            progress = len(again) < len(pending)
-            for r in got:
-                if not (progress and r.recipient in again):
-                    final[r.recipient] = r
-            pending = again if progress and session.is_open else []
+        )
 
     try:
         if deadline is None:
@@ -100,7 +96,7 @@ async def run_session(
             if isinstance(exc, SMTPError)
             else SMTPTimeoutError("the recipient's deadline passed", stage=session.stage)
         )
-        elapsed = anyio.current_time() - t0
+        elapsed = clock() - t0
         for rcpt in recipients:
             if rcpt not in final:
                 final[rcpt] = result_from_error(
@@ -115,7 +111,7 @@ async def run_session(
     except Exception as exc:  # a bug in asmtp must not cost other recipients theirs
         session.abort()
         logger.exception("asmtp internal error while delivering to %s", ", ".join(recipients))
-        elapsed = anyio.current_time() - t0
+        elapsed = clock() - t0
         status = "unknown" if session.dot_sent else "transient"
         for rcpt in recipients:
             final.setdefault(
@@ -134,7 +130,7 @@ async def run_session(
     except BaseException:
         session.abort()
         raise
-    await session.quit()
+    await session.close()
     return [final[rcpt] for rcpt in recipients], None
 
 

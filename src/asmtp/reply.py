@@ -8,6 +8,7 @@ that keep a hostile server from making the client hold unbounded memory. Sans-IO
 
 from __future__ import annotations
 
+import functools
 import re
 
 from .errors import RemoteProtocolError
@@ -138,29 +139,28 @@ class ReplyParser:
                     text = buf[4:stop].decode("utf-8", "replace")
                     del buf[: end + 1]
                     return Reply(code, (text,))
-        # Find where the reply ends (its first line without "-" after the code)
-        # looking at one byte per line; parse only once the whole reply is here.
-        while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                if len(buf) - start > max_line:
-                    raise RemoteProtocolError(f"reply line longer than {max_line} octets")
-                self._scan, self._count = start, count
-                return NEED_DATA
-            if end - start > max_line:
+        # Skip the continuation lines ("ddd-...") in one regex match, resuming where
+        # the last call stopped; the reply ends with the first line after them.
+        matched = _continuations(max_line).match(buf, start)
+        assert matched is not None  # it matches zero lines too
+        scanned = matched.end()
+        count += buf.count(b"\n", start, scanned)
+        if count >= self.max_lines:
+            raise RemoteProtocolError(f"reply longer than {self.max_lines} lines")
+        end = buf.find(b"\n", scanned)
+        if end < 0:
+            if len(buf) - scanned > max_line:
                 raise RemoteProtocolError(f"reply line longer than {max_line} octets")
-            count += 1
-            if end - start < 4 or buf[start + 3] != 0x2D:  # not "ddd-": the last line
-                break
-            if count >= self.max_lines:
-                raise RemoteProtocolError(f"reply longer than {self.max_lines} lines")
-            start = end + 1
+            self._scan, self._count = scanned, count
+            return NEED_DATA
+        if end - scanned > max_line or (end - scanned >= 4 and buf[scanned + 3] == 0x2D):
+            # A continuation line the match stopped at: only a too long one.
+            raise RemoteProtocolError(f"reply line longer than {max_line} octets")
         self._scan = self._count = 0
         block = buf[: end + 1].decode("utf-8", "replace")
         del buf[: end + 1]
         lines = block.split("\n")
         lines.pop()  # after the final newline
-        # The scan saw "-" after the code on every line but the last, and none there.
         last = lines[-1].removesuffix("\r")
         code_text = last[:3]
         if not (code_text.isascii() and code_text.isdigit()) or last[3:4] not in ("", " "):
@@ -168,9 +168,9 @@ class ReplyParser:
         code = int(code_text)
         if not 200 <= code <= 599:
             raise RemoteProtocolError(f"reply code out of range: {_show(last)}")
-        if count == 1:
+        if count == 0:
             return Reply(code, (last[4:],))
-        texts = []
+        lines.pop()
         for line in lines:
             if not line.startswith(code_text):
                 other = line[:3]
@@ -179,8 +179,16 @@ class ReplyParser:
                         f"reply lines disagree on the code ({other} then {code})"
                     )
                 raise RemoteProtocolError(f"malformed reply line: {_show(line)}")
-            texts.append(line[4:].removesuffix("\r"))
+        texts = [line[4:].removesuffix("\r") for line in lines]
+        texts.append(last[4:])
         return Reply(code, tuple(texts))
+
+
+@functools.cache
+def _continuations(max_line: int) -> re.Pattern[bytes]:
+    """Matches all the continuation lines ("ddd-text", at most ``max_line`` octets
+    before the newline) at the start of a reply."""
+    return re.compile(rb"(?:[^\n]{3}-[^\n]{0,%d}\n)*" % (max_line - 4))
 
 
 def _show(line: str, limit: int = 80) -> str:

@@ -9,6 +9,8 @@ failure is classified. The bytes and the rules of the exchange stay in
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
 import socket
@@ -37,7 +39,8 @@ from .protocol import ClientProtocol, State
 from .reply import Reply
 from .results import RecipientResult, TLSState, result_from_error
 from .sasl import choose_mechanism, make_mechanism
-from .transport_anyio import AnyConnection, open_best
+from .steps import Await, Command, Receive, Send, Steps
+from .transport_anyio import AnyConnection, loop_clock, open_best
 
 __all__ = [
     "Endpoint",
@@ -217,6 +220,12 @@ class Session:
 
     async def connect(self) -> None:
         """Connect, read the greeting, EHLO, STARTTLS and AUTH as configured."""
+        conn = await self.open()
+        await conn.run(self.greet())
+
+    async def open(self) -> AnyConnection:
+        """Open the connection (trying each of the endpoint's addresses in turn), with
+        implicit TLS if configured; the greeting is left for :meth:`greet`."""
         ep = self.endpoint
         implicit = ep.tls == "implicit"
         addresses = ep.addresses or (ep.host,)
@@ -243,38 +252,36 @@ class Session:
         if implicit and ep.ssl_context is not None:
             self.proto.tls = True
             self.tls = tls_state_of(ep.ssl_context)
+        return self._conn
+
+    def greet(self) -> Steps[None]:
+        """The greeting (within the connect's step), EHLO, STARTTLS and AUTH."""
+        ep = self.endpoint
         self.stage = "greeting"
-        greeting = await self._conn.read_reply()
+        greeting: Reply = yield Receive(None, same_step=True)
         if greeting.code != 220:
             raise _reply_error(greeting, "greeting")
-        await self._ehlo()
+        yield from self._ehlo()
         if ep.tls in ("starttls", "opportunistic") and not self.proto.tls:
-            await self._starttls()
+            yield from self._starttls()
         if ep.username is not None:
-            await self._auth()
+            yield from self._auth()
         self.stage = "mail"
 
-    async def _command(self, data: bytes, timeout: float | None) -> Reply:
-        conn = self._conn
-        assert conn is not None
-        conn.step(timeout)
-        conn.write(data)
-        return await conn.read_reply()
-
-    async def _ehlo(self) -> None:
+    def _ehlo(self) -> Steps[None]:
         self.stage = "ehlo"
         helo = self.endpoint.helo
-        reply = await self._command(self.proto.ehlo(helo), self.timeouts.command)
+        reply: Reply = yield Command(self.proto.ehlo(helo), self.timeouts.command)
         if reply.code == 250:
             return
         if reply.code >= 500 and not self.proto.closed:
             # RFC 5321 3.2: a server that does not know EHLO gets HELO.
-            reply = await self._command(self.proto.helo(helo), self.timeouts.command)
+            reply = yield Command(self.proto.helo(helo), self.timeouts.command)
             if reply.code == 250:
                 return
         raise _reply_error(reply, "ehlo")
 
-    async def _starttls(self) -> None:
+    def _starttls(self) -> Steps[None]:
         ep = self.endpoint
         self.stage = "starttls"
         if not self.proto.capabilities.starttls:
@@ -285,18 +292,23 @@ class Session:
                     stage="starttls",
                 )
             return
-        reply = await self._command(self.proto.starttls(), self.timeouts.command)
+        reply: Reply = yield Command(self.proto.starttls(), self.timeouts.command)
         if reply.code != 220:
             # Offered but refused: even opportunistic TLS does not carry on in the clear
             # (plaintext only when STARTTLS is not offered); the next host may do better.
             raise _reply_error(reply, "starttls")
-        assert self._conn is not None and ep.ssl_context is not None
-        self._conn.step(self.timeouts.command)
-        await self._conn.start_tls(ep.ssl_context, ep.host)
-        self.tls = tls_state_of(ep.ssl_context)
-        await self._ehlo()
+        conn, context = self._conn, ep.ssl_context
+        assert conn is not None and context is not None
 
-    async def _auth(self) -> None:
+        async def handshake() -> None:
+            conn.step(self.timeouts.command)
+            await conn.start_tls(context, ep.host)
+
+        yield Await(handshake)
+        self.tls = tls_state_of(context)
+        yield from self._ehlo()
+
+    def _auth(self) -> Steps[None]:
         ep = self.endpoint
         self.stage = "auth"
         if not self.proto.tls and not ep.allow_plaintext_auth:
@@ -307,13 +319,15 @@ class Session:
             )
         name = choose_mechanism(self.proto.capabilities.auth, ep.auth_mechanism)
         assert ep.username is not None
-        mech = make_mechanism(name, ep.username, await resolve_password(ep.password))
-        reply = await self._command(self.proto.auth(name, mech.initial()), self.timeouts.command)
+        password = ep.password
+        if password is not None and not isinstance(password, str):
+            password = yield Await(functools.partial(resolve_password, password))
+        mech = make_mechanism(name, ep.username, password or "")
+        timeout = self.timeouts.command
+        reply: Reply = yield Command(self.proto.auth(name, mech.initial()), timeout)
         while reply.code == 334:
             challenge = reply.lines[0] if reply.lines else ""
-            reply = await self._command(
-                self.proto.auth_response(mech.respond(challenge)), self.timeouts.command
-            )
+            reply = yield Command(self.proto.auth_response(mech.respond(challenge)), timeout)
         if reply.code != 235:
             raise AuthenticationError(
                 reply.code, reply.message, enhanced_status=reply.enhanced_status
@@ -370,11 +384,28 @@ class Session:
         and the reply to the end of data. Raises an :class:`~asmtp.errors.SMTPError`
         when the transaction as a whole fails (MAIL or DATA refused, no recipient
         accepted, the connection lost); ``self.stage`` and ``self.dot_sent`` say where."""
+        conn = self._live("mail")
+        return await conn.run(self._transaction(sender, recipients, message, extras, last))
+
+    def _live(self, stage: str) -> AnyConnection:
         conn = self._conn
+        if conn is None or self.proto.closed:
+            raise ConnectionLostError("the session is closed", stage=stage)
+        return conn
+
+    def _transaction(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: PreparedMessage,
+        extras: Extras,
+        last: bool,
+    ) -> Steps[tuple[dict[str, Reply], Reply]]:
         proto = self.proto
-        if conn is None or proto.closed:
+        if proto.closed:
             raise ConnectionLostError("the session is closed", stage=self.stage)
         timeouts = self.timeouts
+        command = timeouts.command
         self.dot_sent = False
         params, utf8 = self._mail_params(sender, recipients, message)
         dsn = extras.dsn if proto.capabilities.dsn else None
@@ -382,7 +413,7 @@ class Session:
             params.extend(dsn.mail_params())
         if self._needs_rset:
             self.stage = "mail"
-            reply = await self._command(proto.rset(), timeouts.command)
+            reply: Reply = yield Command(proto.rset(), command)
             if reply.code != 250:
                 raise _reply_error(reply, "mail")
             self._needs_rset = False
@@ -396,37 +427,31 @@ class Session:
             else:
                 out += b"".join([proto.rcpt(r, dsn.rcpt_params(r)) for r in recipients])
             out += proto.data()
-            conn.step(timeouts.command)
-            conn.write(out)
-            mail_reply = await conn.read_reply()
+            mail_reply: Reply = yield Command(out, command)
             if proto.closed:
                 raise _reply_error(mail_reply, "mail")
             self.stage = "rcpt"
             for rcpt in recipients:
-                conn.step(timeouts.command)
-                reply = await conn.read_reply()
+                reply = yield Receive(command)
                 if proto.closed:
                     raise _reply_error(reply, "rcpt")
                 if reply.code >= 400:
                     refused[rcpt] = reply
             self.stage = "data"
-            conn.step(timeouts.command)
-            data_reply = await conn.read_reply()
+            data_reply: Reply = yield Receive(command)
             if mail_reply.code >= 400:
                 self._needs_rset = data_reply.code == 354
                 if data_reply.code == 354:
-                    await self._empty_message()
+                    yield from self._empty_message()
                 raise _reply_error(mail_reply, "mail")
         else:
-            mail_reply = await self._command(
-                proto.mail(sender, params, smtputf8=utf8), timeouts.command
-            )
+            mail_reply = yield Command(proto.mail(sender, params, smtputf8=utf8), command)
             if mail_reply.code >= 400:
                 raise _reply_error(mail_reply, "mail")
             self.stage = "rcpt"
             for rcpt in recipients:
                 rcpt_params = dsn.rcpt_params(rcpt) if dsn is not None else ()
-                reply = await self._command(proto.rcpt(rcpt, rcpt_params), timeouts.command)
+                reply = yield Command(proto.rcpt(rcpt, rcpt_params), command)
                 if proto.closed:
                     raise _reply_error(reply, "rcpt")
                 if reply.code >= 400:
@@ -435,20 +460,20 @@ class Session:
                 self._needs_rset = True
                 return refused, _NO_DATA
             self.stage = "data"
-            data_reply = await self._command(proto.data(), timeouts.command)
+            data_reply = yield Command(proto.data(), command)
         if len(refused) == len(recipients):
             # RFC 2920 3.1: no recipient, so a 354 gets an empty message.
             self._needs_rset = True
             if data_reply.code == 354:
-                await self._empty_message()
+                yield from self._empty_message()
             return refused, _NO_DATA
         if data_reply.code != 354:
             self._needs_rset = not proto.closed
             raise _reply_error(data_reply, "data")
         self.stage = "message"
         if extras.before_dot is not None:
-            await extras.before_dot([r for r in recipients if r not in refused])
-        conn.step(timeouts.data_block)
+            accepted = [r for r in recipients if r not in refused]
+            yield Await(functools.partial(extras.before_dot, accepted))
         # The session's last transaction: QUIT rides along with the content, unless
         # some recipients await a new transaction (452 too many recipients).
         then_quit = (
@@ -456,14 +481,13 @@ class Session:
             and proto.capabilities.pipelining
             and not any(r.code == 452 for r in refused.values())
         )
-        conn.write(proto.message(message.data, then_quit=then_quit))
-        await conn.drain()  # lost while the kernel would not take more: the dot never left
+        # Drained: lost while the kernel would not take more means the dot never left.
+        yield Send(proto.message(message.data, then_quit=then_quit), timeouts.data_block, True)
         self.dot_sent = True
-        conn.step(timeouts.data_end)
         try:
-            final = await conn.read_reply()
+            final: Reply = yield Receive(timeouts.data_end)
         except ConnectionLostError as exc:
-            if conn.reset_by_peer:
+            if self._conn is not None and self._conn.reset_by_peer:
                 # RFC 5321 6.1 forbids guessing "not delivered" after the dot, but a
                 # reset means the server left our bytes unread: the dot among them.
                 self.dot_sent = False
@@ -477,11 +501,8 @@ class Session:
             raise _reply_error(final, "message")
         return refused, final
 
-    async def _empty_message(self) -> None:
-        assert self._conn is not None
-        self._conn.step(self.timeouts.data_end)
-        self._conn.write(self.proto.message(b"\r\n.\r\n"))
-        await self._conn.read_reply()
+    def _empty_message(self) -> Steps[None]:
+        yield Command(self.proto.message(b"\r\n.\r\n"), self.timeouts.data_end)
 
     async def deliver(
         self,
@@ -496,48 +517,109 @@ class Session:
         """One transaction, one result per recipient, whatever happens (a session
         that fails leaves its recipients with a transient, permanent or unknown
         result, never without one)."""
-        t0 = anyio.current_time() if started is None else started
-        host = self.endpoint.host
+        clock = loop_clock()
+        t0 = clock() if started is None else started
         try:
-            refused, final = await self.transaction(
-                sender, recipients, message, extras=extras, last=last
+            conn = self._live("mail")
+        except SMTPError as exc:
+            return self._failed(recipients, exc, clock() - t0)
+        return await conn.run(self._deliver(sender, recipients, message, t0, extras, last, clock))
+
+    def _deliver(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: PreparedMessage,
+        started: float,
+        extras: Extras,
+        last: bool,
+        clock: Callable[[], float],
+    ) -> Steps[list[RecipientResult]]:
+        try:
+            refused, final = yield from self._transaction(
+                sender, recipients, message, extras, last
             )
         except SMTPError as exc:
-            elapsed = anyio.current_time() - t0
-            return [
-                result_from_error(
-                    r, exc, host=host, tls=self.tls, elapsed=elapsed, dot_sent=self.dot_sent
-                )
-                for r in recipients
-            ]
-        elapsed = anyio.current_time() - t0
+            return self._failed(recipients, exc, clock() - started)
+        elapsed = clock() - started
+        host, tls = self.endpoint.host, self.tls
         results = []
         for rcpt in recipients:
             reply = refused.get(rcpt)
-            stage = "rcpt"
             if reply is None:
-                reply, stage = final, "message"
-            results.append(_result_of(rcpt, reply, stage, host, self.tls, elapsed))
+                results.append(_result_of(rcpt, final, "message", host, tls, elapsed))
+            else:
+                results.append(_result_of(rcpt, reply, "rcpt", host, tls, elapsed))
         return results
+
+    def _failed(
+        self, recipients: Sequence[str], error: SMTPError, elapsed: float
+    ) -> list[RecipientResult]:
+        host = self.endpoint.host
+        return [
+            result_from_error(
+                r, error, host=host, tls=self.tls, elapsed=elapsed, dot_sent=self.dot_sent
+            )
+            for r in recipients
+        ]
+
+    def one_shot(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: PreparedMessage,
+        results: dict[str, RecipientResult],
+        *,
+        started: float,
+        extras: Extras = NO_EXTRAS,
+        clock: Callable[[], float],
+    ) -> Steps[None]:
+        """A whole session once connected, as one run of steps: the greeting, EHLO,
+        STARTTLS and AUTH, then transactions until every recipient has a result in
+        ``results`` (recipients refused with 452 "too many recipients" go on in a new
+        transaction), then QUIT (pipelined after the last message when it can be)."""
+        yield from self.greet()
+        pending = list(recipients)
+        while pending:
+            got = yield from self._deliver(
+                sender, pending, message, started, extras, True, clock
+            )
+            again = [r.recipient for r in got if r.code == 452 and r.stage == "rcpt"]
+            progress = len(again) < len(pending)
+            for r in got:
+                if not (progress and r.recipient in again):
+                    results[r.recipient] = r
+            pending = again if progress and self.is_open else []
+        # Every recipient has its result: a server gone by now is no failure.
+        with contextlib.suppress(SMTPError):
+            yield from self._quit()
 
     async def noop(self) -> None:
         """NOOP: check the server is still there (a 421 or a closed connection raises)."""
-        if self._conn is None or self.proto.closed:
-            raise ConnectionLostError("the session is closed", stage="noop")
-        reply = await self._command(self.proto.noop(), self.timeouts.command)
+        conn = self._live("noop")
+        reply = await conn.run(self._single(self.proto.noop()))
         if reply.code != 250:
             raise _reply_error(reply, "noop")
 
     async def reset(self) -> None:
         """RSET: check a reused session is alive and clear any transaction state."""
-        if self._conn is None or self.proto.closed:
-            raise ConnectionLostError("the session is closed", stage="rset")
-        reply = await self._command(self.proto.rset(), self.timeouts.command)
+        conn = self._live("rset")
+        reply = await conn.run(self._single(self.proto.rset()))
         if reply.code != 250:
             raise _reply_error(reply, "rset")
         self._needs_rset = False
 
+    def _single(self, command: bytes) -> Steps[Reply]:
+        reply: Reply = yield Command(command, self.timeouts.command)
+        return reply
+
     # -- ending -------------------------------------------------------------------
+
+    def _quit(self) -> Steps[None]:
+        if self.proto.awaiting == "quit":  # pipelined after the last message
+            yield Receive(self.timeouts.command)
+        elif self.proto.state in (State.READY, State.MAIL, State.CONNECTED, State.REFUSED):
+            yield Command(self.proto.quit(), self.timeouts.command)
 
     async def quit(self) -> None:
         """Say QUIT and close; a server that has already gone is not an error."""
@@ -545,15 +627,16 @@ class Session:
         if conn is None:
             return
         try:
-            if self.proto.awaiting == "quit":  # pipelined after the last message
-                conn.step(self.timeouts.command)
-                await conn.read_reply()
-            elif self.proto.state in (State.READY, State.MAIL, State.CONNECTED, State.REFUSED):
-                await self._command(self.proto.quit(), self.timeouts.command)
+            await conn.run(self._quit())
         except SMTPError:
             pass
         finally:
             await conn.aclose()
+
+    async def close(self) -> None:
+        """Close the connection (after :meth:`one_shot`, which said QUIT)."""
+        if self._conn is not None:
+            await self._conn.aclose()
 
     def abort(self) -> None:
         """Close at once, without QUIT (errors, cancellation)."""

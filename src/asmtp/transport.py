@@ -1,11 +1,16 @@
 """The asyncio driver: one TCP (and TLS) connection feeding a sans-IO
 :class:`~asmtp.protocol.ClientProtocol`.
 
-Owns talking to the network on asyncio (uvloop included): connecting, reading into one
-reused buffer through :class:`asyncio.BufferedProtocol` (the fast path: no fresh buffer
-per read), writing with flow control, STARTTLS through ``loop.start_tls``, the per-step
-timeout (one timer per connection, re-armed lazily, never one per step), and the one
-place where OS, SSL and asyncio exceptions become :mod:`asmtp.errors`.
+Owns talking to the network on asyncio (uvloop included): connecting, reading through
+:class:`asyncio.BufferedProtocol` into one buffer shared by all of a thread's
+connections (the fast path: no fresh buffer per read or per connection), writing with
+flow control, STARTTLS through ``loop.start_tls``, the per-step timeout (one timer per
+connection, re-armed lazily, never one per step), and the one place where OS, SSL
+and asyncio exceptions become :mod:`asmtp.errors`.
+
+A session's steps (:mod:`asmtp.steps`) run from the read callback: each reply is
+parsed in ``buffer_updated`` and the next command written there and then, so a whole
+session wakes its task only when it ends or asks for something awaited.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from .errors import (
     CertificateError,
@@ -27,22 +33,44 @@ from .errors import (
 )
 from .protocol import ClientProtocol
 from .reply import NEED_DATA, Reply
+from .steps import Await, Command, Receive, Send, Steps
 
 __all__ = ["Connection", "open_connection"]
 
-_READ_BUFFER = 16384  # replies are small; one buffer per connection, reused
+T = TypeVar("T")
+
+_READ_BUFFER = 16384  # replies are small
+_per_thread = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """The read buffer of this thread's connections: one, shared. Each read is handed
+    to ``buffer_updated``, which copies it into the reply parser at once, before the
+    event loop can run any other callback, so no two reads ever overlap in it."""
+    try:
+        view: memoryview = _per_thread.view
+    except AttributeError:
+        view = _per_thread.view = memoryview(bytearray(_READ_BUFFER))
+    return view
+
+# What running steps wait for, between callbacks.
+_IDLE, _REPLY, _DRAIN = 0, 1, 2
+
+
+class _Finished(NamedTuple):
+    value: Any
 
 
 class Connection(asyncio.BufferedProtocol):
     """One connection to an SMTP server, driven by :meth:`read_reply` and :meth:`write`.
 
     Timeouts are per network step: :meth:`step` sets the deadline for the next command
-    and its whole reply. A single timer per connection enforces it; it is only moved
-    when it fires early, so a fast session costs one timer in all.
+    and its whole reply. A single timer per connection enforces it: brought forward
+    only for a step shorter than the time it has left, moved on only when it fires
+    early, so a fast session with even timeouts costs one timer in all.
     """
 
     __slots__ = (
-        "_buffer",
         "_close_waiter",
         "_deadline",
         "_drain_waiter",
@@ -50,13 +78,16 @@ class Connection(asyncio.BufferedProtocol):
         "_lost",
         "_lost_exc",
         "_paused",
+        "_steps",
         "_task",
         "_timed_out",
         "_timeout",
         "_timer",
+        "_timer_at",
         "_transport",
         "_view",
         "_waiter",
+        "_wants",
         "host",
         "proto",
     )
@@ -65,10 +96,9 @@ class Connection(asyncio.BufferedProtocol):
         self.proto = proto
         self.host = host
         self._loop = asyncio.get_running_loop()
-        self._buffer = bytearray(_READ_BUFFER)
-        self._view = memoryview(self._buffer)
+        self._view = _read_buffer()
         self._transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[Any] | None = None
         self._lost = False
         self._lost_exc: BaseException | None = None
         self._paused = False
@@ -77,8 +107,11 @@ class Connection(asyncio.BufferedProtocol):
         self._deadline = float("inf")
         self._timeout: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the timer fires
         self._task: asyncio.Task[object] | None = None  # cancelled on timeout in connect/TLS
         self._timed_out = False
+        self._steps: Steps[Any] | None = None  # the steps being run, if any
+        self._wants = _IDLE  # what they wait for
 
     # -- asyncio.BufferedProtocol callbacks ---------------------------------------
 
@@ -98,6 +131,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.proto.receive_data(self._view[:nbytes])
+        if self._wants == _REPLY:
+            self._on_reply()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -123,14 +159,26 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._wants == _DRAIN:
+            self._wants = _IDLE
+            self._advance(None, None)
+            return
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        """The stream ended: whatever waits learns it."""
+        wants = self._wants
+        if wants == _REPLY:
+            self._on_reply()
+        elif wants == _DRAIN:
+            self._wants = _IDLE
+            self._advance(None, self._lost_while_sending())
+        else:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     # -- the per-step deadline ----------------------------------------------------
 
@@ -140,9 +188,16 @@ class Connection(asyncio.BufferedProtocol):
         if timeout is None:
             self._deadline = float("inf")
             return
-        self._deadline = self._loop.time() + timeout
-        if self._timer is None and not self._lost:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        deadline = self._deadline = self._loop.time() + timeout
+        timer = self._timer
+        if timer is None or deadline < self._timer_at:
+            # None yet, or it would fire too late for this (shorter) step.
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+            if not self._lost:
+                self._timer = self._loop.call_at(deadline, self._on_timer)
+                self._timer_at = deadline
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -152,15 +207,23 @@ class Connection(asyncio.BufferedProtocol):
         if now < self._deadline:
             if self._deadline != float("inf"):
                 self._timer = self._loop.call_at(self._deadline, self._on_timer)
+                self._timer_at = self._deadline
             return
-        self._timed_out = True
         waiter = self._waiter or self._drain_waiter
+        if self._wants != _IDLE:
+            self._timed_out = True
+            self._wants = _IDLE
+            self.abort()
+            self._advance(None, self._timeout_error())
+            return
         if self._task is not None:
+            self._timed_out = True
             self._task.cancel()
         elif waiter is not None and not waiter.done():
+            self._timed_out = True
             waiter.set_exception(self._timeout_error())
         else:
-            return
+            return  # nothing waits on the network (a hook is running): no timeout
         self.abort()
 
     def _timeout_error(self) -> SMTPTimeoutError:
@@ -192,7 +255,105 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             self._task = None
 
-    # -- driving the protocol -----------------------------------------------------
+    # -- running a session's steps from the callbacks ------------------------------
+
+    async def run(self, steps: Steps[T]) -> T:
+        """Run ``steps`` (see :mod:`asmtp.steps`) to their end and return their value.
+        Commands, replies and drains are handled in the protocol callbacks; the task
+        wakes only at the end, or to await an :class:`~asmtp.steps.Await` step."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            waiter = self._waiter = self._loop.create_future()
+            self._steps = steps
+            try:
+                self._advance(value, error)
+                outcome = await waiter
+            except BaseException:
+                # Cancelled (a deadline) or failed: these steps are over; nothing may
+                # carry them on from a callback.
+                self._wants = _IDLE
+                self._steps = None
+                raise
+            finally:
+                self._waiter = None
+            if type(outcome) is _Finished:
+                self._steps = None
+                return cast(T, outcome.value)
+            assert isinstance(outcome, Await)
+            try:
+                value, error = await outcome.call(), None
+            except SMTPError as exc:
+                value, error = None, exc
+            except BaseException:
+                self._steps = None
+                raise
+
+    def _advance(self, value: Any, error: BaseException | None) -> None:
+        """Send ``value`` (or throw ``error``) into the steps and take the steps they
+        ask for until one has to wait. Called from the task and from callbacks: never
+        raises; the end, an Await or a failure resolves the task's waiter."""
+        steps = self._steps
+        waiter = self._waiter
+        if steps is None or waiter is None or waiter.done():
+            return
+        proto = self.proto
+        while True:
+            try:
+                step = steps.send(value) if error is None else steps.throw(error)
+            except StopIteration as stop:
+                self._steps = None
+                waiter.set_result(_Finished(stop.value))
+                return
+            except BaseException as exc:  # the steps gave up: the task raises it
+                self._steps = None
+                waiter.set_exception(exc)
+                return
+            value = error = None
+            try:
+                if isinstance(step, Command):
+                    self.step(step.timeout)
+                    self.write(step.data)
+                elif isinstance(step, Receive):
+                    if not step.same_step:
+                        self.step(step.timeout)
+                elif isinstance(step, Send):
+                    self.step(step.timeout)
+                    self.write(step.data)
+                    if step.drain and (self._paused or self._lost):
+                        if self._lost:
+                            raise self._lost_while_sending()
+                        self._wants = _DRAIN
+                        return
+                    continue
+                else:
+                    waiter.set_result(step)  # an Await: the task runs it
+                    return
+                value = proto.next_reply()
+                if value is NEED_DATA:
+                    self._wants = _REPLY
+                    return
+            except SMTPError as exc:
+                value, error = None, exc
+
+    def _on_reply(self) -> None:
+        """Bytes (or the end of the stream) arrived while the steps wait for a reply."""
+        try:
+            reply = self.proto.next_reply()
+        except SMTPError as exc:
+            self._wants = _IDLE
+            self._advance(None, exc)
+            return
+        if reply is not NEED_DATA:
+            self._wants = _IDLE
+            self._advance(reply, None)
+
+    def _lost_while_sending(self) -> ConnectionLostError:
+        return ConnectionLostError(
+            "the connection was lost while sending", stage=self.proto.awaiting or "message"
+        )
+
+    # -- driving the protocol step by step (bench, tests) ------------------------------
 
     async def read_reply(self) -> Reply:
         """Wait for the next whole reply, within the current step's deadline."""
@@ -227,9 +388,7 @@ class Connection(asyncio.BufferedProtocol):
             finally:
                 self._drain_waiter = None
         if self._lost:
-            raise ConnectionLostError(
-                "the connection was lost while sending", stage=self.proto.awaiting or "message"
-            )
+            raise self._lost_while_sending()
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         """Run the TLS handshake on this connection (after STARTTLS's 220)."""

@@ -20,8 +20,8 @@ import math
 import select
 import socket
 import ssl
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute
@@ -36,17 +36,21 @@ from .errors import (
 )
 from .protocol import ClientProtocol
 from .reply import NEED_DATA, Reply
+from .steps import Command, Receive, Send, Steps
 from .transport import Connection, open_connection, translate_errors
 
 __all__ = [
     "AnyConnection",
     "StreamConnection",
+    "loop_clock",
     "open_best",
     "open_stream_connection",
     "translate_stream_errors",
 ]
 
 _READ_SIZE = 16384  # replies are small
+
+T = TypeVar("T")
 
 
 class AnyConnection(Protocol):
@@ -55,6 +59,7 @@ class AnyConnection(Protocol):
 
     proto: ClientProtocol
 
+    async def run(self, steps: Steps[T]) -> T: ...
     def step(self, timeout: float | None) -> None: ...
     def write(self, data: bytes) -> None: ...
     async def read_reply(self) -> Reply: ...
@@ -121,6 +126,36 @@ class StreamConnection:
             raise
 
     # -- driving the protocol -----------------------------------------------------
+
+    async def run(self, steps: Steps[T]) -> T:
+        """Run ``steps`` (see :mod:`asmtp.steps`) to their end, one awaited step
+        after another, and return their value."""
+        value: Any = None
+        error: SMTPError | None = None
+        while True:
+            try:
+                step = steps.send(value) if error is None else steps.throw(error)
+            except StopIteration as stop:
+                return cast(T, stop.value)
+            value = error = None
+            try:
+                if isinstance(step, Command):
+                    self.step(step.timeout)
+                    self.write(step.data)
+                    value = await self.read_reply()
+                elif isinstance(step, Receive):
+                    if not step.same_step:
+                        self.step(step.timeout)
+                    value = await self.read_reply()
+                elif isinstance(step, Send):
+                    self.step(step.timeout)
+                    self.write(step.data)
+                    if step.drain:
+                        await self.drain()
+                else:
+                    value = await step.call()
+            except SMTPError as exc:
+                error = exc
 
     async def read_reply(self) -> Reply:
         """Send what is queued, then wait for the next whole reply, within the current
@@ -388,6 +423,16 @@ if TYPE_CHECKING:  # both drivers offer what a session needs
 
     def _check(a: Connection, b: StreamConnection) -> tuple[AnyConnection, AnyConnection]:
         return a, b
+
+
+def loop_clock() -> Callable[[], float]:
+    """The running event loop's clock (what :func:`anyio.current_time` reads), as a
+    function that also works inside the asyncio driver's callbacks, where no task
+    runs and anyio cannot tell which library is running."""
+    try:
+        return asyncio.get_running_loop().time
+    except RuntimeError:
+        return anyio.current_time
 
 
 def _on_asyncio() -> bool:
