@@ -28,6 +28,7 @@ A session, as the bytes go (``C:`` what the methods return, ``S:`` what is fed i
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -55,7 +56,7 @@ class State(enum.Enum):
 # Commands that may be sent while replies to earlier ones are outstanding (RFC 2920
 # section 3.1: DATA, EHLO, STARTTLS, AUTH, NOOP and QUIT each end a group).
 _PIPELINE_AFTER = frozenset({"mail", "rcpt", "rset"})
-_BAD_CHARS = ("\r", "\n", "\0")
+_BAD_CHAR = re.compile("[\r\n\0]")
 
 
 class ClientProtocol:
@@ -235,9 +236,10 @@ class ClientProtocol:
     @staticmethod
     def _clean(kind: str, *values: str) -> None:
         for value in values:
-            for ch in _BAD_CHARS:
-                if ch in value:
-                    raise LocalProtocolError(f"{kind.upper()} argument holds {ch!r}: {value!r}")
+            if (bad := _BAD_CHAR.search(value)) is not None:
+                raise LocalProtocolError(
+                    f"{kind.upper()} argument holds {bad.group()!r}: {value!r}"
+                )
 
     def ehlo(self, name: str) -> bytes:
         self._check("ehlo", (State.CONNECTED, State.READY))
