@@ -66,7 +66,8 @@ class Reply:
     @property
     def message(self) -> str:
         """The text without the enhanced status prefix, lines joined by spaces."""
-        text = " ".join(line.strip() for line in self.lines)
+        lines = self.lines
+        text = lines[0].strip() if len(lines) == 1 else " ".join(line.strip() for line in lines)
         m = _ENHANCED.match(text)
         if m is not None and int(m.group(1)) == self.code // 100:
             text = text[m.end() :]
