@@ -226,7 +226,7 @@ class ClientProtocol:
         if self._pending and not (
             pipelinable
             and self.capabilities.pipelining
-            and all(k in _PIPELINE_AFTER for k in self._pending)
+            and _PIPELINE_AFTER.issuperset(self._pending)
         ):
             raise LocalProtocolError(
                 f"cannot send {kind.upper()} while awaiting the "
@@ -291,7 +291,7 @@ class ClientProtocol:
         params = tuple(params)
         self._clean("mail", sender, *params)
         self._smtputf8 = smtputf8
-        tail = "".join(" " + p for p in params)
+        tail = " " + " ".join(params) if params else ""
         try:
             data = self._command("mail", f"MAIL FROM:<{sender}>{tail}")
         except LocalProtocolError:
@@ -308,7 +308,7 @@ class ClientProtocol:
         params = tuple(params)
         self._clean("rcpt", recipient, *params)
         self._rcpts += 1
-        tail = "".join(" " + p for p in params)
+        tail = " " + " ".join(params) if params else ""
         return self._command("rcpt", f"RCPT TO:<{recipient}>{tail}")
 
     def data(self) -> bytes:
