@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import pytest
 import trio
 
 import asmtp
@@ -166,3 +167,20 @@ async def test_a_write_cut_off_before_the_dot_left_is_transient_not_unknown() ->
     [result] = report
     assert (result.status, result.stage) == ("transient", "message")
     assert "lost" in result.message or "reset" in result.message
+
+
+def a_bug_after_the_greeting(proto: ClientProtocol) -> Steps[None]:
+    yield Receive(3600.0, same_step=True)
+    raise ValueError("a bug in the steps")
+
+
+async def test_a_bug_in_the_steps_reaches_the_task_at_once(smtp_server: MakeServer) -> None:
+    # Run from a read callback, the bug must still end the run (not wait for the hour).
+    server = smtp_server()
+    proto = ClientProtocol()
+    conn = await open_best(proto, server.host, server.port, timeout=3600.0)
+    try:
+        with anyio.fail_after(60), pytest.raises(ValueError, match="a bug in the steps"):
+            await conn.run(a_bug_after_the_greeting(proto))
+    finally:
+        conn.abort()

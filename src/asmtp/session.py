@@ -5,6 +5,11 @@ Owns the client's policy over the state machine: which steps to take and in what
 order, when to pipeline, which extension a message needs, and how each step's
 failure is classified. The bytes and the rules of the exchange stay in
 :mod:`asmtp.protocol`; the network stays in :mod:`asmtp.transport`.
+
+The policy is written as generators of :mod:`asmtp.steps` (``greet``, ``_transaction``,
+``one_shot``...), so the same code runs on both drivers: from the asyncio driver's read
+callback, or step by step over anyio streams. The async methods (:meth:`Session.connect`,
+:meth:`Session.deliver`...) hand such steps to the connection's ``run``.
 """
 
 from __future__ import annotations

@@ -335,12 +335,16 @@ class Connection(asyncio.BufferedProtocol):
                     return
             except SMTPError as exc:
                 value, error = None, exc
+            except BaseException as exc:  # a bug: the task raises it, nothing hangs
+                self._steps = None
+                waiter.set_exception(exc)
+                return
 
     def _on_reply(self) -> None:
         """Bytes (or the end of the stream) arrived while the steps wait for a reply."""
         try:
             reply = self.proto.next_reply()
-        except SMTPError as exc:
+        except BaseException as exc:  # thrown into the steps (which re-raise a bug)
             self._wants = _IDLE
             self._advance(None, exc)
             return
