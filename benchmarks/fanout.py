@@ -642,6 +642,12 @@ def render(
                 f" | {fmt(cpu, 3)} | {fmt(p50)} | {fmt(p99)} | {ratios[0]} | {ratios[1]}"
                 f" | {delivered}/{count * len(row.runs)}{flag} | {busy:.0f}% | {others:.0f}% |"
             )
+        cpus = {
+            client: statistics.median(run.cpu / count * 1000 for run in row.runs)
+            for client, row in by_client.items()
+            if client in medians and row.runs
+        }
+        lines += targets(medians, cpus, pipelining=sink.banner_has_pipelining)
         problems = [
             f"- {client} round {i + 1}: {run.error}"
             + (f" (sink counted {run.sink_count})" if run.sink_count != run.delivered else "")
@@ -652,6 +658,56 @@ def render(
         if problems:
             lines += ["", "Problems:", *problems]
     return "\n".join(lines) + "\n"
+
+
+# What asmtp aims for: (what, client, its peer, the no-library client in the same place,
+# how the ratio is taken, the ratio it must reach). "rate" is msgs/s over the peer's;
+# "cpu" is the peer's CPU per message over the client's (above 1: less CPU than the peer).
+TARGETS = (
+    ("uvloop: msgs/s at least smtp-source's", "asmtp-uvloop", "smtp-source", "bare-uvloop",
+     "rate", 1.0),
+    ("uvloop: at least 4x aiosmtplib's msgs/s (standard loop)", "asmtp-uvloop", "aiosmtplib",
+     "bare-uvloop", "rate", 4.0),
+    ("uvloop, PIPELINING offered: at least 1.3x smtp-source's msgs/s", "asmtp-uvloop",
+     "smtp-source", "bare-pipelining", "rate", 1.3),
+    ("standard loop: at least 2x aiosmtplib's msgs/s", "asmtp", "aiosmtplib", "bare",
+     "rate", 2.0),
+    ("standard loop: CPU per message within 1.3x the bare client's", "asmtp", "bare", None,
+     "cpu", 1 / 1.3),
+    ("uvloop: CPU per message within 1.3x the bare client's", "asmtp-uvloop", "bare-uvloop",
+     None, "cpu", 1 / 1.3),
+)  # fmt: skip
+
+
+def targets(medians: dict[str, float], cpus: dict[str, float], *, pipelining: bool) -> list[str]:
+    """The target table for one concurrency: asmtp's ratio, the same ratio for the bare
+    client (what no library can beat on this machine), and whether asmtp met it."""
+
+    def ratio(client: str, peer: str, how: str) -> float | None:
+        table = medians if how == "rate" else cpus
+        if client not in table or peer not in table or not table[peer] or not table[client]:
+            return None
+        return table[client] / table[peer] if how == "rate" else table[peer] / table[client]
+
+    lines = [
+        "",
+        "Targets (ratios of medians; the bare column is the same ratio for the client with no"
+        " library, the ceiling for Python on this machine):",
+        "",
+        "| target | asmtp | bare client | met |",
+        "|---|---:|---:|---|",
+    ]
+    for what, client, peer, bare, how, goal in TARGETS:
+        if "PIPELINING" in what and not pipelining:
+            continue
+        mine = ratio(client, peer, how)
+        ceiling = ratio(bare, peer, how) if bare else None
+        if mine is None:
+            continue
+        shown = f"{mine:.2f}x" if how == "rate" else f"{1 / mine:.2f}x the CPU"
+        ceiling_shown = f"{ceiling:.2f}x" if ceiling is not None else "-"
+        lines.append(f"| {what} | {shown} | {ceiling_shown} | {'yes' if mine >= goal else 'no'} |")
+    return lines
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -541,9 +541,7 @@ class Session:
         clock: Callable[[], float],
     ) -> Steps[list[RecipientResult]]:
         try:
-            refused, final = yield from self._transaction(
-                sender, recipients, message, extras, last
-            )
+            refused, final = yield from self._transaction(sender, recipients, message, extras, last)
         except SMTPError as exc:
             return self._failed(recipients, exc, clock() - started)
         elapsed = clock() - started
@@ -586,9 +584,7 @@ class Session:
         yield from self.greet()
         pending = list(recipients)
         while pending:
-            got = yield from self._deliver(
-                sender, pending, message, started, extras, True, clock
-            )
+            got = yield from self._deliver(sender, pending, message, started, extras, True, clock)
             again = [r.recipient for r in got if r.code == 452 and r.stage == "rcpt"]
             progress = len(again) < len(pending)
             for r in got:

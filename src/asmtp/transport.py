@@ -53,6 +53,7 @@ def _read_buffer() -> memoryview:
         view = _per_thread.view = memoryview(bytearray(_READ_BUFFER))
     return view
 
+
 # What running steps wait for, between callbacks.
 _IDLE, _REPLY, _DRAIN = 0, 1, 2
 
