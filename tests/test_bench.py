@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import email
 import json
 import math
 import os
@@ -119,6 +120,9 @@ def test_counts_add_up_and_percentiles_are_ordered(smtp_server: MakeServer) -> N
         len(m.content) + 3 == len(build_bench_message(2048, "a@b.c", "d.e").data)
         for m in server.messages[:1]
     )
+    # Each message its own Message-ID (a server dropping duplicates sees 60 messages).
+    ids = {email.message_from_bytes(m.content)["Message-ID"] for m in server.messages}
+    assert len(ids) == 60
     latency = summary["latency_ms"]
     assert list(latency) == [
         "connect",
@@ -415,3 +419,12 @@ def test_parse_size() -> None:
     assert parse_size("2048") == 2048
     assert parse_size("4k") == 4096
     assert parse_size("2M") == 2 * 1024 * 1024
+
+
+def test_the_module_examples_hold() -> None:
+    import doctest
+
+    import asmtp.bench
+
+    result = doctest.testmod(asmtp.bench)
+    assert result.attempted >= 2 and result.failed == 0
