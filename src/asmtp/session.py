@@ -590,7 +590,7 @@ class Session:
             for r in got:
                 if not (progress and r.recipient in again):
                     results[r.recipient] = r
-            pending = again if progress and self.is_open else []
+            pending = again if progress and not self.proto.closed else []
         # Every recipient has its result: a server gone by now is no failure.
         with contextlib.suppress(SMTPError):
             yield from self._quit()
