@@ -66,12 +66,18 @@ class Reply:
     @property
     def message(self) -> str:
         """The text without the enhanced status prefix, lines joined by spaces."""
+        return self.status_and_message()[1]
+
+    def status_and_message(self) -> tuple[str | None, str]:
+        """``(enhanced_status, message)`` with one match, for when both are wanted."""
         lines = self.lines
         text = lines[0].strip() if len(lines) == 1 else " ".join(line.strip() for line in lines)
         m = _ENHANCED.match(text)
-        if m is not None and int(m.group(1)) == self.code // 100:
-            text = text[m.end() :]
-        return text
+        if m is None or int(m.group(1)) != self.code // 100:
+            return None, text
+        # A status counts only at the very start of the first line (no blank before it).
+        status = "{}.{}.{}".format(*m.groups()) if lines[0][:1] == text[:1] else None
+        return status, text[m.end() :]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Reply):

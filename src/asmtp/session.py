@@ -14,7 +14,6 @@ callback, or step by step over anyio streams. The async methods (:meth:`Session.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
@@ -354,7 +353,7 @@ class Session:
                 f"{limit} (SIZE)",
                 stage="mail",
             )
-        if "SIZE" in caps:
+        if "SIZE" in caps.extensions:
             params.append(f"SIZE={message.size}")
         if message.eight_bit:
             if not caps.eight_bit_mime:
@@ -365,7 +364,7 @@ class Session:
             params.append("BODY=8BITMIME")
         # Addresses are normalized (IDN domains in ASCII) by now: only a UTF-8
         # local part is left to need SMTPUTF8.
-        utf8 = message.smtputf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
+        utf8 = message.smtputf8 or not sender.isascii() or not "".join(recipients).isascii()
         if utf8:
             if not caps.smtputf8:
                 raise MessageRejectedError(
@@ -591,9 +590,10 @@ class Session:
                 if not (progress and r.recipient in again):
                     results[r.recipient] = r
             pending = again if progress and not self.proto.closed else []
-        # Every recipient has its result: a server gone by now is no failure.
-        with contextlib.suppress(SMTPError):
+        try:
             yield from self._quit()
+        except SMTPError:
+            return  # every recipient has its result: a server gone by now is no failure
 
     async def noop(self) -> None:
         """NOOP: check the server is still there (a 421 or a closed connection raises)."""
@@ -656,9 +656,9 @@ def _result_of(
     rcpt: str, reply: Reply, stage: str, host: str, tls: TLSState, elapsed: float
 ) -> RecipientResult:
     code = reply.code
+    enhanced, text = reply.status_and_message()
     if code < 400:
         status = "delivered"
-        text = reply.message
     else:
         status = "permanent" if code >= 500 else "transient"
         text = str(_reply_error(reply, stage))
@@ -666,7 +666,7 @@ def _result_of(
         recipient=rcpt,
         status=status,  # type: ignore[arg-type]
         code=code,
-        enhanced_status=reply.enhanced_status,
+        enhanced_status=enhanced,
         message=text,
         stage=stage,
         host=host,
