@@ -18,6 +18,7 @@ smtp-sink, aiosmtpd (the fallback sink), and uvloop.
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import json
 import os
@@ -40,6 +41,7 @@ from _common import (
     HELO,
     HERE,
     HOST,
+    REPO,
     SENDER,
     add_run_options,
     benchmark_message,
@@ -69,6 +71,7 @@ MAX_CONCURRENCY = 1_000
 CLIENTS: dict[str, tuple[str, str]] = {
     "asmtp": ("asyncio", "asmtp.send on the standard asyncio loop"),
     "asmtp-uvloop": ("uvloop", "asmtp.send on uvloop"),
+    "asmtp-mypyc": ("uvloop", "asmtp.send on uvloop, hot path compiled (ASMTP_COMPILE=1)"),
     "aiosmtplib": ("asyncio", "aiosmtplib.send per recipient under a semaphore"),
     "aiosmtplib-uvloop": ("uvloop", "the same on uvloop"),
     "smtplib-threads": ("threads", "smtplib.SMTP per message in a thread pool of C"),
@@ -201,9 +204,44 @@ def bare_runner(pipelining: bool) -> Callable[..., Any]:
     return run
 
 
+def base_of(client: str) -> str:
+    """The library a client row runs: "asmtp", "aiosmtplib", "bare", ..."""
+    return "asmtp" if client.startswith("asmtp") else client.removesuffix("-uvloop")
+
+
+def compile_asmtp(directory: Path) -> str | None:
+    """Build asmtp with its hot path compiled by mypyc into ``directory``, as
+    ``ASMTP_COMPILE=1 pip install .`` does (the modules hatch_build.py names), for the
+    asmtp-mypyc row; None when built, else why not."""
+    try:
+        import mypyc  # noqa: F401
+    except ImportError:
+        return "mypyc is not installed (it comes with mypy: pip install mypy)"
+    hook = ast.parse((REPO / "hatch_build.py").read_text())
+    names = next(
+        ast.literal_eval(node.value)
+        for node in ast.walk(hook)
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "COMPILED"
+    )
+    src = directory / "src"
+    shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("*.so", "*.pyd"))
+    config = directory / "mypyc.ini"
+    config.write_text("[mypy]\nignore_missing_imports = True\n")
+    command = [sys.executable, "-m", "mypyc", "--config-file", str(config)]
+    command += [f"asmtp/{name}.py" for name in names]
+    done = subprocess.run(command, cwd=src, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return f"mypyc failed: {tail_text(done.stdout + done.stderr)}"
+    return None
+
+
+def tail_text(text: str, lines: int = 3) -> str:
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
 def check_available(client: str) -> str | None:
     """None when the client can run in this interpreter, else why not."""
-    base = client.removesuffix("-uvloop")
+    base = base_of(client)
     try:
         if CLIENTS[client][0] == "uvloop":
             import uvloop  # noqa: F401
@@ -221,11 +259,14 @@ def check_available(client: str) -> str | None:
 
 
 def version_of(client: str) -> str:
-    base = client.removesuffix("-uvloop")
+    base = base_of(client)
     if base == "asmtp":
         import asmtp
+        import asmtp.session
 
-        return f"asmtp {getattr(asmtp, '__version__', '?')} ({Path(asmtp.__file__).parent})"
+        compiled = Path(asmtp.session.__file__).suffix in (".so", ".pyd")
+        where = Path(asmtp.__file__).parent
+        return f"asmtp {asmtp.__version__} ({where}{', compiled' if compiled else ''})"
     if base == "aiosmtplib":
         import aiosmtplib
 
@@ -233,10 +274,15 @@ def version_of(client: str) -> str:
     return ""
 
 
-def worker_main(client: str, port: int, count: int, concurrency: int) -> int:
+def worker_main(
+    client: str, port: int, count: int, concurrency: int, asmtp_path: str | None = None
+) -> int:
     """Run one client once. Protocol with the parent, one JSON line each way on stdout:
-    ``{"ready"...}`` after imports and setup; wait for ``go`` on stdin; ``{"result"...}``."""
+    ``{"ready"...}`` after imports and setup; wait for ``go`` on stdin; ``{"result"...}``.
+    ``asmtp_path``: import asmtp from there (the compiled build of the asmtp-mypyc row)."""
     sys.path.insert(0, str(HERE))  # bare_client
+    if asmtp_path:
+        sys.path.insert(0, asmtp_path)
     if client.startswith("asmtp"):
         ensure_asmtp_importable()
     why = check_available(client)
@@ -257,7 +303,7 @@ def worker_main(client: str, port: int, count: int, concurrency: int) -> int:
     if client == "smtplib-threads":
         outcomes = run_smtplib(port, message, recipients, concurrency)
     else:
-        run = runners[client.removesuffix("-uvloop")]
+        run = runners[base_of(client)]
         coro = run(port, message, recipients, concurrency)
         if CLIENTS[client][0] == "uvloop":
             import uvloop
@@ -467,10 +513,13 @@ def run_python_client(
     concurrency: int,
     hard_timeout: float,
     cpus: set[int] | None,
+    asmtp_path: str | None = None,
 ) -> Run | str:
     """One run in a fresh interpreter; a str means the client is unavailable."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", client]
     argv += ["--port", str(sink.port), "--messages", str(count), "--concurrency", str(concurrency)]
+    if asmtp_path:
+        argv += ["--asmtp-path", asmtp_path]
     worker = run_worker_process(argv, cpus, hard_timeout, lambda: (sink.messages(), sink.cpu()))
     if isinstance(worker, str):
         return worker
@@ -550,7 +599,10 @@ def run_client(
 ) -> Run | str:
     if client == "smtp-source":
         return run_smtp_source(sink, args.messages, concurrency, body_size, args.hard_timeout, cpus)
-    return run_python_client(client, sink, args.messages, concurrency, args.hard_timeout, cpus)
+    path = args.compiled if client == "asmtp-mypyc" else None
+    return run_python_client(
+        client, sink, args.messages, concurrency, args.hard_timeout, cpus, path
+    )
 
 
 def rate(run: Run, count: int) -> float:
@@ -680,33 +732,41 @@ TARGETS = (
 
 
 def targets(medians: dict[str, float], cpus: dict[str, float], *, pipelining: bool) -> list[str]:
-    """The target table for one concurrency: asmtp's ratio, the same ratio for the bare
-    client (what no library can beat on this machine), and whether asmtp met it."""
+    """The target table for one concurrency: asmtp's ratio (pure Python, and compiled
+    where measured), the same ratio for the bare client (what no library can beat on
+    this machine), and whether asmtp met it."""
 
-    def ratio(client: str, peer: str, how: str) -> float | None:
+    def ratio(client: str | None, peer: str, how: str) -> float | None:
         table = medians if how == "rate" else cpus
         if client not in table or peer not in table or not table[peer] or not table[client]:
             return None
         return table[client] / table[peer] if how == "rate" else table[peer] / table[client]
 
+    def shown(value: float | None, how: str) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.2f}x" if how == "rate" else f"{1 / value:.2f}x the CPU"
+
     lines = [
         "",
-        "Targets (ratios of medians; the bare column is the same ratio for the client with no"
-        " library, the ceiling for Python on this machine):",
+        "Targets (ratios of medians; compiled: the asmtp-mypyc row; the bare column is the"
+        " same ratio for the client with no library, the ceiling for Python here):",
         "",
-        "| target | asmtp | bare client | met |",
-        "|---|---:|---:|---|",
+        "| target | asmtp | asmtp compiled | bare client | met |",
+        "|---|---:|---:|---:|---|",
     ]
     for what, client, peer, bare, how, goal in TARGETS:
         if "PIPELINING" in what and not pipelining:
             continue
         mine = ratio(client, peer, how)
-        ceiling = ratio(bare, peer, how) if bare else None
         if mine is None:
             continue
-        shown = f"{mine:.2f}x" if how == "rate" else f"{1 / mine:.2f}x the CPU"
-        ceiling_shown = f"{ceiling:.2f}x" if ceiling is not None else "-"
-        lines.append(f"| {what} | {shown} | {ceiling_shown} | {'yes' if mine >= goal else 'no'} |")
+        compiled = ratio("asmtp-mypyc", peer, how) if client == "asmtp-uvloop" else None
+        met = "yes" if mine >= goal else "compiled" if compiled and compiled >= goal else "no"
+        lines.append(
+            f"| {what} | {shown(mine, how)} | {shown(compiled, how)}"
+            f" | {shown(ratio(bare, peer, how), how) if bare else '-'} | {met} |"
+        )
     return lines
 
 
@@ -730,6 +790,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_run_options(parser, "sink")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--asmtp-path", help=argparse.SUPPRESS)
     parser.add_argument("--sink-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backlog", type=int, default=1024, help=argparse.SUPPRESS)
@@ -752,7 +813,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return worker_main(args.worker, args.port, args.messages, args.concurrency[0])
+        return worker_main(
+            args.worker, args.port, args.messages, args.concurrency[0], args.asmtp_path
+        )
     if args.sink_worker:
         return sink_worker_main(args.port, args.backlog)
 
@@ -772,6 +835,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sink = start_sink()
     sink_deaths: list[str] = []
     rows = {c: {client: Row() for client in args.clients} for c in args.concurrency}
+    build = tempfile.TemporaryDirectory(prefix="asmtp-mypyc-")
+    args.compiled = None
+    if "asmtp-mypyc" in args.clients:
+        print("compiling asmtp's hot path with mypyc for the asmtp-mypyc row", file=sys.stderr)
+        why = compile_asmtp(Path(build.name))
+        if why is None:
+            args.compiled = str(Path(build.name) / "src")
+        else:
+            for by_client in rows.values():
+                by_client["asmtp-mypyc"].unavailable = why
     versions: dict[str, str] = {}
     try:
         for round_index in range(args.rounds):
@@ -813,6 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
     finally:
         sink.stop()
+        build.cleanup()
     for by_client in rows.values():
         for client, row in by_client.items():
             for run in row.runs:

@@ -179,7 +179,7 @@ class Extras:
     before_dot: BeforeDot | None = None
 
 
-NO_EXTRAS = Extras()
+NO_EXTRAS: Extras = Extras()
 
 
 class Session:
