@@ -93,10 +93,18 @@ class Connection(asyncio.BufferedProtocol):
         "proto",
     )
 
-    def __init__(self, proto: ClientProtocol, *, host: str) -> None:
+    def __init__(
+        self,
+        proto: ClientProtocol,
+        *,
+        host: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.proto = proto
         self.host = host
-        self._loop = asyncio.get_running_loop()
+        # Asking for the running loop costs a getpid() system call on Python 3.11:
+        # callers that have it pass it.
+        self._loop = loop or asyncio.get_running_loop()
         self._view = _read_buffer()
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[Any] | None = None
@@ -498,16 +506,17 @@ async def open_connection(
     server_hostname: str | None = None,
     source_address: str | None = None,
     timeout: float | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> Connection:
     """Connect to ``address`` (an IP; defaults to ``host``) and return the connection.
     With ``ssl_context`` the TLS handshake runs at once (implicit TLS, RFC 8314),
     checked against ``server_hostname`` (defaults to ``host``). ``timeout`` covers the
     connect and, once the caller reads it, the greeting."""
-    loop = asyncio.get_running_loop()
-    conn = Connection(proto, host=host)
+    loop = loop or asyncio.get_running_loop()
+    conn = Connection(proto, host=host, loop=loop)
     conn.step(timeout)
     local = (source_address, 0) if source_address else None
-    conn._task = asyncio.current_task()  # the timer cancels it on timeout
+    conn._task = asyncio.current_task(loop)  # the timer cancels it on timeout
     try:
         await loop.create_connection(
             lambda: conn,

@@ -365,7 +365,7 @@ async def open_stream_connection(
     For event loops other than asyncio (under asyncio, anyio's streams do not sit on a
     socket that can be closed synchronously; :func:`open_best` picks the asyncio driver
     there)."""
-    if _on_asyncio():
+    if _asyncio_loop() is not None:
         raise LocalProtocolError(
             "open_stream_connection is the driver for trio; use "
             "asmtp.transport.open_connection (or open_best) under asyncio"
@@ -406,8 +406,19 @@ async def open_best(
 ) -> AnyConnection:
     """Open a connection with the driver for the running async library: the
     ``BufferedProtocol`` one on asyncio (uvloop included), anyio streams elsewhere."""
-    opener = open_connection if _on_asyncio() else open_stream_connection
-    return await opener(
+    loop = _asyncio_loop()
+    if loop is None:
+        return await open_stream_connection(
+            proto,
+            host,
+            port,
+            address=address,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            source_address=source_address,
+            timeout=timeout,
+        )
+    return await open_connection(
         proto,
         host,
         port,
@@ -416,6 +427,7 @@ async def open_best(
         server_hostname=server_hostname,
         source_address=source_address,
         timeout=timeout,
+        loop=loop,
     )
 
 
@@ -429,17 +441,15 @@ def loop_clock() -> Callable[[], float]:
     """The running event loop's clock (what :func:`anyio.current_time` reads), as a
     function that also works inside the asyncio driver's callbacks, where no task
     runs and anyio cannot tell which library is running."""
-    try:
-        return asyncio.get_running_loop().time
-    except RuntimeError:
-        return anyio.current_time
+    loop = _asyncio_loop()
+    return anyio.current_time if loop is None else loop.time
 
 
-def _on_asyncio() -> bool:
-    """Whether the running event loop is asyncio's (uvloop included): the fast
-    BufferedProtocol driver applies there; anything else (trio) goes over anyio."""
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop (uvloop included), where the fast BufferedProtocol
+    driver applies; None under anything else (trio goes over anyio). Asked once per
+    connection: on Python 3.11 each asking is a getpid() system call."""
     try:
-        asyncio.get_running_loop()
+        return asyncio.get_running_loop()
     except RuntimeError:
-        return False
-    return True
+        return None
