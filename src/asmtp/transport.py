@@ -63,7 +63,9 @@ class _Finished(NamedTuple):
 
 
 class Connection(asyncio.BufferedProtocol):
-    """One connection to an SMTP server, driven by :meth:`read_reply` and :meth:`write`.
+    """One connection to an SMTP server. Sessions hand it their steps (:meth:`run`);
+    :meth:`read_reply`, :meth:`write` and :meth:`drain` drive it one step at a time
+    (``asmtp bench`` times each stage that way).
 
     Timeouts are per network step: :meth:`step` sets the deadline for the next command
     and its whole reply. A single timer per connection enforces it: brought forward

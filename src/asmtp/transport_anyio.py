@@ -79,8 +79,9 @@ class AnyConnection(Protocol):
 
 
 class StreamConnection:
-    """One connection to an SMTP server over an anyio byte stream, driven by
-    :meth:`read_reply` and :meth:`write` exactly like :class:`~asmtp.transport.Connection`.
+    """One connection to an SMTP server over an anyio byte stream, with the interface of
+    :class:`~asmtp.transport.Connection`: :meth:`run` awaits a session's steps one by one
+    through :meth:`read_reply`, :meth:`write` and :meth:`drain`.
 
     :meth:`write` only queues bytes: they are sent by the next :meth:`read_reply` or
     :meth:`drain`, which a session always awaits after writing (a command is written,
