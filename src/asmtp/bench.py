@@ -78,6 +78,7 @@ from .message import PreparedMessage, prepare_message
 from .protocol import ClientProtocol, State
 from .reply import Reply
 from .sasl import choose_mechanism, make_mechanism
+from .steps import Await, Command, Receive, Send, Steps
 from .transport import Connection, open_connection
 
 __all__ = [
@@ -421,19 +422,23 @@ class _Error:
 class _Slot:
     """One worker's state: its open session (kept with --reuse) and the stage it is in."""
 
-    __slots__ = ("conn", "mail_params", "proto", "stage")
+    __slots__ = ("conn", "done_at", "mail_params", "proto", "ready", "since", "stage")
 
     def __init__(self) -> None:
         self.conn: Connection | None = None
         self.proto: ClientProtocol | None = None
         self.stage = "connect"
         self.mail_params: tuple[str, ...] = ()
+        self.ready = False  # greeting, EHLO, STARTTLS and AUTH done
+        self.since = 0.0  # when the connection was made
+        self.done_at = 0.0  # when the message's final reply came
 
     def drop(self) -> None:
         if self.conn is not None:
             self.conn.abort()
         self.conn = None
         self.proto = None
+        self.ready = False
 
 
 @dataclass(slots=True)
@@ -540,7 +545,6 @@ class _Run:
 
     async def worker(self) -> None:
         slot = _Slot()
-        reuse = self.config.reuse
         try:
             while (claim := self._claim()) is not None:
                 index, scheduled = claim
@@ -551,105 +555,118 @@ class _Run:
                     t_start = scheduled
                     self.recorders["queue"].add(max(0.0, _now() - scheduled))
                 await self._send_one(slot, index, t_start)
-                if not reuse and slot.conn is not None:
-                    await self._quit(slot)
             if slot.conn is not None:
                 await self._quit(slot)
         finally:
             slot.drop()
 
     async def _send_one(self, slot: _Slot, index: int, t_start: float) -> None:
+        """One message: connect and set up if no session is open, the transaction and,
+        without --reuse, QUIT, all as one run of steps (each stage timed as its reply
+        is parsed, in the connection's read callback)."""
         self.sent += 1
-        setting_up = slot.conn is None
         try:
-            if setting_up:
-                await self._open(slot)
-                setting_up = False
-            await self._transaction(slot, index)
+            if slot.conn is None:
+                await self._connect(slot)
+            assert slot.conn is not None
+            await slot.conn.run(self._message_steps(slot, index))
         except SMTPError as exc:
             key = str(exc.code) if isinstance(exc, ReplyError) else type(exc).__name__
             self._done_failed(slot.stage, key, str(exc))
             if slot.proto is None or slot.proto.closed or not isinstance(exc, ReplyError):
                 slot.drop()
-            elif setting_up:
+            elif not slot.ready:
                 await self._quit(slot)  # never reuse a session that failed to set up
             elif self.config.reuse:
                 await self._rset(slot)
+            else:
+                await self._quit(slot)
         except asyncio.CancelledError:
             # stopped from outside: the grace after --duration is over, or Ctrl-C
             self._done_failed(slot.stage, UNFINISHED, "still running when the run was stopped")
             raise
         else:
-            self._done_ok(t_start, _now())
+            self._done_ok(t_start, slot.done_at)
+            if not self.config.reuse or slot.proto is None or slot.proto.closed:
+                self._close(slot)  # QUIT said (or tried), or the server ended the session
 
-    async def _command(self, conn: Connection, data: bytes) -> Reply:
-        conn.step(self.config.timeout)
-        conn.write(data)
-        return await conn.read_reply()
+    def _message_steps(self, slot: _Slot, index: int) -> Steps[None]:
+        if not slot.ready:
+            yield from self._set_up(slot)
+        yield from self._transaction(slot, index)
+        slot.done_at = _now()
+        if not self.config.reuse:
+            yield from self._quit_steps(slot)
 
-    async def _open(self, slot: _Slot) -> None:
-        """Connect, greeting, EHLO, STARTTLS and AUTH as configured; each stage timed."""
+    async def _connect(self, slot: _Slot) -> None:
         config = self.config
-        rec = self.recorders
-        timeout = config.timeout
         implicit = config.tls == "implicit"
         proto = ClientProtocol(tls=implicit)
         self.sessions_attempted += 1
         slot.stage = "connect"
         slot.proto = proto
+        slot.ready = False
         t0 = _now()
-        conn = slot.conn = await open_connection(
+        slot.conn = await open_connection(
             proto,
             config.host,
             config.port,
             address=self.address,
             ssl_context=self.ssl_context if implicit else None,
             server_hostname=config.host,
-            timeout=timeout,
+            timeout=config.timeout,
         )
-        t1 = _now()
-        rec["connect"].add(t1 - t0)
+        slot.since = _now()
+        self.recorders["connect"].add(slot.since - t0)
 
+    def _set_up(self, slot: _Slot) -> Steps[None]:
+        """Greeting, EHLO, STARTTLS and AUTH as configured; each stage timed."""
+        config = self.config
+        rec = self.recorders
+        proto = slot.proto
+        assert proto is not None
+        t1 = slot.since
         slot.stage = "greeting"
-        reply = await conn.read_reply()
+        reply: Reply = yield Receive(config.timeout, same_step=True)
         if reply.code != 220:
             raise _error(reply, "greeting")
         t2 = _now()
         rec["greeting"].add(t2 - t1)
 
         slot.stage = "ehlo"
-        await self._ehlo(conn, proto)
+        yield from self._ehlo(proto)
         t3 = _now()
         rec["ehlo"].add(t3 - t2)
 
         if config.tls in ("starttls", "opportunistic"):
             slot.stage = "starttls"
-            if await self._starttls(conn, proto):
+            if (yield from self._starttls(slot, proto)):
                 t4 = _now()
                 rec["starttls"].add(t4 - t3)
                 t3 = t4
         if config.username is not None:
             slot.stage = "auth"
-            await self._auth(conn, proto)
+            yield from self._auth(proto)
             rec["auth"].add(_now() - t3)
 
         caps = proto.capabilities
         slot.mail_params = (f"SIZE={self.message.size}",) if "SIZE" in caps else ()
+        slot.ready = True
         self.sessions_ready += 1
 
-    async def _ehlo(self, conn: Connection, proto: ClientProtocol) -> None:
+    def _ehlo(self, proto: ClientProtocol) -> Steps[None]:
         helo = self.config.helo
-        reply = await self._command(conn, proto.ehlo(helo))
+        reply: Reply = yield Command(proto.ehlo(helo), self.config.timeout)
         if reply.code == 250:
             return
         if reply.code >= 500 and not proto.closed:
             # RFC 5321 3.2: a server that does not know EHLO gets HELO.
-            reply = await self._command(conn, proto.helo(helo))
+            reply = yield Command(proto.helo(helo), self.config.timeout)
             if reply.code == 250:
                 return
         raise _error(reply, "ehlo")
 
-    async def _starttls(self, conn: Connection, proto: ClientProtocol) -> bool:
+    def _starttls(self, slot: _Slot, proto: ClientProtocol) -> Steps[bool]:
         """STARTTLS, the handshake and EHLO again; False when opportunistic TLS
         carries on in plaintext."""
         mode = self.config.tls
@@ -659,33 +676,38 @@ class _Run:
                     f"{self.config.host} does not offer STARTTLS", stage="starttls"
                 )
             return False
-        reply = await self._command(conn, proto.starttls())
+        reply: Reply = yield Command(proto.starttls(), self.config.timeout)
         if reply.code != 220:
             if mode == "starttls" or proto.closed:
                 raise _error(reply, "starttls")
             return False
-        assert self.ssl_context is not None
-        conn.step(self.config.timeout)
-        await conn.start_tls(self.ssl_context, self.config.host)
-        await self._ehlo(conn, proto)
+        conn, context = slot.conn, self.ssl_context
+        assert conn is not None and context is not None
+
+        async def handshake() -> None:
+            conn.step(self.config.timeout)
+            await conn.start_tls(context, self.config.host)
+
+        yield Await(handshake)
+        yield from self._ehlo(proto)
         return True
 
-    async def _auth(self, conn: Connection, proto: ClientProtocol) -> None:
+    def _auth(self, proto: ClientProtocol) -> Steps[None]:
         config = self.config
         assert config.username is not None and config.password is not None
         name = choose_mechanism(proto.capabilities.auth, None)
         mech = make_mechanism(name, config.username, config.password)
-        reply = await self._command(conn, proto.auth(name, mech.initial()))
+        reply: Reply = yield Command(proto.auth(name, mech.initial()), config.timeout)
         while reply.code == 334:
             challenge = reply.lines[0] if reply.lines else ""
-            reply = await self._command(conn, proto.auth_response(mech.respond(challenge)))
+            reply = yield Command(proto.auth_response(mech.respond(challenge)), config.timeout)
         if reply.code != 235:
             raise _error(reply, "auth")
 
-    async def _transaction(self, slot: _Slot, index: int) -> None:
+    def _transaction(self, slot: _Slot, index: int) -> Steps[None]:
         """MAIL, the RCPTs and DATA (pipelined when offered), then the content."""
-        conn, proto = slot.conn, slot.proto
-        assert conn is not None and proto is not None
+        proto = slot.proto
+        assert proto is not None
         config = self.config
         timeout = config.timeout
         per = config.recipients_per_message
@@ -702,30 +724,26 @@ class _Run:
             out = proto.mail(config.sender, slot.mail_params)
             out += b"".join([proto.rcpt(r) for r in recipients])
             out += proto.data()
-            conn.step(timeout)
-            conn.write(out)
-            mail_reply = await conn.read_reply()
+            mail_reply: Reply = yield Command(out, timeout)
             if proto.closed:
                 raise _error(mail_reply, "mail")
             slot.stage = "rcpt"
             for _ in recipients:
-                conn.step(timeout)
-                reply = await conn.read_reply()
+                reply: Reply = yield Receive(timeout)
                 if proto.closed:
                     raise _error(reply, "rcpt")
                 if reply.code >= 300:
                     refused.append(reply)
             slot.stage = "data"
-            conn.step(timeout)
-            data_reply = await conn.read_reply()
+            data_reply: Reply = yield Receive(timeout)
         else:
-            mail_reply = await self._command(conn, proto.mail(config.sender, slot.mail_params))
+            mail_reply = yield Command(proto.mail(config.sender, slot.mail_params), timeout)
             if mail_reply.code >= 300:
                 slot.stage = "mail"
                 raise _error(mail_reply, "mail")
             slot.stage = "rcpt"
             for rcpt in recipients:
-                reply = await self._command(conn, proto.rcpt(rcpt))
+                reply = yield Command(proto.rcpt(rcpt), timeout)
                 if proto.closed:
                     raise _error(reply, "rcpt")
                 if reply.code >= 300:
@@ -734,16 +752,14 @@ class _Run:
                 self._count_recipients(refused, per)
                 raise _error(refused[0], "rcpt")
             slot.stage = "data"
-            data_reply = await self._command(conn, proto.data())
+            data_reply = yield Command(proto.data(), timeout)
         if mail_reply.code < 300:  # after a refused MAIL, RCPT replies say nothing
             self._count_recipients(refused, per)
         if mail_reply.code >= 300 or len(refused) == per:
             if data_reply.code == 354:
                 # RFC 2920 3.1: DATA was accepted with nobody to deliver to; send an
                 # empty message so the session stays in step.
-                conn.step(timeout)
-                conn.write(proto.message(b"\r\n.\r\n"))
-                await conn.read_reply()
+                yield Command(proto.message(b"\r\n.\r\n"), timeout)
             if mail_reply.code >= 300:
                 slot.stage = "mail"
                 raise _error(mail_reply, "mail")
@@ -755,11 +771,9 @@ class _Run:
         rec["envelope"].add(t1 - t0)
 
         slot.stage = "message"
-        conn.step(timeout)
-        conn.write(proto.message(numbered(self.message.data, self.number_at, index + 1)))
-        await conn.drain()
-        conn.step(timeout)
-        reply = await conn.read_reply()
+        content = numbered(self.message.data, self.number_at, index + 1)
+        yield Send(proto.message(content), timeout, drain=True)
+        reply = yield Receive(timeout)
         if reply.code >= 300:
             raise _error(reply, "message")
         rec["message"].add(_now() - t1)
@@ -777,32 +791,51 @@ class _Run:
         assert conn is not None and proto is not None
         try:
             if proto.state in (State.READY, State.MAIL) and proto.awaiting is None:
-                reply = await self._command(conn, proto.rset())
+                reply = await conn.run(self._single(proto.rset()))
                 if reply.code == 250:
                     return
         except SMTPError:
             pass
         slot.drop()
 
-    async def _quit(self, slot: _Slot) -> None:
-        conn, proto = slot.conn, slot.proto
-        assert conn is not None and proto is not None
+    def _single(self, command: bytes) -> Steps[Reply]:
+        reply: Reply = yield Command(command, self.config.timeout)
+        return reply
+
+    def _quit_steps(self, slot: _Slot) -> Steps[None]:
+        """QUIT, timed; a failure is counted apart (the message was already sent)."""
+        proto = slot.proto
+        assert proto is not None
+        if proto.closed or proto.awaiting is not None:
+            return
         try:
-            if not proto.closed and proto.awaiting is None:
-                t0 = _now()
-                reply = await self._command(conn, proto.quit())
-                if reply.code == 221:
-                    self.recorders["quit"].add(_now() - t0)
-                else:
-                    key = str(reply.code)
-                    self.quit_errors[key] = self.quit_errors.get(key, 0) + 1
+            t0 = _now()
+            reply: Reply = yield Command(proto.quit(), self.config.timeout)
         except SMTPError as exc:
             key = type(exc).__name__
             self.quit_errors[key] = self.quit_errors.get(key, 0) + 1
+            return
+        if reply.code == 221:
+            self.recorders["quit"].add(_now() - t0)
+        else:
+            key = str(reply.code)
+            self.quit_errors[key] = self.quit_errors.get(key, 0) + 1
+
+    async def _quit(self, slot: _Slot) -> None:
+        conn = slot.conn
+        assert conn is not None
+        try:
+            await conn.run(self._quit_steps(slot))
         finally:
-            conn.close()
-            slot.conn = None
-            slot.proto = None
+            self._close(slot)
+
+    @staticmethod
+    def _close(slot: _Slot) -> None:
+        if slot.conn is not None:
+            slot.conn.close()
+        slot.conn = None
+        slot.proto = None
+        slot.ready = False
 
     # -- the whole run --------------------------------------------------------------
 
