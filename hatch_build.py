@@ -44,28 +44,33 @@ class CompileHook(BuildHookInterface):
         if version == "editable":
             # An editable install imports from src/: the extensions go there, beside
             # the sources they were built from (rebuild after editing those).
-            self._mypyc(src)
+            compile_in_place(src, Path(self.root) / "build")
             return
         work = Path(self.root) / "build" / "mypyc"
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(src, work / "src")
-        for built in self._mypyc(work / "src"):
+        for built in compile_in_place(work / "src", work):
             build_data["force_include"][str(built)] = str(built.relative_to(work / "src"))
         build_data["pure_python"] = False
         build_data["infer_tag"] = True
 
-    def _mypyc(self, src: Path) -> list[Path]:
-        """Compile the modules in ``src`` (in place) and return the extensions built."""
-        files = [f"asmtp/{name}.py" for name in COMPILED]
-        # Compiling needs no strictness (CI checks that) and no other package's types:
-        # an empty configuration, not the project's, which mypy would find upwards.
-        config = Path(self.root) / "build" / "mypyc.ini"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text("[mypy]\nignore_missing_imports = True\n")
-        command = [sys.executable, "-m", "mypyc", "--config-file", str(config), *files]
-        subprocess.run(command, cwd=src, check=True)
-        built = [p for p in src.glob("*__mypyc*") if p.suffix in (".so", ".pyd")]
-        built += [p for p in (src / "asmtp").iterdir() if p.suffix in (".so", ".pyd")]
-        if len(built) < len(COMPILED):
-            raise RuntimeError(f"mypyc built {len(built)} extensions for {len(COMPILED)} modules")
-        return built
+
+def compile_in_place(src: Path, scratch: Path) -> list[Path]:
+    """Compile the :data:`COMPILED` modules of ``src/asmtp`` with mypyc, beside their
+    sources (``scratch`` holds the configuration); return the extensions built. Also
+    used by benchmarks/fanout.py for its compiled row."""
+    files = [f"asmtp/{name}.py" for name in COMPILED]
+    # Compiling needs no strictness (CI checks that) and no other package's types:
+    # an empty configuration, not the project's, which mypy would find upwards.
+    config = scratch / "mypyc.ini"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[mypy]\nignore_missing_imports = True\n")
+    command = [sys.executable, "-m", "mypyc", "--config-file", str(config), *files]
+    done = subprocess.run(command, cwd=src, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"mypyc failed:\n{done.stdout}{done.stderr}")
+    built = [p for p in src.glob("*__mypyc*") if p.suffix in (".so", ".pyd")]
+    built += [p for p in (src / "asmtp").iterdir() if p.suffix in (".so", ".pyd")]
+    if len(built) < len(COMPILED):
+        raise RuntimeError(f"mypyc built {len(built)} extensions for {len(COMPILED)} modules")
+    return built

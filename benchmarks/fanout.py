@@ -18,7 +18,6 @@ smtp-sink, aiosmtpd (the fallback sink), and uvloop.
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import json
 import os
@@ -211,32 +210,21 @@ def base_of(client: str) -> str:
 
 def compile_asmtp(directory: Path) -> str | None:
     """Build asmtp with its hot path compiled by mypyc into ``directory``, as
-    ``ASMTP_COMPILE=1 pip install .`` does (the modules hatch_build.py names), for the
+    ``ASMTP_COMPILE=1 pip install .`` does (hatch_build.py's own function), for the
     asmtp-mypyc row; None when built, else why not."""
+    sys.path.insert(0, str(REPO))
     try:
         import mypyc  # noqa: F401
-    except ImportError:
-        return "mypyc is not installed (it comes with mypy: pip install mypy)"
-    hook = ast.parse((REPO / "hatch_build.py").read_text())
-    names = next(
-        ast.literal_eval(node.value)
-        for node in ast.walk(hook)
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "COMPILED"
-    )
+        from hatch_build import compile_in_place
+    except ImportError as exc:
+        return f"cannot compile here ({exc}): pip install -e '.[test]' brings what it needs"
     src = directory / "src"
     shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("*.so", "*.pyd"))
-    config = directory / "mypyc.ini"
-    config.write_text("[mypy]\nignore_missing_imports = True\n")
-    command = [sys.executable, "-m", "mypyc", "--config-file", str(config)]
-    command += [f"asmtp/{name}.py" for name in names]
-    done = subprocess.run(command, cwd=src, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return f"mypyc failed: {tail_text(done.stdout + done.stderr)}"
+    try:
+        compile_in_place(src, directory)
+    except RuntimeError as exc:
+        return " | ".join(str(exc).strip().splitlines()[-3:])
     return None
-
-
-def tail_text(text: str, lines: int = 3) -> str:
-    return " | ".join(text.strip().splitlines()[-lines:])
 
 
 def check_available(client: str) -> str | None:

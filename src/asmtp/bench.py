@@ -78,6 +78,7 @@ from .message import PreparedMessage, prepare_message
 from .protocol import ClientProtocol, State
 from .reply import Reply
 from .sasl import choose_mechanism, make_mechanism
+from .session import authenticate, exchange, hello, reply_error
 from .steps import Await, Command, Receive, Send, Steps
 from .transport import Connection, open_connection
 
@@ -433,9 +434,19 @@ class _Slot:
         self.since = 0.0  # when the connection was made
         self.done_at = 0.0  # when the message's final reply came
 
+    def close(self) -> None:
+        """End the session (after QUIT)."""
+        if self.conn is not None:
+            self.conn.close()
+        self._forget()
+
     def drop(self) -> None:
+        """End the session at once, without QUIT."""
         if self.conn is not None:
             self.conn.abort()
+        self._forget()
+
+    def _forget(self) -> None:
         self.conn = None
         self.proto = None
         self.ready = False
@@ -588,7 +599,7 @@ class _Run:
         else:
             self._done_ok(t_start, slot.done_at)
             if not self.config.reuse or slot.proto is None or slot.proto.closed:
-                self._close(slot)  # QUIT said (or tried), or the server ended the session
+                slot.close()  # QUIT said (or tried), or the server ended the session
 
     def _message_steps(self, slot: _Slot, index: int) -> Steps[None]:
         if not slot.ready:
@@ -629,12 +640,12 @@ class _Run:
         slot.stage = "greeting"
         reply: Reply = yield Receive(config.timeout, same_step=True)
         if reply.code != 220:
-            raise _error(reply, "greeting")
+            raise reply_error(reply, "greeting")
         t2 = _now()
         rec["greeting"].add(t2 - t1)
 
         slot.stage = "ehlo"
-        yield from self._ehlo(proto)
+        yield from hello(proto, self.config.helo, self.config.timeout)
         t3 = _now()
         rec["ehlo"].add(t3 - t2)
 
@@ -654,18 +665,6 @@ class _Run:
         slot.ready = True
         self.sessions_ready += 1
 
-    def _ehlo(self, proto: ClientProtocol) -> Steps[None]:
-        helo = self.config.helo
-        reply: Reply = yield Command(proto.ehlo(helo), self.config.timeout)
-        if reply.code == 250:
-            return
-        if reply.code >= 500 and not proto.closed:
-            # RFC 5321 3.2: a server that does not know EHLO gets HELO.
-            reply = yield Command(proto.helo(helo), self.config.timeout)
-            if reply.code == 250:
-                return
-        raise _error(reply, "ehlo")
-
     def _starttls(self, slot: _Slot, proto: ClientProtocol) -> Steps[bool]:
         """STARTTLS, the handshake and EHLO again; False when opportunistic TLS
         carries on in plaintext."""
@@ -679,7 +678,7 @@ class _Run:
         reply: Reply = yield Command(proto.starttls(), self.config.timeout)
         if reply.code != 220:
             if mode == "starttls" or proto.closed:
-                raise _error(reply, "starttls")
+                raise reply_error(reply, "starttls")
             return False
         conn, context = slot.conn, self.ssl_context
         assert conn is not None and context is not None
@@ -689,7 +688,7 @@ class _Run:
             await conn.start_tls(context, self.config.host)
 
         yield Await(handshake)
-        yield from self._ehlo(proto)
+        yield from hello(proto, self.config.helo, self.config.timeout)
         return True
 
     def _auth(self, proto: ClientProtocol) -> Steps[None]:
@@ -697,12 +696,7 @@ class _Run:
         assert config.username is not None and config.password is not None
         name = choose_mechanism(proto.capabilities.auth, None)
         mech = make_mechanism(name, config.username, config.password)
-        reply: Reply = yield Command(proto.auth(name, mech.initial()), config.timeout)
-        while reply.code == 334:
-            challenge = reply.lines[0] if reply.lines else ""
-            reply = yield Command(proto.auth_response(mech.respond(challenge)), config.timeout)
-        if reply.code != 235:
-            raise _error(reply, "auth")
+        yield from authenticate(proto, name, mech, config.timeout)
 
     def _transaction(self, slot: _Slot, index: int) -> Steps[None]:
         """MAIL, the RCPTs and DATA (pipelined when offered), then the content."""
@@ -726,12 +720,12 @@ class _Run:
             out += proto.data()
             mail_reply: Reply = yield Command(out, timeout)
             if proto.closed:
-                raise _error(mail_reply, "mail")
+                raise reply_error(mail_reply, "mail")
             slot.stage = "rcpt"
             for _ in recipients:
                 reply: Reply = yield Receive(timeout)
                 if proto.closed:
-                    raise _error(reply, "rcpt")
+                    raise reply_error(reply, "rcpt")
                 if reply.code >= 300:
                     refused.append(reply)
             slot.stage = "data"
@@ -740,17 +734,17 @@ class _Run:
             mail_reply = yield Command(proto.mail(config.sender, slot.mail_params), timeout)
             if mail_reply.code >= 300:
                 slot.stage = "mail"
-                raise _error(mail_reply, "mail")
+                raise reply_error(mail_reply, "mail")
             slot.stage = "rcpt"
             for rcpt in recipients:
                 reply = yield Command(proto.rcpt(rcpt), timeout)
                 if proto.closed:
-                    raise _error(reply, "rcpt")
+                    raise reply_error(reply, "rcpt")
                 if reply.code >= 300:
                     refused.append(reply)
             if len(refused) == per:
                 self._count_recipients(refused, per)
-                raise _error(refused[0], "rcpt")
+                raise reply_error(refused[0], "rcpt")
             slot.stage = "data"
             data_reply = yield Command(proto.data(), timeout)
         if mail_reply.code < 300:  # after a refused MAIL, RCPT replies say nothing
@@ -762,11 +756,11 @@ class _Run:
                 yield Command(proto.message(b"\r\n.\r\n"), timeout)
             if mail_reply.code >= 300:
                 slot.stage = "mail"
-                raise _error(mail_reply, "mail")
+                raise reply_error(mail_reply, "mail")
             slot.stage = "rcpt"
-            raise _error(refused[0], "rcpt")
+            raise reply_error(refused[0], "rcpt")
         if data_reply.code != 354:
-            raise _error(data_reply, "data")
+            raise reply_error(data_reply, "data")
         t1 = _now()
         rec["envelope"].add(t1 - t0)
 
@@ -775,7 +769,7 @@ class _Run:
         yield Send(proto.message(content), timeout, drain=True)
         reply = yield Receive(timeout)
         if reply.code >= 300:
-            raise _error(reply, "message")
+            raise reply_error(reply, "message")
         rec["message"].add(_now() - t1)
 
     def _count_recipients(self, refused: list[Reply], per: int) -> None:
@@ -791,16 +785,12 @@ class _Run:
         assert conn is not None and proto is not None
         try:
             if proto.state in (State.READY, State.MAIL) and proto.awaiting is None:
-                reply = await conn.run(self._single(proto.rset()))
+                reply = await conn.run(exchange(proto.rset(), self.config.timeout))
                 if reply.code == 250:
                     return
         except SMTPError:
             pass
         slot.drop()
-
-    def _single(self, command: bytes) -> Steps[Reply]:
-        reply: Reply = yield Command(command, self.config.timeout)
-        return reply
 
     def _quit_steps(self, slot: _Slot) -> Steps[None]:
         """QUIT, timed; a failure is counted apart (the message was already sent)."""
@@ -827,15 +817,7 @@ class _Run:
         try:
             await conn.run(self._quit_steps(slot))
         finally:
-            self._close(slot)
-
-    @staticmethod
-    def _close(slot: _Slot) -> None:
-        if slot.conn is not None:
-            slot.conn.close()
-        slot.conn = None
-        slot.proto = None
-        slot.ready = False
+            slot.close()
 
     # -- the whole run --------------------------------------------------------------
 
@@ -982,10 +964,6 @@ async def _sleep_until(when: float) -> None:
 def _stage_order(item: tuple[str, object]) -> int:
     order = ("connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data")
     return order.index(item[0]) if item[0] in order else len(order)
-
-
-def _error(reply: Reply, stage: str) -> ReplyError:
-    return ReplyError(reply.code, reply.message, enhanced_status=reply.enhanced_status, stage=stage)
 
 
 async def _resolve(host: str, port: int) -> str:

@@ -58,10 +58,7 @@ class Reply:
     def enhanced_status(self) -> str | None:
         """The RFC 3463 status ("5.1.1") when the first line starts with one whose class
         agrees with the reply code."""
-        m = _ENHANCED.match(self.lines[0]) if self.lines else None
-        if m is None or int(m.group(1)) != self.code // 100:
-            return None
-        return f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+        return self.status_and_message()[0]
 
     @property
     def message(self) -> str:

@@ -42,7 +42,7 @@ from .message import PreparedMessage
 from .protocol import ClientProtocol, State
 from .reply import Reply
 from .results import RecipientResult, TLSState, result_from_error
-from .sasl import choose_mechanism, make_mechanism
+from .sasl import Mechanism, choose_mechanism, make_mechanism
 from .steps import Await, Command, Receive, Send, Steps
 from .transport_anyio import AnyConnection, loop_clock, open_best
 
@@ -264,7 +264,7 @@ class Session:
         self.stage = "greeting"
         greeting: Reply = yield Receive(None, same_step=True)
         if greeting.code != 220:
-            raise _reply_error(greeting, "greeting")
+            raise reply_error(greeting, "greeting")
         yield from self._ehlo()
         if ep.tls in ("starttls", "opportunistic") and not self.proto.tls:
             yield from self._starttls()
@@ -274,16 +274,7 @@ class Session:
 
     def _ehlo(self) -> Steps[None]:
         self.stage = "ehlo"
-        helo = self.endpoint.helo
-        reply: Reply = yield Command(self.proto.ehlo(helo), self.timeouts.command)
-        if reply.code == 250:
-            return
-        if reply.code >= 500 and not self.proto.closed:
-            # RFC 5321 3.2: a server that does not know EHLO gets HELO.
-            reply = yield Command(self.proto.helo(helo), self.timeouts.command)
-            if reply.code == 250:
-                return
-        raise _reply_error(reply, "ehlo")
+        yield from hello(self.proto, self.endpoint.helo, self.timeouts.command)
 
     def _starttls(self) -> Steps[None]:
         ep = self.endpoint
@@ -300,7 +291,7 @@ class Session:
         if reply.code != 220:
             # Offered but refused: even opportunistic TLS does not carry on in the clear
             # (plaintext only when STARTTLS is not offered); the next host may do better.
-            raise _reply_error(reply, "starttls")
+            raise reply_error(reply, "starttls")
         conn, context = self._conn, ep.ssl_context
         assert conn is not None and context is not None
 
@@ -327,15 +318,7 @@ class Session:
         if password is not None and not isinstance(password, str):
             password = yield Await(functools.partial(resolve_password, password))
         mech = make_mechanism(name, ep.username, password or "")
-        timeout = self.timeouts.command
-        reply: Reply = yield Command(self.proto.auth(name, mech.initial()), timeout)
-        while reply.code == 334:
-            challenge = reply.lines[0] if reply.lines else ""
-            reply = yield Command(self.proto.auth_response(mech.respond(challenge)), timeout)
-        if reply.code != 235:
-            raise AuthenticationError(
-                reply.code, reply.message, enhanced_status=reply.enhanced_status
-            )
+        yield from authenticate(self.proto, name, mech, self.timeouts.command)
 
     # -- transactions -------------------------------------------------------------
 
@@ -419,7 +402,7 @@ class Session:
             self.stage = "mail"
             reply: Reply = yield Command(proto.rset(), command)
             if reply.code != 250:
-                raise _reply_error(reply, "mail")
+                raise reply_error(reply, "mail")
             self._needs_rset = False
         refused: dict[str, Reply] = {}
         self.stage = "mail"
@@ -433,12 +416,12 @@ class Session:
             out += proto.data()
             mail_reply: Reply = yield Command(out, command)
             if proto.closed:
-                raise _reply_error(mail_reply, "mail")
+                raise reply_error(mail_reply, "mail")
             self.stage = "rcpt"
             for rcpt in recipients:
                 reply = yield Receive(command)
                 if proto.closed:
-                    raise _reply_error(reply, "rcpt")
+                    raise reply_error(reply, "rcpt")
                 if reply.code >= 400:
                     refused[rcpt] = reply
             self.stage = "data"
@@ -447,17 +430,17 @@ class Session:
                 self._needs_rset = data_reply.code == 354
                 if data_reply.code == 354:
                     yield from self._empty_message()
-                raise _reply_error(mail_reply, "mail")
+                raise reply_error(mail_reply, "mail")
         else:
             mail_reply = yield Command(proto.mail(sender, params, smtputf8=utf8), command)
             if mail_reply.code >= 400:
-                raise _reply_error(mail_reply, "mail")
+                raise reply_error(mail_reply, "mail")
             self.stage = "rcpt"
             for rcpt in recipients:
                 rcpt_params = dsn.rcpt_params(rcpt) if dsn is not None else ()
                 reply = yield Command(proto.rcpt(rcpt, rcpt_params), command)
                 if proto.closed:
-                    raise _reply_error(reply, "rcpt")
+                    raise reply_error(reply, "rcpt")
                 if reply.code >= 400:
                     refused[rcpt] = reply
             if len(refused) == len(recipients):
@@ -473,7 +456,7 @@ class Session:
             return refused, _NO_DATA
         if data_reply.code != 354:
             self._needs_rset = not proto.closed
-            raise _reply_error(data_reply, "data")
+            raise reply_error(data_reply, "data")
         self.stage = "message"
         if extras.before_dot is not None:
             accepted = [r for r in recipients if r not in refused]
@@ -502,7 +485,7 @@ class Session:
             raise
         self.dot_sent = False
         if final.code >= 400 and proto.closed:
-            raise _reply_error(final, "message")
+            raise reply_error(final, "message")
         return refused, final
 
     def _empty_message(self) -> Steps[None]:
@@ -598,21 +581,17 @@ class Session:
     async def noop(self) -> None:
         """NOOP: check the server is still there (a 421 or a closed connection raises)."""
         conn = self._live("noop")
-        reply = await conn.run(self._single(self.proto.noop()))
+        reply = await conn.run(exchange(self.proto.noop(), self.timeouts.command))
         if reply.code != 250:
-            raise _reply_error(reply, "noop")
+            raise reply_error(reply, "noop")
 
     async def reset(self) -> None:
         """RSET: check a reused session is alive and clear any transaction state."""
         conn = self._live("rset")
-        reply = await conn.run(self._single(self.proto.rset()))
+        reply = await conn.run(exchange(self.proto.rset(), self.timeouts.command))
         if reply.code != 250:
-            raise _reply_error(reply, "rset")
+            raise reply_error(reply, "rset")
         self._needs_rset = False
-
-    def _single(self, command: bytes) -> Steps[Reply]:
-        reply: Reply = yield Command(command, self.timeouts.command)
-        return reply
 
     # -- ending -------------------------------------------------------------------
 
@@ -648,8 +627,43 @@ class Session:
 _NO_DATA = Reply(554, ("5.5.1 no valid recipients",))
 
 
-def _reply_error(reply: Reply, stage: str) -> ReplyError:
+def reply_error(reply: Reply, stage: str) -> ReplyError:
+    """The error for an error reply to the ``stage`` command."""
     return ReplyError(reply.code, reply.message, enhanced_status=reply.enhanced_status, stage=stage)
+
+
+# -- steps shared by sessions and ``asmtp bench`` -------------------------------------
+
+
+def exchange(command: bytes, timeout: float | None) -> Steps[Reply]:
+    """One command and its reply."""
+    reply: Reply = yield Command(command, timeout)
+    return reply
+
+
+def hello(proto: ClientProtocol, name: str, timeout: float | None) -> Steps[None]:
+    """EHLO, and HELO for a server that does not know EHLO (RFC 5321 3.2)."""
+    reply: Reply = yield Command(proto.ehlo(name), timeout)
+    if reply.code == 250:
+        return
+    if reply.code >= 500 and not proto.closed:
+        reply = yield Command(proto.helo(name), timeout)
+        if reply.code == 250:
+            return
+    raise reply_error(reply, "ehlo")
+
+
+def authenticate(
+    proto: ClientProtocol, name: str, mech: Mechanism, timeout: float | None
+) -> Steps[None]:
+    """AUTH with ``mech`` (RFC 4954): the command, an answer to each 334 challenge,
+    and :class:`~asmtp.errors.AuthenticationError` unless the end is 235."""
+    reply: Reply = yield Command(proto.auth(name, mech.initial()), timeout)
+    while reply.code == 334:
+        challenge = reply.lines[0] if reply.lines else ""
+        reply = yield Command(proto.auth_response(mech.respond(challenge)), timeout)
+    if reply.code != 235:
+        raise AuthenticationError(reply.code, reply.message, enhanced_status=reply.enhanced_status)
 
 
 def _result_of(
@@ -661,7 +675,7 @@ def _result_of(
         status = "delivered"
     else:
         status = "permanent" if code >= 500 else "transient"
-        text = str(_reply_error(reply, stage))
+        text = str(reply_error(reply, stage))
     return RecipientResult(
         recipient=rcpt,
         status=status,  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import select
 import socket
@@ -408,18 +409,10 @@ async def open_best(
     """Open a connection with the driver for the running async library: the
     ``BufferedProtocol`` one on asyncio (uvloop included), anyio streams elsewhere."""
     loop = _asyncio_loop()
-    if loop is None:
-        return await open_stream_connection(
-            proto,
-            host,
-            port,
-            address=address,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname,
-            source_address=source_address,
-            timeout=timeout,
-        )
-    return await open_connection(
+    opener = (
+        open_stream_connection if loop is None else functools.partial(open_connection, loop=loop)
+    )
+    return await opener(
         proto,
         host,
         port,
@@ -428,7 +421,6 @@ async def open_best(
         server_hostname=server_hostname,
         source_address=source_address,
         timeout=timeout,
-        loop=loop,
     )
 
 
