@@ -273,6 +273,7 @@ class _Options:
     data_reply: DataScript
     ehlo_disabled: bool
     max_rcpt_per_transaction: int | None
+    auth_reply: AddressScript = None
 
 
 class RecordingHandler:
@@ -405,6 +406,9 @@ class RecordingHandler:
         if isinstance(data, LoginPassword):
             user = data.login.decode("utf-8", "replace")
             password = data.password.decode("utf-8", "replace")
+            scripted = _run_script(self.options.auth_reply, user)
+            if scripted is not None and not scripted.startswith("2"):
+                return AuthResult(success=False, handled=False, message=scripted)
             if user in users and users[user] == password:
                 return AuthResult(success=True, auth_data=user)
         return AuthResult(success=False, handled=False)
@@ -514,6 +518,9 @@ class SMTPTestServer:
     * ``ehlo_disabled``: EHLO gets 502, so the client must fall back to HELO.
     * ``max_rcpt_per_transaction``: after that many accepted recipients in one
       transaction, RCPT gets ``452 4.5.3 Too many recipients``.
+    * ``auth_reply``: a reply line to every AUTH, or a function of the user name
+      returning one (``"454 4.7.0 try later"``); ``None`` (or a 2xx) checks the
+      password as usual. Each AUTH the server judges is recorded in :attr:`commands`.
 
     Records (thread-safe snapshots): :attr:`messages` (accepted ones), :attr:`sessions_opened`
     (connections that got as far as the greeting; with implicit TLS, past the handshake),
@@ -541,6 +548,7 @@ class SMTPTestServer:
         data_reply: DataScript = None,
         ehlo_disabled: bool = False,
         max_rcpt_per_transaction: int | None = None,
+        auth_reply: AddressScript = None,
     ) -> None:
         _check_loopback(host)
         self.host = host
@@ -557,6 +565,7 @@ class SMTPTestServer:
             data_reply=data_reply,
             ehlo_disabled=ehlo_disabled,
             max_rcpt_per_transaction=max_rcpt_per_transaction,
+            auth_reply=auth_reply,
         )
         self.handler = RecordingHandler(options, self._records)
         self._smtp_kwargs: dict[str, Any] = {

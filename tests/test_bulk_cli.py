@@ -94,10 +94,13 @@ def summary_count(stderr: str, label: str) -> int:
 
 
 def journal_events(path: Path) -> list[dict[str, Any]]:
+    """The journal's dot and result records (not its header)."""
     events = []
     for line in path.read_text(encoding="utf-8").splitlines():
         with contextlib.suppress(ValueError):  # a line torn by SIGKILL
-            events.append(json.loads(line))
+            event = json.loads(line)
+            if event.get("event") in ("dot", "result"):
+                events.append(event)
     return events
 
 

@@ -163,7 +163,10 @@ async def test_resume_marks_a_dot_without_result_unknown(
         + "\n"
         + '{"event": "result", "key": "b@exa'  # torn by a kill
     )
-    async with asmtp.Mailer(relay_to(server), journal=str(journal), resume=True) as mailer:
+    # a journal from before headers: continued only with the explicit override
+    async with asmtp.Mailer(
+        relay_to(server), journal=str(journal), resume=True, ignore_identity=True
+    ) as mailer:
         report = await mailer.send(message(), recipients=["a@example.org", "b@example.org"])
     assert [(r.recipient, r.status) for r in report] == [
         ("a@example.org", "unknown"),

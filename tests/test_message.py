@@ -603,6 +603,10 @@ def test_property_bytes_round_trip(content: bytes) -> None:
         with pytest.raises(InputError, match="longer than 998"):
             prepare_message(content)
         return
+    if b"\0" in content:  # RFC 2045 2.7: never sent raw
+        with pytest.raises(InputError, match="NUL"):
+            prepare_message(content)
+        return
     prepared = prepare_message(content)
     assert reassemble(prepared.data) == expected
     assert prepared.size == len(prepared.data) - 3

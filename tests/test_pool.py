@@ -120,3 +120,28 @@ async def test_recipient_deadline_applies_to_pooled_sends(fault_server: MakeFaul
         assert (r.status, r.stage) == ("transient", "rcpt")
         assert "deadline" in r.message
     assert server.wait_idle(timeout=5)  # the cut-short session was not kept
+
+
+async def test_a_session_whose_pre_dot_hook_fails_is_never_lent_again(
+    smtp_server: MakeServer,
+) -> None:
+    # The journal's pre-dot line could not be written: the session is in DATA with no
+    # content to send, so it is closed (the server drops the transaction), not reused.
+    from asmtp.message import prepare_message
+    from asmtp.session import Endpoint, Extras, Session
+
+    server = smtp_server()
+    endpoint = await Endpoint.for_relay(asmtp.Relay(server.host, server.port, tls="none"))
+
+    async def journal_full(recipients: object) -> None:
+        raise asmtp.JournalWriteError("the journal cannot be written: No space left on device")
+
+    session = Session(endpoint, asmtp.Timeouts.of(5.0))
+    await session.connect()
+    [result] = await session.deliver(
+        "app@example.com", ["user1@example.org"], prepare_message(note(1)),
+        extras=Extras(before_dot=journal_full),
+    )  # fmt: skip
+    assert result.status == "transient" and "No space left" in result.message
+    assert not session.is_open
+    assert server.messages == []

@@ -416,7 +416,8 @@ def test_quit_rides_with_the_last_message_when_pipelining() -> None:
     proto.data()
     for answer in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
         reply(proto, answer)
-    assert proto.message(b"hi\r\n.\r\n", then_quit=True) == b"hi\r\n.\r\nQUIT\r\n"
+    # The content and QUIT as two pieces, written without a reply awaited in between.
+    assert proto.message(b"hi\r\n.\r\n", then_quit=True) == (b"hi\r\n.\r\n", b"QUIT\r\n")
     proto.receive_data(b"250 2.0.0 queued\r\n221 2.0.0 bye\r\n")
     assert [proto.next_reply(), proto.next_reply()] == [
         Reply(250, ("2.0.0 queued",)),

@@ -48,7 +48,9 @@ def run(session: Session, steps: Steps[T], server: Sequence[bytes]) -> tuple[T, 
         if isinstance(step, Await):
             raise AssertionError("no awaited step expected")
         if isinstance(step, Send | Command):
-            writes.append(step.data)
+            # Pieces (the content, then a pipelined QUIT) go out as one step: joined here.
+            data = step.data
+            writes.append(data if isinstance(data, bytes) else b"".join(data))
         if isinstance(step, Send):
             value = None
             continue

@@ -27,6 +27,11 @@ from .errors import (
     ConnectionLostError,
     InputError,
     JournalError,
+    JournalFormatError,
+    JournalIdentityError,
+    JournalLockedError,
+    JournalRefusedError,
+    JournalWriteError,
     LocalProtocolError,
     MessageRejectedError,
     NoAddressError,
@@ -43,6 +48,7 @@ from .errors import (
     TLSUnavailableError,
     TransportError,
 )
+from .journal import JournalIdentity
 from .mailer import Job, Mailer
 from .message import PreparedMessage, build_message, prepare_message
 from .pool import Pool
@@ -66,6 +72,12 @@ __all__ = (
     "InputError",
     "Job",
     "JournalError",
+    "JournalFormatError",
+    "JournalIdentity",
+    "JournalIdentityError",
+    "JournalLockedError",
+    "JournalRefusedError",
+    "JournalWriteError",
     "LocalProtocolError",
     "MXHost",
     "MXResolver",

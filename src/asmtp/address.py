@@ -38,6 +38,9 @@ __all__ = [
 # CR, LF and NUL, plus every other character str.splitlines() breaks a line on.
 _FORBIDDEN = re.compile("[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# RFC 5322 2.2, 3.2.5: a field body is printable characters and WSP (RFC 6532 adds
+# UTF-8); other C0 controls, DEL and the C1 controls (CSI is U+009B) are refused.
+_HEADER_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 # A lone addr-spec ("jack@example.org", "user@[192.0.2.1]") needs no list parsing.
 _BARE_ADDR = re.compile(r'[^\s<>()\[\],;:"\\@]+@(?:[^\s<>()\[\],;:"\\@]+|\[[^\s\[\]\\]+\])')
@@ -304,7 +307,10 @@ def check_header(name: str, value: str) -> None:
     """Refuse a header that would inject lines or is not a valid field name.
 
     A field name is printable US-ASCII without ':' or space (RFC 5322 2.2); neither name
-    nor value may hold CR, LF, NUL or another line-breaking character.
+    nor value may hold CR, LF, NUL or another line-breaking character. A value holds
+    no other control character either (ESC, BEL, DEL, C1): RFC 5322 allows printable
+    characters and tabs only, and a control character is refused, not encoded, so
+    that a mail reader never shows it.
 
     >>> check_header("X-Campaign", "spring")
     >>> check_header("X-Campaign", "spring\\r\\nBcc: victim@example.org")
@@ -315,6 +321,10 @@ def check_header(name: str, value: str) -> None:
     Traceback (most recent call last):
     ...
     asmtp.errors.InputError: header name: 'Bad Name' is not a valid field name
+    >>> check_header("Subject", "\\x1b[2Jhello")
+    Traceback (most recent call last):
+    ...
+    asmtp.errors.InputError: header 'Subject': '\\x1b[2Jhello' contains the control character U+001B
     """  # noqa: E501
     if not isinstance(name, str):
         raise _refuse("header name", name, "is not a string")
@@ -324,3 +334,7 @@ def check_header(name: str, value: str) -> None:
     if not isinstance(value, str):
         raise _refuse(f"header {name!r}", value, "is not a string")
     _check_no_line_breaks(f"header {name!r}", value)
+    found = _HEADER_CONTROL.search(value)
+    if found is not None:
+        code = ord(found.group())
+        raise _refuse(f"header {name!r}", value, f"contains the control character U+{code:04X}")

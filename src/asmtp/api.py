@@ -6,22 +6,23 @@ caller drives). Every input is checked here, before any connection is made.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
 
 import anyio
 
 from .address import parse_address_list
-from .config import Direct, Relay, Timeouts, TimeoutSpec
+from .config import Direct, Relay, Timeouts, TimeoutSpec, check_number
 from .direct import DirectDelivery, plan_jobs
 from .dispatch import Job, deliver_one, run_pool
 from .errors import InputError
-from .message import Attachment, build_message, prepare_envelope
+from .message import Attachment, PreparedMessage, build_message, prepare_envelope
 from .results import RecipientResult, Report
 from .session import Endpoint, Session, default_helo, enable_debug
 
@@ -56,6 +57,13 @@ async def sendmail(
     (in input order, a recipient named twice counted once); raises only for bad input,
     before anything is sent.
 
+    ``attachments`` (see :func:`~asmtp.message.build_message`) are read and encoded in
+    a worker thread, never on the event loop; a path that is not a regular file
+    (a device, FIFO, directory, socket) is an :class:`~asmtp.errors.InputError`.
+    ``log_file`` is opened (for appending) before anything is sent: a path that cannot
+    be opened is an :class:`~asmtp.errors.InputError`; a line per recipient is
+    written once all are done.
+
     >>> import asyncio, asmtp
     >>> async def main() -> None:
     ...     report = await asmtp.sendmail(
@@ -71,7 +79,9 @@ async def sendmail(
     senders = parse_address_list(from_, field="from_")
     if len(senders) != 1:
         raise InputError(f"from_ must be exactly one address: {from_!r}")
-    message = build_message(
+    attachments = list(attachments)
+    build = functools.partial(
+        build_message,
         to=to,
         from_=from_,
         subject=subject,
@@ -82,6 +92,9 @@ async def sendmail(
         headers=headers,
         attachments=attachments,
     )
+    # Reading and encoding files blocks: a web backend's event loop keeps serving
+    # while a worker thread does it.
+    message = await anyio.to_thread.run_sync(build) if attachments else build()
     return await send(
         message,
         sender=senders[0][1],
@@ -108,14 +121,41 @@ async def send(
     """Fan out a message the caller built (an :class:`~email.message.EmailMessage`
     or ready bytes). The envelope comes from Sender/From and To/Cc/Bcc unless
     ``sender``/``recipients`` are given; Bcc is never sent; the message is serialized
-    once for all recipients."""
+    once for all recipients. A message without Date or Message-ID gets them in what
+    is sent (the caller's object is not changed), as :func:`sendmail` does.
+    ``timeout`` is seconds per network step (a finite positive number), None for no
+    limit, or a :class:`~asmtp.Timeouts`."""
     sender, rcpts, prepared = prepare_envelope(message, sender, recipients)
     concurrency = _check_concurrency(concurrency)
     timeouts = Timeouts.of(timeout)
-    if debug:
-        enable_debug()
     if relay is None:
         relay = Direct()
+    if not isinstance(relay, (Relay, Direct)):
+        raise InputError(f"relay must be an asmtp.Relay, an asmtp.Direct or None: {relay!r}")
+    # The last check before any I/O on the net: a bad path sends nothing.
+    log = await anyio.to_thread.run_sync(_open_log, log_file) if log_file is not None else None
+    try:
+        report = await _fan_out(sender, rcpts, prepared, relay, concurrency, timeouts, debug)
+        if log is not None:
+            await _write_log(log, report.results)
+    finally:
+        if log is not None:
+            with contextlib.suppress(OSError):  # what could not be written was reported
+                log.close()
+    return report
+
+
+async def _fan_out(
+    sender: str,
+    rcpts: list[str],
+    prepared: PreparedMessage,
+    relay: Relay | Direct,
+    concurrency: int,
+    timeouts: Timeouts,
+    debug: bool,
+) -> Report:
+    if debug:
+        enable_debug()
     if isinstance(relay, Direct):
         direct = DirectDelivery(
             relay, timeouts, helo=relay.helo or await default_helo(), debug=debug
@@ -134,18 +174,12 @@ async def send(
             )
 
         jobs = [[i] for i in range(len(rcpts))]
-    else:
-        raise InputError(f"relay must be an asmtp.Relay, an asmtp.Direct or None: {relay!r}")
     results = await run_pool(len(rcpts), jobs, concurrency, run)
-    report = Report(tuple(results))
-    if log_file is not None:
-        await write_log(log_file, report.results)
-    return report
+    return Report(tuple(results))
 
 
 def _check_concurrency(concurrency: int) -> int:
-    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-        raise InputError(f"concurrency must be a positive integer: {concurrency!r}")
+    check_number("concurrency", concurrency, integer=True)
     return concurrency
 
 
@@ -219,12 +253,25 @@ def format_log_line(result: RecipientResult, *, when: float | None = None) -> st
     )
 
 
-async def write_log(path: str | os.PathLike[str], results: Sequence[RecipientResult]) -> None:
-    """Append a line per recipient to ``path``, off the event loop."""
+def _open_log(path: str | os.PathLike[str]) -> TextIO:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"log_file must be a path: {path!r}")
+    try:
+        return Path(path).open("a", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"log_file: cannot open {str(path)!r}: {exc.strerror}") from None
+
+
+async def _write_log(log: TextIO, results: Sequence[RecipientResult]) -> None:
+    """A line per recipient to an open log, off the event loop. The mail has gone: a
+    failing write is reported in asmtp's log, and the results are still returned."""
     text = "".join(format_log_line(r) for r in results)
 
     def append() -> None:
-        with Path(path).open("a", encoding="utf-8") as f:
-            f.write(text)
+        log.write(text)
+        log.flush()
 
-    await anyio.to_thread.run_sync(append)
+    try:
+        await anyio.to_thread.run_sync(append)
+    except OSError as exc:
+        logger.error("log_file %r: cannot write: %s", log.name, exc.strerror)

@@ -75,12 +75,22 @@ from .errors import (
     TLSUnavailableError,
 )
 from .message import PreparedMessage, prepare_message
-from .protocol import ClientProtocol, State
+from .protocol import SUCCESS_CODES, ClientProtocol, State
 from .reply import Reply
 from .sasl import choose_mechanism, make_mechanism
 from .session import authenticate, exchange, hello, reply_error
 from .steps import Await, Command, Receive, Send, Steps
 from .transport import Connection, open_connection
+
+# Each command's success replies, from the one table the session uses too.
+_GREETING_OK = SUCCESS_CODES["greeting"]
+_STARTTLS_OK = SUCCESS_CODES["starttls"]
+_MAIL_OK = SUCCESS_CODES["mail"]
+_RCPT_OK = SUCCESS_CODES["rcpt"]
+_DATA_OK = SUCCESS_CODES["data"]
+_MESSAGE_OK = SUCCESS_CODES["message"]
+_RSET_OK = SUCCESS_CODES["rset"]
+_QUIT_OK = SUCCESS_CODES["quit"]
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -639,7 +649,7 @@ class _Run:
         t1 = slot.since
         slot.stage = "greeting"
         reply: Reply = yield Receive(config.timeout, same_step=True)
-        if reply.code != 220:
+        if reply.code not in _GREETING_OK:
             raise reply_error(reply, "greeting")
         t2 = _now()
         rec["greeting"].add(t2 - t1)
@@ -667,7 +677,7 @@ class _Run:
 
     def _starttls(self, slot: _Slot, proto: ClientProtocol) -> Steps[bool]:
         """STARTTLS, the handshake and EHLO again; False when opportunistic TLS
-        carries on in plaintext."""
+        carries on in plaintext (STARTTLS not offered)."""
         mode = self.config.tls
         if not proto.capabilities.starttls:
             if mode == "starttls":
@@ -676,10 +686,10 @@ class _Run:
                 )
             return False
         reply: Reply = yield Command(proto.starttls(), self.config.timeout)
-        if reply.code != 220:
-            if mode == "starttls" or proto.closed:
-                raise reply_error(reply, "starttls")
-            return False
+        if reply.code not in _STARTTLS_OK:
+            # Offered but refused: as the session does, even opportunistic TLS does not
+            # carry on in the clear (plaintext only when STARTTLS is not offered).
+            raise reply_error(reply, "starttls")
         conn, context = slot.conn, self.ssl_context
         assert conn is not None and context is not None
 
@@ -726,13 +736,13 @@ class _Run:
                 reply: Reply = yield Receive(timeout)
                 if proto.closed:
                     raise reply_error(reply, "rcpt")
-                if reply.code >= 300:
+                if reply.code not in _RCPT_OK:
                     refused.append(reply)
             slot.stage = "data"
             data_reply: Reply = yield Receive(timeout)
         else:
             mail_reply = yield Command(proto.mail(config.sender, slot.mail_params), timeout)
-            if mail_reply.code >= 300:
+            if mail_reply.code not in _MAIL_OK:
                 slot.stage = "mail"
                 raise reply_error(mail_reply, "mail")
             slot.stage = "rcpt"
@@ -740,26 +750,27 @@ class _Run:
                 reply = yield Command(proto.rcpt(rcpt), timeout)
                 if proto.closed:
                     raise reply_error(reply, "rcpt")
-                if reply.code >= 300:
+                if reply.code not in _RCPT_OK:
                     refused.append(reply)
             if len(refused) == per:
                 self._count_recipients(refused, per)
                 raise reply_error(refused[0], "rcpt")
             slot.stage = "data"
             data_reply = yield Command(proto.data(), timeout)
-        if mail_reply.code < 300:  # after a refused MAIL, RCPT replies say nothing
+        mail_ok = mail_reply.code in _MAIL_OK
+        if mail_ok:  # after a refused MAIL, RCPT replies say nothing
             self._count_recipients(refused, per)
-        if mail_reply.code >= 300 or len(refused) == per:
-            if data_reply.code == 354:
+        if not mail_ok or len(refused) == per:
+            if data_reply.code in _DATA_OK:
                 # RFC 2920 3.1: DATA was accepted with nobody to deliver to; send an
                 # empty message so the session stays in step.
                 yield Command(proto.message(b"\r\n.\r\n"), timeout)
-            if mail_reply.code >= 300:
+            if not mail_ok:
                 slot.stage = "mail"
                 raise reply_error(mail_reply, "mail")
             slot.stage = "rcpt"
             raise reply_error(refused[0], "rcpt")
-        if data_reply.code != 354:
+        if data_reply.code not in _DATA_OK:
             raise reply_error(data_reply, "data")
         t1 = _now()
         rec["envelope"].add(t1 - t0)
@@ -768,7 +779,7 @@ class _Run:
         content = numbered(self.message.data, self.number_at, index + 1)
         yield Send(proto.message(content), timeout, drain=True)
         reply = yield Receive(timeout)
-        if reply.code >= 300:
+        if reply.code not in _MESSAGE_OK:
             raise reply_error(reply, "message")
         rec["message"].add(_now() - t1)
 
@@ -786,7 +797,7 @@ class _Run:
         try:
             if proto.state in (State.READY, State.MAIL) and proto.awaiting is None:
                 reply = await conn.run(exchange(proto.rset(), self.config.timeout))
-                if reply.code == 250:
+                if reply.code in _RSET_OK:
                     return
         except SMTPError:
             pass
@@ -805,7 +816,7 @@ class _Run:
             key = type(exc).__name__
             self.quit_errors[key] = self.quit_errors.get(key, 0) + 1
             return
-        if reply.code == 221:
+        if reply.code in _QUIT_OK:
             self.recorders["quit"].add(_now() - t0)
         else:
             key = str(reply.code)

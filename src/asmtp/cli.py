@@ -4,13 +4,18 @@ for a domain would go) and ``asmtp demo`` (try it on a local server). Owns turni
 command-line options into the public API's settings, and results into tables and JSON
 Lines. Layer 5: uses the public API only.
 
-Bulk sending (``asmtp send --recipients FILE``, or any of --journal, --resume, --rate,
---retries, ...) goes through :class:`asmtp.Mailer`: every recipient gets a message
-addressed to them alone (rendered per recipient when a CSV file's ``{column}``
-placeholders are used; see :mod:`asmtp.recipients`), results come as they complete
-(JSON Lines with ``--json``), a progress bar and a summary table go to stderr. The whole
-file is checked before anything is sent. The first Ctrl-C takes no new recipients and
-lets the sessions in flight finish (the journal stays complete); a second stops at once.
+Every send (``--to``, ``--recipients FILE``, ``asmtp demo``) goes through
+:class:`asmtp.Mailer` and one output path: results come as they complete (JSON Lines on
+stdout with ``--json``, a line each in ``--log-file``), a progress bar and a summary
+table go to stderr. The CLI keeps counts, not results: the table has a row per status
+and reply with a few sample recipients, so its size does not grow with the list. Server
+text shown on the terminal goes through :func:`asmtp.sanitize.printable`.
+
+Bulk sending (``--recipients FILE``): every recipient gets a message addressed to them
+alone (rendered per recipient when a CSV file's ``{column}`` placeholders are used; see
+:mod:`asmtp.recipients`); the whole file is checked before anything is sent. The first
+Ctrl-C takes no new recipients and lets the sessions in flight finish (the journal stays
+complete); a second stops at once.
 
 Exit status: 0 every recipient delivered (``mx``: every domain resolved); 1 any recipient
 not delivered, "unknown" included (``mx``: any domain did not resolve); 2 bad usage or
@@ -22,43 +27,60 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import html
 import json
 import os
+import re
 import signal
+import sqlite3
+import stat
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formataddr
+from email.utils import formataddr, make_msgid
 from functools import partial
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
 from . import __version__
-from .address import check_header, check_mailbox, parse_address_list
-from .api import format_log_line, sendmail
-from .argtypes import positive_float, positive_int
+from .address import check_header, check_mailbox, domain_of, parse_address_list
+from .api import format_log_line
+from .argtypes import mail_domain, positive_float, positive_int
 from .bench import add_bench_parser, main_bench
-from .config import DSN, TLS_MODES, Direct, Relay, TLSMode
-from .errors import InputError, ResolveError, SMTPError
+from .config import DSN, TLS_MODES, Direct, Relay, Timeouts, TLSMode
+from .direct import DirectDelivery, plan_jobs
+from .errors import (
+    InputError,
+    JournalIdentityError,
+    JournalRefusedError,
+    ResolveError,
+    SMTPError,
+)
+from .journal import JournalIdentity, template_digest
 from .mailer import Job, Mailer
 from .message import (
+    MessageIdRemover,
     PreparedMessage,
     build_message,
     prepare_envelope,
     prepare_message,
     with_headers,
 )
-from .recipients import BadRow, Recipient, RecipientList, address_key, parse_recipients
+from .recipients import BadRow, Recipient, RecipientRows, address_key, decode_lines
 from .resolver import MXHost, MXResolver
-from .results import RecipientResult, Report
+from .results import RecipientResult
 from .retry import Rate, Retry
-from .session import enable_debug
+from .sanitize import printable
+from .session import default_helo, enable_debug
+
+if TYPE_CHECKING:
+    from .demo import LocalServer  # imported when used: it brings the SMTP server
 
 __all__ = [
     "EXIT_FAILED",
@@ -67,9 +89,6 @@ __all__ = [
     "EXIT_USAGE",
     "build_parser",
     "main",
-    "print_report",
-    "print_results",
-    "summary_line",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -79,9 +98,9 @@ _T = TypeVar("_T")
 #: the order statuses are counted in, best first
 _STATUSES = ("delivered", "transient", "permanent", "unknown")
 _COLOURS = {"delivered": "green", "transient": "yellow", "permanent": "red", "unknown": "magenta"}
-#: console widths at which the table gains the message column, then the detail columns
-_WIDTH_MESSAGE, _WIDTH_DETAIL = 60, 100
-#: the table's width when stdout is not a terminal and COLUMNS is not set
+#: the console width from which the summary shows sample recipients beside the counts
+_WIDTH_MESSAGE = 60
+#: the summary's width when stderr is not a terminal and COLUMNS is not set
 _PIPE_WIDTH = 120
 
 # defaults of the direct-delivery options; None in the parser tells "not given"
@@ -90,6 +109,15 @@ _MX_PORT, _PER_DOMAIN, _DNS_TIMEOUT = 25, 10, 5.0
 _RETRIES = 2
 #: bad rows of a recipients file listed on stderr, at most
 _BAD_ROWS_SHOWN = 50
+#: sample recipients shown in a summary row
+_SAMPLES = 3
+#: summary rows kept apart, at most; replies beyond go to one "other replies" row a status
+_MAX_ROWS = 30
+#: characters of a sample's reply message kept
+_SAMPLE_CHARS = 200
+#: open files the process needs besides its sessions' sockets (the interpreter, the
+#: event loop, DNS queries, the journal and log files)
+_FD_HEADROOM = 32
 
 # ----------------------------------------------------------------------- option types
 
@@ -168,7 +196,13 @@ def _add_send(sub: Any) -> None:
         "without it, straight to each recipient domain's mail exchangers (MX).",
     )
     message = send.add_argument_group("message")
-    message.add_argument("--from", dest="from_", required=True, metavar="ADDR")
+    message.add_argument(
+        "--from",
+        dest="from_",
+        required=True,
+        metavar="ADDR",
+        help="the sender, e.g. 'Ann <ann@example.com>' (its address is also the envelope sender)",
+    )
     message.add_argument(
         "--recipients",
         metavar="FILE",
@@ -185,16 +219,31 @@ def _add_send(sub: Any) -> None:
             help="recipients, a comma list; may repeat"
             + (" (kept out of the headers)" if flag == "--bcc" else ""),
         )
-    message.add_argument("--subject", default="", metavar="TEXT")
+    message.add_argument("--subject", default="", metavar="TEXT", help="the subject line")
     body = message.add_mutually_exclusive_group(required=True)
-    body.add_argument("--body", metavar="TEXT")
-    body.add_argument("--body-file", metavar="FILE", type=Path, help="UTF-8 text")
+    body.add_argument("--body", metavar="TEXT", help="the body (or --body-file)")
+    body.add_argument("--body-file", metavar="FILE", type=Path, help="the body, from a UTF-8 file")
     message.add_argument("--html", action="store_true", help="the body is HTML")
+    message.add_argument(
+        "--no-html-escape",
+        dest="html_escape",
+        action="store_false",
+        help="with --html: insert {column} values as they are (default: HTML-escaped, "
+        "so that a value '<b>' shows as text)",
+    )
     message.add_argument(
         "--alt-text-file", metavar="FILE", type=Path, help="with --html: a plain-text alternative"
     )
-    message.add_argument("--attach", action="append", default=[], metavar="FILE")
-    message.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
+    message.add_argument(
+        "--attach", action="append", default=[], metavar="FILE", help="attach a file; may repeat"
+    )
+    message.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="add a header line; may repeat",
+    )
 
     relay = send.add_argument_group("relay")
     relay.add_argument(
@@ -207,7 +256,7 @@ def _add_send(sub: Any) -> None:
     relay.add_argument(
         "--password-env",
         metavar="VAR",
-        help="the environment variable holding the password (never a flag of its own)",
+        help="with --user: the environment variable holding the password (never a flag of its own)",
     )
     relay.add_argument(
         "--allow-plaintext-auth",
@@ -268,13 +317,20 @@ def _add_send(sub: Any) -> None:
         help="per network step (default 30)",
     )
     common.add_argument("--debug", action="store_true", help="the SMTP transcript on stderr")
-    common.add_argument("--json", action="store_true", help="JSON Lines, one per recipient")
-    common.add_argument("--log-file", metavar="FILE", help="append a line per recipient")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON Lines on stdout, one per recipient, as results come",
+    )
+    common.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="append a line per recipient to FILE (opened before anything is sent)",
+    )
 
     bulk = send.add_argument_group(
         "bulk sending",
-        "Used with --recipients; with --to, any of these sends through the same engine "
-        "(results as they complete, a summary on stderr).",
+        "Used with --recipients; they work with --to as well.",
     )
     bulk.add_argument(
         "--journal",
@@ -289,6 +345,19 @@ def _add_send(sub: Any) -> None:
         help="continue the run in --journal: skip recipients done, report as unknown "
         "those whose message may have arrived",
     )
+    bulk.add_argument(
+        "--campaign",
+        metavar="NAME",
+        help="name the run in --journal: a --resume run must give the same NAME, and may "
+        "then change the message (default: the run is --from and the message's template)",
+    )
+    bulk.add_argument(
+        "--ignore-identity",
+        action="store_true",
+        default=None,
+        help="with --resume: continue the journal even though its run differs from this "
+        "one (another --from, message or --campaign), or it predates journal headers",
+    )
     bulk.add_argument("--rate", type=_rate, metavar="RATE", help="at most RATE, e.g. 50/s, 1000/h")
     bulk.add_argument(
         "--rate-per-domain", type=_rate, metavar="RATE", help="at most RATE to one domain"
@@ -297,7 +366,8 @@ def _add_send(sub: Any) -> None:
         "--retries",
         type=_count,
         metavar="N",
-        help=f"retry transient failures N times after the first try (default {_RETRIES})",
+        help=f"retry transient failures N times after the first try (default {_RETRIES} "
+        "with --recipients or another bulk option, else 0)",
     )
     bulk.add_argument(
         "--unsubscribe-url",
@@ -339,14 +409,22 @@ def _add_mx(sub: Any) -> None:
         description="Resolve each domain's mail exchangers as direct delivery would, "
         "and say what would happen to mail sent there.",
     )
-    mx.add_argument("domains", nargs="+", metavar="DOMAIN", help="a domain (or an address)")
+    mx.add_argument(
+        "domains", nargs="+", type=mail_domain, metavar="DOMAIN", help="a domain (or an address)"
+    )
     mx.add_argument(
         "--dns-server",
         action="append",
         metavar="IP[:PORT]",
         help="ask this DNS server (may repeat; default: the system's)",
     )
-    mx.add_argument("--dns-timeout", type=positive_float, default=_DNS_TIMEOUT, metavar="SECONDS")
+    mx.add_argument(
+        "--dns-timeout",
+        type=positive_float,
+        default=_DNS_TIMEOUT,
+        metavar="SECONDS",
+        help=f"per DNS query (default {_DNS_TIMEOUT:g})",
+    )
     mx.add_argument("--json", action="store_true", help="JSON Lines, one per domain")
 
 
@@ -357,8 +435,16 @@ def _add_demo(sub: Any) -> None:
         description="Start an SMTP server on 127.0.0.1 that keeps what it receives as "
         ".eml files, and send a message to many recipients through it.",
     )
-    demo.add_argument("--recipients", type=positive_int, default=30, metavar="N")
-    demo.add_argument("--concurrency", type=positive_int, default=10, metavar="N")
+    demo.add_argument(
+        "--recipients", type=positive_int, default=30, metavar="N", help="how many (default 30)"
+    )
+    demo.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=10,
+        metavar="N",
+        help="sessions open at once (default 10)",
+    )
     demo.add_argument(
         "--dir",
         type=Path,
@@ -382,6 +468,8 @@ class _MessageParts:
     alt_text: str | None
     headers: list[tuple[str, str]] | None
     attachments: list[Any]
+    #: {column} values go into an HTML body HTML-escaped (--no-html-escape: as they are)
+    html_escape: bool = True
 
     def build(self, *, to: Any, from_: str, cc: Any = None, **changes: Any) -> EmailMessage:
         fields: dict[str, Any] = {
@@ -400,6 +488,8 @@ def _message_parts(args: argparse.Namespace) -> _MessageParts:
     """Check the message options and read their files (no I/O on the net)."""
     if args.alt_text_file is not None and not args.html:
         raise InputError("--alt-text-file goes with --html")
+    if not args.html_escape and not args.html:
+        raise InputError("--no-html-escape goes with --html")
     body = args.body if args.body is not None else _read_text(args.body_file, "--body-file")
     alt = _read_text(args.alt_text_file, "--alt-text-file") if args.alt_text_file else None
     headers = []
@@ -415,39 +505,7 @@ def _message_parts(args: argparse.Namespace) -> _MessageParts:
         alt_text=alt,
         headers=headers or None,
         attachments=list(args.attach),
-    )
-
-
-@dataclass(frozen=True)
-class _SendPlan:
-    """Everything ``asmtp send`` hands to :func:`asmtp.sendmail`, checked up front."""
-
-    kwargs: dict[str, Any]
-
-
-def _plan_send(args: argparse.Namespace) -> _SendPlan:
-    """Check the options and read the files; raises InputError before any I/O on the net."""
-    if not (args.to or args.cc or args.bcc):
-        raise InputError("no recipients: give --to, --cc, --bcc or --recipients FILE")
-    parts = _message_parts(args)
-    return _SendPlan(
-        {
-            "to": args.to,
-            "from_": args.from_,
-            "subject": parts.subject,
-            "body": parts.body,
-            "mailtype": parts.mailtype,
-            "alt_text": parts.alt_text,
-            "cc": args.cc or None,
-            "bcc": args.bcc or None,
-            "headers": parts.headers,
-            "attachments": parts.attachments,
-            "relay": _destination(args),
-            "concurrency": args.concurrency,
-            "timeout": args.timeout,
-            "debug": args.debug,
-            "log_file": args.log_file,
-        }
+        html_escape=args.html_escape,
     )
 
 
@@ -530,18 +588,15 @@ def _read_text(path: Path, flag: str) -> str:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
-    if _is_bulk(args):
-        return _cmd_bulk(args)
-    plan = _plan_send(args)
-    started = time.monotonic()
-    report = _run(sendmail(**plan.kwargs))
-    print_report(report, as_json=args.json, elapsed=time.monotonic() - started)
-    return EXIT_OK if report.ok else EXIT_FAILED
+    # a plain --to send and a bulk run share one path: the Mailer, counts, one Ctrl-C
+    return _cmd_bulk(args)
 
 
 # ----------------------------------------------------------------------- asmtp send: bulk
 
-#: options that send through :class:`asmtp.Mailer` (None in the parser: not given)
+#: options that make a bulk run (None in the parser: not given): retries by default,
+#: a "key" in each JSON line. Without them a send tries each recipient once, as
+#: :func:`asmtp.sendmail` does.
 _BULK_OPTIONS = (
     "recipients",
     "journal",
@@ -557,21 +612,26 @@ _BULK_OPTIONS = (
 
 
 def _is_bulk(args: argparse.Namespace) -> bool:
-    return bool(args.progress) or any(getattr(args, name) is not None for name in _BULK_OPTIONS)
+    return any(getattr(args, name) is not None for name in _BULK_OPTIONS)
 
 
 @dataclass(frozen=True)
 class _BulkPlan:
-    """A checked bulk run: the jobs (made lazily, in file order), how many, the file
-    line of each job's key (for the JSON "line"), and the Mailer's settings."""
+    """A checked send (plain or bulk): the jobs (made lazily, in file order), how many,
+    the file line of each job's key (for the JSON "line"), and the Mailer's settings."""
 
     jobs: Callable[[], Iterator[Job]]
     total: int
-    lines: Mapping[Any, int]
+    #: the file line of a job's key, if it has one
+    lines: Callable[[Any], int | None]
     duplicates: int
     mailer: dict[str, Any]
-    #: why each bad row (by key) is refused, with --skip-invalid
-    refusals: Mapping[Any, str] = field(default_factory=dict)
+    #: why a bad row (by its key) is refused, with --skip-invalid
+    refusals: Callable[[Any], str | None] = lambda key: None
+    #: --batch-per-domain: a domain's recipients share sessions (see _DomainBatches)
+    batched: bool = False
+    #: the summary table's title (None: none, as in ``asmtp demo`` under its prompt)
+    title: str | None = "asmtp send"
 
 
 def _plan_bulk(args: argparse.Namespace) -> _BulkPlan:
@@ -586,6 +646,12 @@ def _plan_bulk(args: argparse.Namespace) -> _BulkPlan:
             "--cc and --bcc do not go with --recipients: each message is addressed to "
             "its recipient alone"
         )
+    bulk = _is_bulk(args)
+    if args.batch_per_domain and bulk:
+        raise InputError(
+            "--batch-per-domain is for a plain --to send: with --recipients or another "
+            "bulk option each recipient has a session of its own"
+        )
     parts = _message_parts(args)
     senders = parse_address_list(args.from_, field="--from")
     if len(senders) != 1:
@@ -595,103 +661,249 @@ def _plan_bulk(args: argparse.Namespace) -> _BulkPlan:
     if args.recipients is None:
         if not (args.to or args.cc or args.bcc):
             raise InputError("no recipients: give --recipients FILE, --to, --cc or --bcc")
-        # one message, as without the bulk options: To and Cc in its headers
+        for flag, values in (("--to", args.to), ("--cc", args.cc), ("--bcc", args.bcc)):
+            parse_address_list(values, field=flag)  # a refusal names the flag
+        # one message for all: To and Cc in its headers, Bcc not
         message = parts.build(to=args.to, from_=args.from_, cc=args.cc or None)
         env_sender, rcpts, prepared = prepare_envelope(
             message, sender, [*args.to, *args.cc, *args.bcc]
         )
-
-        def listed() -> Iterator[Job]:
-            for rcpt in rcpts:
-                yield Job(rcpt, prepared, sender=env_sender, key=address_key(rcpt))
-
-        return _BulkPlan(listed, len(rcpts), {}, 0, mailer)
+        return _listed_plan(rcpts, prepared, env_sender, mailer, keyed=bulk)
     return _plan_recipients_file(args, parts, sender, mailer)
+
+
+def _listed_plan(
+    rcpts: Sequence[str],
+    prepared: PreparedMessage,
+    sender: str,
+    mailer: dict[str, Any],
+    *,
+    keyed: bool,
+    title: str | None = "asmtp send",
+) -> _BulkPlan:
+    """One prepared message to every recipient in ``rcpts``; ``keyed``: each result
+    carries its key (the address as compared for duplicates) as in a bulk run."""
+    relay = mailer["relay"]
+    if isinstance(relay, Direct):
+        # the domains take turns (as asmtp.send orders them), so that one busy domain
+        # at the head of the list does not hold every session at its per-domain cap
+        turns = plan_jobs(rcpts, replace(relay, batch_per_domain=False))
+        rcpts = [rcpts[i] for [i] in turns]
+
+    def listed() -> Iterator[Job]:
+        for rcpt in rcpts:
+            yield Job(rcpt, prepared, sender=sender, key=address_key(rcpt) if keyed else None)
+
+    batched = isinstance(relay, Direct) and relay.batch_per_domain
+    return _BulkPlan(listed, len(rcpts), lambda key: None, 0, mailer, batched=batched, title=title)
 
 
 def _plan_recipients_file(
     args: argparse.Namespace, parts: _MessageParts, sender: str, mailer: dict[str, Any]
 ) -> _BulkPlan:
     source = "standard input" if args.recipients == "-" else args.recipients
-    listing = _read_recipients(args.recipients)
-    placeholders = listing.placeholders()
-    texts = [parts.subject, parts.body, *([parts.alt_text] if parts.alt_text else [])]
-    personal = any(placeholders.used(text) for text in texts)
-    recipients = list(listing.recipients)
-    bad = list(listing.bad_rows)
-    duplicates = len(listing.duplicates)
     extras = parse_address_list(args.to, field="--to")
-    if extras and personal:
-        raise InputError(
-            "--to does not go with {column} placeholders: its recipients have no row "
-            "to fill them from; add them to the recipients file"
-        )
-    seen = {r.key for r in recipients}
-    for name, address in extras:
-        key = address_key(address)
-        if key in seen:
-            duplicates += 1
-        else:
-            seen.add(key)
-            recipients.append(Recipient(0, address, name))
-    if placeholders.used(parts.subject):
+    store = _RecipientStore()
+    with _recipients_file(args.recipients) as lines:
+        rows = RecipientRows(lines)
+        placeholders = rows.placeholders()
+        texts = [parts.subject, parts.body, *([parts.alt_text] if parts.alt_text else [])]
+        personal = any(placeholders.used(text) for text in texts)
+        if extras and personal:
+            raise InputError(
+                "--to does not go with {column} placeholders: its recipients have no row "
+                "to fill them from; add them to the recipients file"
+            )
         # A value with a line break cannot go into a header: find such rows now.
-        fit = []
-        for r in recipients:
-            try:
-                check_header("Subject", placeholders.fill(parts.subject, r.fields))
-            except InputError:
-                bad.append(BadRow(r.line, r.address, "a value for the subject holds a line break"))
-            else:
-                fit.append(r)
-        recipients = fit
-        bad.sort(key=lambda row: row.line)
-    if bad and not args.skip_invalid:
-        raise InputError(_bad_rows_text(source, bad))
-    if not recipients and not bad:
+        subject = parts.subject if placeholders.used(parts.subject) else None
+        for row in rows:
+            if isinstance(row, Recipient) and subject is not None:
+                try:
+                    check_header("Subject", placeholders.fill(subject, row.fields))
+                except InputError:
+                    reason = "a value for the subject holds a line break or control character"
+                    store.add(row, reason)
+                    continue
+            store.add(row)
+        for name, address in extras:
+            store.add(Recipient(0, address, name))  # after the file's rows
+        store.loaded()
+    if store.refused and not args.skip_invalid:
+        raise InputError(_bad_rows_text(source, store.refused, store.first_refused()))
+    if not store.total:
         raise InputError(f"--recipients: no recipients in {source}")
 
     # Built once with every option checked (and attachments read) before anything is sent.
     base = parts.build(to=None, from_=args.from_)
-    jobs: list[tuple[int, Callable[[], Job]]] = []
+    columns = rows.columns
     if personal:
         loaded = [
             (part.get_filename(), part.get_payload(decode=True), part.get_content_type())
             for part in base.iter_attachments()
         ]
 
+        # Values go into an HTML body as text, not markup: a value "<script>" must not
+        # become a script. The subject and plain text take them as they are.
+        escape = html.escape if parts.mailtype == "html" and parts.html_escape else None
+
         def render(r: Recipient) -> EmailMessage:
             return parts.build(
                 to=str(Address(display_name=r.name, addr_spec=r.address)),
                 from_=args.from_,
                 subject=placeholders.fill(parts.subject, r.fields),
-                body=placeholders.fill(parts.body, r.fields),
+                body=placeholders.fill(parts.body, r.fields, escape=escape),
                 alt_text=placeholders.fill(parts.alt_text, r.fields) if parts.alt_text else None,
                 attachments=loaded,
             )
 
-        if recipients:
-            render(recipients[0])  # whatever else could fail does so now
-        for r in recipients:
-            jobs.append((r.line, partial(_personal_job, r, render, sender)))
+        for first in store.recipients(columns, good_only=True):
+            if isinstance(first, Recipient):
+                render(first)  # whatever else could fail does so now
+            break
     else:
-        # One message for all: serialized once, with a To header per recipient.
-        shared = prepare_message(base)
-        for r in recipients:
-            jobs.append((r.line, partial(_shared_job, r, shared, sender)))
-    for row in bad:
-        jobs.append((row.line, partial(_refused_job, row, sender)))
-    # file order; --to recipients (line 0) after the file's
-    jobs.sort(key=lambda item: (item[0] == 0, item[0]))
-    lines: dict[Any, int] = {r.key: r.line for r in recipients if r.line}
-    lines.update((row.line, row.line) for row in bad)
+        # One message for all: serialized once, with a To header and a Message-ID of
+        # its own per recipient (so replies and bounces name their recipient).
+        shared, found = MessageIdRemover()(prepare_message(base))
+        id_domain = found or domain_of(sender)
 
     def in_order() -> Iterator[Job]:
-        for _, make in jobs:
-            yield make()
+        # file order, --to recipients after the file's; read back one row at a time
+        for row in store.recipients(columns):
+            if isinstance(row, BadRow):
+                yield _refused_job(row, sender)
+            elif personal:
+                yield _personal_job(row, render, sender)
+            else:
+                yield _shared_job(row, shared, sender, id_domain)
 
-    refusals = {row.line: f"line {row.line}: {row.reason}" for row in bad}
-    return _BulkPlan(in_order, len(jobs), lines, duplicates, mailer, refusals)
+    _warn_unknown_placeholders(rows, source, texts)
+    return _BulkPlan(
+        in_order, store.total, store.line_of, store.duplicates, mailer, store.refusal_of
+    )
+
+
+def _warn_unknown_placeholders(rows: RecipientRows, source: str, texts: list[str]) -> None:
+    """One warning naming every ``{word}`` that no column fills (a typo, or a file
+    without that column): such words are sent as written."""
+    placeholders = rows.placeholders()
+    unknown = sorted(set().union(*(placeholders.unknown(text) for text in texts)))
+    if not unknown:
+        return
+    names = ", ".join("{" + name + "}" for name in unknown)
+    verb = "matches" if len(unknown) == 1 else "match"
+    columns = f"its columns: {', '.join(rows.columns)}" if rows.is_csv else "a plain list"
+    print(
+        printable(
+            f"asmtp: warning: {names} {verb} no column of {source} ({columns}); sent as written"
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class _RecipientStore:
+    """A checked recipients file kept in a private temporary SQLite database rather
+    than in memory, so that a file of a million rows costs the process a few MB: the
+    rows go in as they are read, and come back one at a time as their turn comes.
+    Duplicates are kept out by a unique key (the first row stays); a refused row (a
+    bad one, kept for --skip-invalid) keeps its reason. SQLite deletes the database
+    when the process ends, however it ends."""
+
+    def __init__(self) -> None:
+        # "": a private on-disk database, unlinked as soon as it is made
+        self._db = sqlite3.connect("", isolation_level=None)  # BEGIN and COMMIT are ours
+        self._db.executescript(
+            """
+            PRAGMA journal_mode = OFF;
+            PRAGMA synchronous = OFF;
+            PRAGMA cache_size = -8192;
+            CREATE TABLE rows (
+                seq INTEGER PRIMARY KEY, line INTEGER NOT NULL, address TEXT NOT NULL,
+                name TEXT NOT NULL, fields TEXT, key TEXT UNIQUE, reason TEXT
+            );
+            """
+        )
+        self._db.execute("BEGIN")  # one transaction for the whole file: fast
+        self.total = self.refused = self.duplicates = 0
+
+    def add(self, row: Recipient | BadRow, reason: str | None = None) -> None:
+        values: tuple[int, str, str, str | None, str | None, str | None]
+        if isinstance(row, BadRow):
+            values = (row.line, row.text, "", None, None, row.reason)
+        else:
+            fields = json.dumps(list(row.fields.values())) if row.fields else None
+            values = (row.line, row.address, row.name, fields, row.key, reason)
+        added = self._db.execute(
+            "INSERT OR IGNORE INTO rows (line, address, name, fields, key, reason)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            values,
+        ).rowcount
+        if not added:
+            self.duplicates += 1
+            return
+        self.total += 1
+        if values[-1] is not None:
+            self.refused += 1
+
+    def loaded(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.execute("CREATE INDEX refused ON rows (line) WHERE reason IS NOT NULL")
+
+    def first_refused(self) -> list[BadRow]:
+        found = self._db.execute(
+            "SELECT line, address, reason FROM rows WHERE reason IS NOT NULL ORDER BY line LIMIT ?",
+            (_BAD_ROWS_SHOWN,),
+        )
+        return [BadRow(line, text, reason) for line, text, reason in found]
+
+    def recipients(
+        self, columns: Sequence[str], *, good_only: bool = False
+    ) -> Iterator[Recipient | BadRow]:
+        """Every row in file order (``good_only``: those not refused)."""
+        query = "SELECT line, address, name, fields, reason FROM rows"
+        query += " WHERE reason IS NULL ORDER BY seq" if good_only else " ORDER BY seq"
+        for line, address, name, fields, reason in self._db.execute(query):
+            if reason is not None:
+                yield BadRow(line, address, reason)
+            elif fields is None:
+                yield Recipient(line, address, name)
+            else:
+                cells = json.loads(fields)
+                yield Recipient(line, address, name, dict(zip(columns, cells, strict=True)))
+
+    def line_of(self, key: Any) -> int | None:
+        """The file line of a job's key (for the JSON "line"); None for --to's."""
+        if isinstance(key, int):  # a refused row's key is its line
+            return key
+        found = self._db.execute("SELECT line FROM rows WHERE key = ?", (key,)).fetchone()
+        return found[0] if found and found[0] else None
+
+    def refusal_of(self, key: Any) -> str | None:
+        """Why the row keyed ``key`` (its line) was refused, as the result says it."""
+        if not isinstance(key, int):
+            return None
+        found = self._db.execute(
+            "SELECT reason FROM rows WHERE line = ? AND reason IS NOT NULL", (key,)
+        ).fetchone()
+        return f"line {key}: {found[0]}" if found else None
+
+
+@contextlib.contextmanager
+def _recipients_file(name: str) -> Iterator[Iterator[str]]:
+    """The text lines of ``--recipients NAME`` ('-': standard input), read as they are
+    used; a file that cannot be read, or is not UTF-8 or a valid list, is bad input."""
+    try:
+        with contextlib.ExitStack() as stack:
+            binary = sys.stdin.buffer if name == "-" else stack.enter_context(open(name, "rb"))
+            yield decode_lines(binary)
+    except OSError as exc:
+        raise InputError(f"--recipients: cannot read {name!r}: {exc.strerror}") from exc
+    except sqlite3.Error as exc:  # e.g. the temporary folder is full
+        raise InputError(f"--recipients: cannot keep the checked rows: {exc}") from exc
+    except InputError as exc:
+        if exc.message.startswith("--"):
+            raise
+        raise InputError(f"--recipients {name}: {exc.message}") from exc
 
 
 def _personal_job(r: Recipient, render: Callable[[Recipient], EmailMessage], sender: str) -> Job:
@@ -699,9 +911,10 @@ def _personal_job(r: Recipient, render: Callable[[Recipient], EmailMessage], sen
     return Job(r.address, partial(render, r), sender=sender, key=r.key)
 
 
-def _shared_job(r: Recipient, shared: PreparedMessage, sender: str) -> Job:
+def _shared_job(r: Recipient, shared: PreparedMessage, sender: str, id_domain: str) -> Job:
     to = formataddr((r.name, r.address))
-    return Job(r.address, with_headers(shared, [("To", to)]), sender=sender, key=r.key)
+    headers = [("To", to), ("Message-ID", make_msgid(domain=id_domain))]
+    return Job(r.address, with_headers(shared, headers), sender=sender, key=r.key)
 
 
 def _refused_job(row: BadRow, sender: str) -> Job:
@@ -718,24 +931,13 @@ def _refused_job(row: BadRow, sender: str) -> Job:
     return Job(recipient, refuse, sender=sender, key=row.line)
 
 
-def _read_recipients(name: str) -> RecipientList:
-    try:
-        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
-    except OSError as exc:
-        raise InputError(f"--recipients: cannot read {name!r}: {exc.strerror}") from exc
-    try:
-        return parse_recipients(data)
-    except InputError as exc:
-        raise InputError(f"--recipients {name}: {exc.message}") from exc
-
-
-def _bad_rows_text(source: str, bad: Sequence[BadRow]) -> str:
-    n = len(bad)
+def _bad_rows_text(source: str, n: int, first: Sequence[BadRow]) -> str:
+    """The refusal of a file with ``n`` bad rows, listing the ``first`` of them."""
     lines = [
         f"{source}: {n} bad row{'s' if n != 1 else ''}; nothing was sent "
         "(fix them, or pass --skip-invalid to report them as failed and send to the rest):"
     ]
-    lines += [f"  {row}" for row in bad[:_BAD_ROWS_SHOWN]]
+    lines += [f"  {row}" for row in first[:_BAD_ROWS_SHOWN]]
     if n > _BAD_ROWS_SHOWN:
         lines.append(f"  ... and {n - _BAD_ROWS_SHOWN} more")
     return "\n".join(lines)
@@ -745,7 +947,13 @@ def _mailer_options(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`asmtp.Mailer` settings for the options, checked."""
     if args.journal is not None:
         _check_journal(Path(args.journal), resume=bool(args.resume))
-    retries = args.retries if args.retries is not None else _RETRIES
+    elif args.campaign is not None:
+        raise InputError("--campaign names the run in --journal: give --journal FILE")
+    if args.ignore_identity and not args.resume:
+        raise InputError("--ignore-identity goes with --resume")
+    # a plain --to send tries once, as asmtp.sendmail does; a bulk run retries
+    default_retries = _RETRIES if _is_bulk(args) else 0
+    retries = args.retries if args.retries is not None else default_retries
     unsubscribe = args.unsubscribe_url
     if unsubscribe is not None:
         url = _try_template("--unsubscribe-url", unsubscribe)
@@ -765,6 +973,9 @@ def _mailer_options(args: argparse.Namespace) -> dict[str, Any]:
         "rate_per_domain": args.rate_per_domain,
         "journal": args.journal,
         "resume": bool(args.resume),
+        "identity": _journal_identity(args) if args.journal is not None else None,
+        "campaign": args.campaign,
+        "ignore_identity": bool(args.ignore_identity),
         "dsn": DSN() if args.dsn else None,
         "unsubscribe": unsubscribe,
         "verp": args.verp,
@@ -784,11 +995,22 @@ def _try_template(flag: str, template: str) -> str:
 
 def _check_journal(path: Path, *, resume: bool) -> None:
     """A journal of an earlier run is continued with --resume, never sent over again.
-    Checked without creating the file: a run refused for bad input leaves none behind."""
-    if path.is_dir():
-        raise InputError(f"--journal: {str(path)!r} is a folder, not a file")
-    if path.exists():
-        if path.stat().st_size > 0 and not resume:
+    Checked without creating the file: a run refused for bad input leaves none behind.
+    The Mailer checks the rest when it opens (and locks) the journal: that it is an
+    asmtp journal, not in use, and of this run."""
+    try:
+        st: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise InputError(f"--journal: cannot use {str(path)!r}: {exc.strerror}") from exc
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise InputError(f"--journal: {str(path)!r} is a folder, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            # a device or a pipe: never opened (reading /dev/zero would not end)
+            raise InputError(f"--journal: {str(path)!r} is not a regular file")
+        if st.st_size > 0 and not resume:
             raise InputError(
                 f"--journal: {str(path)!r} holds an earlier run; pass --resume to continue "
                 "it (recipients done are skipped), or give a new file"
@@ -803,8 +1025,32 @@ def _check_journal(path: Path, *, resume: bool) -> None:
         raise InputError(f"--journal: cannot write {str(path)!r} (permission denied)")
 
 
+def _journal_identity(args: argparse.Namespace) -> JournalIdentity:
+    """The run --journal belongs to: the sender and a digest of the message's template
+    (subject, body and alternative text with {placeholders} unfilled, type, headers,
+    attachments' names and content), read from the options. --campaign is added by
+    the Mailer (and then is what a resume compares)."""
+    [(_, sender)] = parse_address_list(args.from_, field="--from")
+    body = args.body if args.body is not None else _read_text(args.body_file, "--body-file")
+    alt = _read_text(args.alt_text_file, "--alt-text-file") if args.alt_text_file else ""
+    attachments = [Path(a) for a in args.attach]
+    digest = template_digest(
+        args.subject,
+        body,
+        alt,
+        "html" if args.html else "text",
+        f"escape={getattr(args, 'html_escape', True)}",
+        f"{len(args.header)} headers",
+        *args.header,
+        f"{len(attachments)} attachments",
+        *[piece for a in attachments for piece in (a.name, a)],
+    )
+    return JournalIdentity(sender=sender, message=digest)
+
+
 def _cmd_bulk(args: argparse.Namespace) -> int:
     plan = _plan_bulk(args)
+    plan.mailer["concurrency"] = _fit_open_files(plan.mailer["concurrency"])
     if args.debug:
         enable_debug()
     show = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -821,6 +1067,13 @@ def _cmd_bulk(args: argparse.Namespace) -> int:
     error: SMTPError | None = None
     try:
         _run(_deliver_bulk(plan, run))
+    except JournalIdentityError as exc:  # nothing was sent: bad input, exit 2
+        raise InputError(
+            f"--journal: {exc.message}. Give a new --journal, or pass --ignore-identity to "
+            "continue it anyway"
+        ) from exc
+    except JournalRefusedError:  # in use, not a journal: nothing was sent, exit 2
+        raise
     except SMTPError as exc:  # e.g. the relay's name does not resolve, the journal broke
         error = exc
     finally:
@@ -828,15 +1081,11 @@ def _cmd_bulk(args: argparse.Namespace) -> int:
             run.progress.stop(run)
         if log is not None:
             log.close()
-    if not args.json and run.failures:
-        print_results(run.failures)
     run.print_summary()
     if error is not None:
-        print(f"asmtp: error: {error.message}", file=sys.stderr)
+        print(f"asmtp: error: {printable(error.message)}", file=sys.stderr)
         return EXIT_FAILED
-    if run.interrupts:
-        return EXIT_INTERRUPTED
-    return EXIT_OK if not run.failures else EXIT_FAILED
+    return run.exit_status()
 
 
 async def _deliver_bulk(plan: _BulkPlan, run: _BulkRun) -> None:
@@ -844,7 +1093,7 @@ async def _deliver_bulk(plan: _BulkPlan, run: _BulkRun) -> None:
     and are journaled), a second one stops at once."""
     loop = asyncio.get_running_loop()
     scope = anyio.CancelScope()
-    mailer: Mailer | None = None
+    mailer: Mailer | _DomainBatches | None = None
 
     def interrupted() -> None:
         run.interrupts += 1
@@ -864,10 +1113,15 @@ async def _deliver_bulk(plan: _BulkPlan, run: _BulkRun) -> None:
         installed = False
     try:
         with scope:
-            async with Mailer(**plan.mailer) as mailer:
+            if plan.batched:
+                mailer = batches = _DomainBatches(**plan.mailer)
                 run.started()
-                async for result in mailer.deliver(run.counted(plan.jobs())):
-                    run.add(result, mailer.skipped)
+                await batches.run(list(plan.jobs()), run)
+            else:
+                async with Mailer(**plan.mailer) as mailer:
+                    run.started()
+                    async for result in mailer.deliver(run.counted(plan.jobs())):
+                        run.add(result, mailer.skipped)
     finally:
         if mailer is not None:
             run.skipped = mailer.skipped
@@ -877,9 +1131,95 @@ async def _deliver_bulk(plan: _BulkPlan, run: _BulkRun) -> None:
             run.notice("asmtp: stopped at once")
 
 
+def _fit_open_files(concurrency: int, *, per_session: int = 2) -> int:
+    """``concurrency``, or less when the open-file limit cannot hold that many
+    sessions: the soft limit is raised toward the hard one first; else the sessions
+    are capped, with one warning (not one "Too many open files" result each).
+
+    A session holds one socket, but a finished session's socket is released a loop
+    turn after its slot has opened the next one: two files a session, at the peak."""
+    try:
+        import resource
+    except ImportError:  # no such limit to raise here (Windows)
+        return concurrency
+    need = concurrency * per_session + _FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return concurrency
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft >= need:
+        return concurrency
+    fitted = max(1, (soft - _FD_HEADROOM) // per_session)
+    print(
+        f"asmtp: warning: --concurrency {concurrency} needs about {need} open files and "
+        f"the limit is {soft} (ulimit -n); sending with --concurrency {fitted}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return fitted
+
+
+class _DomainBatches:
+    """``--batch-per-domain`` on a plain send: the recipients of one domain share
+    sessions (up to the transaction's recipient limit each), as :func:`asmtp.send`
+    does; the Mailer gives each recipient a session of its own. Stops as the Mailer
+    does: :meth:`stop` takes no new batch, those under way finish."""
+
+    def __init__(
+        self, relay: Direct, *, concurrency: int, timeout: float, debug: bool, **_: Any
+    ) -> None:
+        # the other Mailer settings are those of a plain send: no retries, no journal
+        self.relay = relay
+        self.concurrency = concurrency
+        self.timeouts = Timeouts.of(timeout)
+        self.debug = debug
+        self.skipped = 0
+        self._stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    async def run(self, jobs: Sequence[Job], run: _BulkRun) -> None:
+        if not jobs:
+            return
+        # a plain send's jobs share one prepared message and sender
+        prepared, sender = jobs[0].message, jobs[0].sender or ""
+        assert isinstance(prepared, PreparedMessage)
+        helo = self.relay.helo or await default_helo()
+        direct = DirectDelivery(self.relay, self.timeouts, helo=helo, debug=self.debug)
+        batches = iter(plan_jobs([job.recipient for job in jobs], self.relay))
+
+        async def worker() -> None:
+            for batch in batches:
+                if self._stopping:
+                    return
+                run.taken += len(batch)
+                rcpts = [jobs[i].recipient for i in batch]
+                for result in await direct.deliver(sender, rcpts, prepared):
+                    run.add(result, 0)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.concurrency):
+                tg.start_soon(worker)
+
+
+@dataclass
+class _Row:
+    """A summary row: how many results share a status and reply, and the first few
+    recipients with their reply messages."""
+
+    count: int = 0
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+
 class _BulkRun:
-    """What a bulk run has done so far, as it happens: the output (JSON Lines, the log
-    file, the progress bar) and the counts for the summary."""
+    """What a send has done so far, as it happens: the output (JSON Lines, the log file,
+    the progress bar) and the counts for the summary. Keeps counts, not results: its
+    size does not grow with the number of recipients."""
 
     def __init__(self, plan: _BulkPlan, *, as_json: bool) -> None:
         self.plan = plan
@@ -891,8 +1231,7 @@ class _BulkRun:
         self.done = 0
         self.skipped = 0
         self.statuses: Counter[str] = Counter()
-        self.rows: Counter[tuple[str, str]] = Counter()
-        self.failures: list[RecipientResult] = []
+        self.rows: dict[tuple[str, str], _Row] = {}
         self._began = time.monotonic()
         self._stdout_gone = False
 
@@ -905,19 +1244,27 @@ class _BulkRun:
             self.taken += 1
             yield job
 
+    @property
+    def failed(self) -> int:
+        """Results other than delivered."""
+        return self.done - self.statuses["delivered"]
+
+    def exit_status(self) -> int:
+        if self.interrupts:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.failed else EXIT_OK
+
     def add(self, result: RecipientResult, skipped: int) -> None:
         self.done += 1
         self.skipped = skipped
-        reason = self.plan.refusals.get(result.key)
+        reason = self.plan.refusals(result.key)
         if reason is not None and result.stage == "input":
             result = replace(result, message=reason)
         self.statuses[result.status] += 1
-        self.rows[(result.status, _reply_label(result))] += 1
-        if result.status != "delivered":
-            self.failures.append(result)
+        self._count(result)
         if self.as_json:
             record = result.as_dict()
-            line = self.plan.lines.get(result.key)
+            line = self.plan.lines(result.key)
             if line:
                 record["line"] = line
             self._write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -926,6 +1273,18 @@ class _BulkRun:
             self.log.flush()
         if self.progress is not None:
             self.progress.update(self)
+
+    def _count(self, result: RecipientResult) -> None:
+        key = (result.status, _reply_label(result))
+        row = self.rows.get(key)
+        if row is None:
+            if len(self.rows) >= _MAX_ROWS:
+                # a server answering with ever new codes must not grow the table
+                key = (result.status, "other replies")
+            row = self.rows.setdefault(key, _Row())
+        row.count += 1
+        if len(row.samples) < _SAMPLES:
+            row.samples.append((result.recipient, result.message[:_SAMPLE_CHARS]))
 
     def _write(self, text: str) -> None:
         if self._stdout_gone:
@@ -941,6 +1300,7 @@ class _BulkRun:
             os.close(devnull)
 
     def notice(self, text: str) -> None:
+        text = printable(text)
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False)
         else:
@@ -966,44 +1326,82 @@ class _BulkRun:
         return max(0, self.taken - self.done - self.skipped)
 
     def print_summary(self) -> None:
-        """The summary table on stderr: outcomes by status and reply."""
+        """The summary table on stderr: a row per status and reply, with a few sample
+        recipients (their replies' text made printable), then a line of counts."""
         from rich.console import Console
         from rich.table import Table
         from rich.text import Text
 
         elapsed = time.monotonic() - self._began
-        table = Table(title="asmtp send", title_justify="left")
+        width = None
+        if not sys.stderr.isatty() and "COLUMNS" not in os.environ:
+            width = _PIPE_WIDTH
+        console = Console(file=sys.stderr, width=width, highlight=False, soft_wrap=False)
+        # too narrow for the samples beside the counts: they go below the table
+        beside = console.width >= _WIDTH_MESSAGE
+        table = Table(title=self.plan.title, title_justify="left")
         table.add_column("outcome", no_wrap=True)
         table.add_column("reply (or stage)", overflow="fold")
+        if beside:
+            table.add_column("for example", overflow="fold", ratio=1)
         table.add_column("recipients", justify="right", no_wrap=True)
+        below: list[str] = []
         order = {status: n for n, status in enumerate(_STATUSES)}
-        for (status, reply), count in sorted(
-            self.rows.items(), key=lambda item: (order.get(item[0][0], 9), -item[1])
+        for (status, reply), row in sorted(
+            self.rows.items(), key=lambda item: (order.get(item[0][0], 9), -item[1].count)
         ):
-            table.add_row(Text(status, style=_COLOURS.get(status, "")), Text(reply), str(count))
-        how = "interrupted" if self.interrupts else "the run broke off"
-        if self.cut_off:
-            table.add_row(
-                "unfinished",
-                f"{how}; a --resume run sends them (unknown if the dot went out)",
-                str(self.cut_off),
-            )
-        if self.not_attempted:
-            table.add_row(
-                "not attempted", f"{how}: a --resume run does them", str(self.not_attempted)
-            )
-        if self.skipped:
-            table.add_row("skipped", "already done per journal", str(self.skipped))
-        if self.plan.duplicates:
-            table.add_row("duplicates", "sent once", str(self.plan.duplicates))
+            more = row.count - len(row.samples)
+            if status == "delivered":
+                samples = [", ".join(printable(rcpt) for rcpt, _ in row.samples)]
+                samples[0] += f" and {more} more" if more else ""
+            else:
+                # a reply message each: what the server said, shown safely
+                samples = [
+                    printable(f"{rcpt}: {message}" if message else rcpt)
+                    for rcpt, message in row.samples
+                ]
+                samples += [f"and {more} more"] if more else []
+            cells: list[Text | str] = [
+                Text(status, style=_COLOURS.get(status, "")),
+                Text(printable(reply)),
+            ]
+            if beside:
+                cells.append(Text("\n".join(samples)))
+            elif status != "delivered":
+                below += [f"{reply}: {sample}" for sample in samples]
+            table.add_row(*cells, str(row.count))
+        for label, why, count in self._other_rows():
+            table.add_row(label, why, *([""] if beside else []), str(count))
         rate = self.done / elapsed if elapsed > 0 else 0.0
         counts = ", ".join(f"{self.statuses[s]} {s}" for s in _STATUSES if self.statuses[s])
         n = self.plan.total
         line = f"{n} recipient{'s' if n != 1 else ''}: {counts or 'none sent'} ({elapsed:.2f} s"
         line += f", {rate:.1f}/s)" if self.done else ")"
-        console = Console(file=sys.stderr, highlight=False, soft_wrap=False)
         console.print(table)
-        console.print(line, markup=False, soft_wrap=True)
+        for text in below:
+            console.print(text, markup=False)
+        console.print(line, markup=False)
+
+    def _other_rows(self) -> list[tuple[str, str, int]]:
+        """Rows for recipients without a result of this run, and those sent once."""
+        how = "interrupted" if self.interrupts else "the run broke off"
+        journal = self.plan.mailer.get("journal") is not None
+        rows = []
+        if self.cut_off:
+            why = (
+                f"{how}; a --resume run sends them (unknown if the dot went out)"
+                if journal
+                else f"{how} mid-session; may have arrived if the dot went out"
+            )
+            rows.append(("unfinished", why, self.cut_off))
+        if self.not_attempted:
+            then = "a --resume run does them" if journal else "not sent"
+            rows.append(("not attempted", f"{how}: {then}", self.not_attempted))
+        if self.skipped:
+            rows.append(("skipped", "already done per journal", self.skipped))
+        if self.plan.duplicates:
+            rows.append(("duplicates", "sent once", self.plan.duplicates))
+        return rows
 
 
 def _reply_label(result: RecipientResult) -> str:
@@ -1069,32 +1467,53 @@ class _ProgressBar:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    report, where = _run(_demo(args))
-    print_report(report, as_json=args.json, elapsed=time.monotonic() - started)
-    # with --json, stdout is for the JSON Lines alone
-    print(where, file=sys.stderr if args.json else sys.stdout, flush=True)
-    return EXIT_OK if report.ok else EXIT_FAILED
-
-
-async def _demo(args: argparse.Namespace) -> tuple[Report, str]:
     from .demo import LocalServer
 
-    async with LocalServer(args.dir) as server:
+    try:
+        server = LocalServer(args.dir)
+    except InputError as exc:
+        raise InputError(f"--dir: {exc.message}") from None
+    # the server's end of each session is a file of this process too
+    concurrency = _fit_open_files(args.concurrency, per_session=4)
+    if args.debug:
+        enable_debug()
+    run, where = _run(_demo(args, server, concurrency))
+    run.print_summary()
+    # with --json, stdout is for the JSON Lines alone
+    if args.json:
+        print(where, file=sys.stderr, flush=True)
+    else:
+        with _output() as out:
+            out.write(where + "\n")
+    return run.exit_status()
+
+
+async def _demo(
+    args: argparse.Namespace, server: LocalServer, concurrency: int
+) -> tuple[_BulkRun, str]:
+    async with server:
         recipients = [f"user{i:03d}@demo.example" for i in range(1, args.recipients + 1)]
-        report = await sendmail(
+        message = build_message(
             to=recipients,
             from_="asmtp demo <demo@asmtp.example>",
             subject="Hello from asmtp",
             body="<h1>It works</h1><p>One message, one connection per recipient.</p>",
             mailtype="html",
             alt_text="It works. One message, one connection per recipient.",
-            relay=Relay(server.host, server.port, tls="none", helo="demo-client.asmtp.example"),
-            concurrency=args.concurrency,
-            timeout=10.0,
-            debug=args.debug,
         )
-        first = next(iter(sorted(server.directory.glob("*.eml"))), None)
+        sender, rcpts, prepared = prepare_envelope(message, None, None)
+        mailer = {
+            "relay": Relay(server.host, server.port, tls="none", helo="demo-client.asmtp.example"),
+            "concurrency": concurrency,
+            "timeout": 10.0,
+            "retry": None,
+            "debug": args.debug,
+        }
+        plan = _listed_plan(rcpts, prepared, sender, mailer, keyed=False, title=None)
+        run = _BulkRun(plan, as_json=args.json)
+        await _deliver_bulk(plan, run)
+        # the first file, without listing a folder that may hold many
+        first = next(server.directory.glob("00001-*.eml"), None)
         where = (
             f"\nThe demo server on {server.host}:{server.port} received "
             f"{server.received} message(s), kept in {server.directory}\n"
@@ -1102,7 +1521,7 @@ async def _demo(args: argparse.Namespace) -> tuple[Report, str]:
         if first is not None:
             where += f"  look at one:  cat {first}\n"
         where += "  (plaintext on loopback for the demo; real relays use TLS: see README.md)"
-    return report, where
+    return run, where
 
 
 # ----------------------------------------------------------------------- asmtp mx
@@ -1144,8 +1563,8 @@ _MX_VERDICTS = {
 def _cmd_mx(args: argparse.Namespace) -> int:
     # one resolver for every domain: one cache, shared queries in flight
     resolver = MXResolver(args.dns_server, timeout=args.dns_timeout)
-    domains = [d.rpartition("@")[2] for d in args.domains]
-    outcomes = _run(_resolve_all(resolver, domains))
+    # each DOMAIN was checked by the parser (mail_domain): an address gives its domain
+    outcomes = _run(_resolve_all(resolver, args.domains))
     with _output() as out:
         for outcome in outcomes:
             if args.json:
@@ -1166,100 +1585,22 @@ async def _resolve_all(resolver: MXResolver, domains: Sequence[str]) -> list[_MX
 
 
 def _mx_text(outcome: _MXOutcome) -> str:
+    # names and messages from DNS are shown through printable(): a terminal's, not JSON
+    domain = printable(outcome.domain)
     if outcome.error is not None:
         verdict = _MX_VERDICTS.get(outcome.error.kind, "cannot be resolved")
-        return f"{outcome.domain}: {verdict}\n  {outcome.error.message}\n"
-    lines = [f"{outcome.domain}: mail goes to, in this order:"]
-    width = max(len(h.name) for h in outcome.hosts)
-    for n, host in enumerate(outcome.hosts, 1):
+        return f"{domain}: {verdict}\n  {printable(outcome.error.message)}\n"
+    lines = [f"{domain}: mail goes to, in this order:"]
+    names = [printable(h.name) for h in outcome.hosts]
+    width = max(len(name) for name in names)
+    for n, (name, host) in enumerate(zip(names, outcome.hosts, strict=True), 1):
         lines.append(
-            f"  {n}. {host.name:<{width}}  preference {host.preference:<5} "
-            f"{', '.join(host.addresses)}"
+            f"  {n}. {name:<{width}}  preference {host.preference:<5} {', '.join(host.addresses)}"
         )
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------- output
-
-
-def print_report(report: Report, *, as_json: bool, elapsed: float | None = None) -> None:
-    """Print one JSON line per recipient, or a table and a summary line."""
-    if as_json:
-        with _output() as out:
-            for r in report.results:
-                out.write(json.dumps(r.as_dict(), ensure_ascii=False) + "\n")
-        return
-    print_results(report.results, summary=summary_line(report, elapsed))
-
-
-def print_results(results: Sequence[RecipientResult], *, summary: str | None = None) -> None:
-    """A table of ``results`` on stdout, fitted to its width, then ``summary``."""
-    from rich.console import Console
-
-    class _Console(Console):
-        def on_broken_pipe(self) -> None:
-            # rich would exit 1 here; the exit status belongs to the delivery
-            raise BrokenPipeError
-
-    width = None
-    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
-        width = _PIPE_WIDTH
-    console = _Console(width=width, highlight=False, soft_wrap=False)
-    with _output():
-        console.print(_table(results, console.width))
-        if console.width < _WIDTH_MESSAGE:
-            # too narrow for a message column: the failures' messages below the table
-            for r in results:
-                if not r.ok and r.message:
-                    console.print(f"{r.recipient}: {r.message}", markup=False)
-        if summary is not None:
-            console.print(summary, markup=False)
-
-
-def _table(results: Sequence[RecipientResult], width: int) -> Any:
-    from rich.table import Table
-    from rich.text import Text
-
-    detail = width >= _WIDTH_DETAIL
-    # direct delivery: which MX host took (or refused) each recipient
-    show_host = detail and any(r.tried for r in results)
-    table = Table(show_lines=False)
-    table.add_column("recipient", overflow="fold", min_width=12)
-    table.add_column("status", no_wrap=True)
-    table.add_column("code", overflow="fold")
-    if detail:
-        table.add_column("stage", no_wrap=True)
-        if show_host:
-            table.add_column("host", overflow="fold")
-        table.add_column("tls", no_wrap=True)
-        table.add_column("ms", justify="right", no_wrap=True)
-    if width >= _WIDTH_MESSAGE:
-        table.add_column("message", overflow="fold", ratio=1)
-    for r in results:
-        code = " ".join(str(part) for part in (r.code, r.enhanced_status) if part)
-        # Text, not markup: addresses ("x@[192.0.2.1]") and replies may hold brackets
-        row = [Text(r.recipient), Text(r.status, style=_COLOURS.get(r.status, "")), Text(code)]
-        if detail:
-            row.append(Text(r.stage))
-            if show_host:
-                row.append(Text(r.host or ""))
-            row += [Text(r.tls), Text(f"{r.elapsed * 1000:.0f}")]
-        if width >= _WIDTH_MESSAGE:
-            row.append(Text(r.message))
-        table.add_row(*row)
-    return table
-
-
-def summary_line(report: Report, elapsed: float | None = None) -> str:
-    """``30 recipients: 28 delivered, 1 transient, 1 permanent (0.42 s)``."""
-    counts = report.counts()
-    parts = [f"{counts[s]} {s}" for s in _STATUSES if counts.get(s)]
-    parts += [f"{n} {s}" for s, n in sorted(counts.items()) if s not in _STATUSES]
-    n = len(report)
-    line = f"{n} recipient{'s' if n != 1 else ''}: {', '.join(parts) or 'none'}"
-    if elapsed is not None:
-        line += f" ({elapsed:.2f} s)"
-    return line
 
 
 @contextlib.contextmanager
@@ -1286,11 +1627,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except InputError as exc:
-        print(f"asmtp: error: {exc}", file=sys.stderr)
+        message = _as_flags(exc.message) if args.command == "send" else exc.message
+        print(f"asmtp: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("asmtp: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+#: the names asmtp's API errors give their fields, and the send flags they came from
+_FLAG_OF = {
+    "from_": "--from",
+    "sender": "--from",
+    "to": "--to",
+    "cc": "--cc",
+    "bcc": "--bcc",
+    "recipients": "--to/--cc/--bcc",
+    "body": "--body",
+    "alt_text": "--alt-text-file",
+    "attachments": "--attach",
+    "headers": "--header",
+    "header name": "--header name",
+    "header 'Subject'": "--subject",
+    "header 'List-Unsubscribe'": "--unsubscribe-url",
+    "header 'Content-Disposition'": "--attach (the file's name)",
+    "header": "--header",
+    "helo": "--helo",
+    "username": "--user",
+    "Relay host": "--relay",
+    "timeout": "--timeout",
+    "concurrency": "--concurrency",
+}
+_API_NAMES = "|".join(re.escape(name) for name in sorted(_FLAG_OF, key=len, reverse=True))
+_API_FIELD = re.compile(f"^({_API_NAMES})(?=[: ])")
+
+
+def _as_flags(message: str) -> str:
+    """An API error's message naming the command-line flag, not the parameter:
+    ``from_: 'x' must contain exactly one '@'`` -> ``--from: 'x' must ...``."""
+    match = _API_FIELD.match(message)
+    return message if match is None else _FLAG_OF[match.group(1)] + message[match.end() :]
 
 
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:

@@ -1,10 +1,12 @@
 """Immutable settings: :class:`Relay` (everything about the server to talk to) and
 :class:`Timeouts` (how long each network step may take). Each setting lives in one
-place; nothing here does I/O.
+place; nothing here does I/O. :func:`check_number` is the one check of every number
+asmtp takes (finite, of the right kind and sign), here and in the other settings.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +30,55 @@ def _check_text(what: str, value: str) -> None:
         raise InputError(f"{what} must not contain CR, LF or NUL: {value!r}")
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float: 10**400 seconds
+        return False
+
+
+def check_number(
+    what: str,
+    value: object,
+    *,
+    minimum: float = 0.0,
+    above: bool = True,
+    integer: bool = False,
+    optional: bool = False,
+) -> None:
+    """The one check for every number asmtp takes: a finite int or float (never a bool,
+    NaN or an infinity) above ``minimum`` (or at least it, ``above=False``); a whole
+    number when ``integer``; ``None`` passes when ``optional`` (it means "no limit").
+
+    NaN compares false with everything, so a plain ``value <= 0`` test lets it through
+    and a NaN timeout silently disables the timeout.
+
+    >>> check_number("timeout", 2.5)
+    >>> check_number("timeout", float("nan"))
+    Traceback (most recent call last):
+    ...
+    asmtp.errors.InputError: timeout must be a positive finite number: nan
+    """
+    if value is None and optional:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (integer and not isinstance(value, int))
+        or (not integer and not _finite(value))
+        or (value <= minimum if above else value < minimum)
+    ):
+        kind = "whole number" if integer else "finite number"
+        if minimum == 0 and above:
+            bound = f"a positive {kind}"
+        elif minimum == 0:
+            bound = f"a {kind} >= 0"
+        else:
+            bound = f"a {kind} {'>' if above else '>='} {minimum:g}"
+        none = " or None" if optional else ""
+        raise InputError(f"{what} must be {bound}{none}: {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Seconds each network step may take; ``None`` means no limit.
@@ -42,6 +93,10 @@ class Timeouts:
     data_block: float | None = 30.0  # each block of message content written
     data_end: float | None = 30.0  # the reply after the end-of-data dot
 
+    def __post_init__(self) -> None:
+        for name in ("connect", "command", "data_block", "data_end"):
+            check_number(f"Timeouts {name}", getattr(self, name), optional=True)
+
     @classmethod
     def uniform(cls, seconds: float | None) -> Timeouts:
         return cls(seconds, seconds, seconds, seconds)
@@ -55,8 +110,7 @@ class Timeouts:
     def of(cls, value: TimeoutSpec) -> Timeouts:
         if isinstance(value, Timeouts):
             return value
-        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-            raise InputError(f"timeout must be a positive number of seconds or None: {value!r}")
+        check_number("timeout (seconds)", value, optional=True)
         return cls.uniform(None if value is None else float(value))
 
 
@@ -93,7 +147,8 @@ class Relay:
         if not self.host or not isinstance(self.host, str):
             raise InputError("Relay host must be a non-empty string")
         _check_text("Relay host", self.host)
-        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+        check_number("Relay port", self.port, integer=True)
+        if self.port > 65535:
             raise InputError(f"Relay port must be 1-65535: {self.port!r}")
         tls = self.tls
         if tls is None:
@@ -162,12 +217,12 @@ class Direct:
             raise InputError(
                 f"tls for direct delivery must be opportunistic, starttls or none: {self.tls!r}"
             )
-        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+        check_number("port", self.port, integer=True)
+        if self.port > 65535:
             raise InputError(f"port must be 1-65535: {self.port!r}")
         for name in ("per_domain", "max_addresses", "max_rcpts_per_transaction"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be a positive integer: {value!r}")
+            check_number(name, getattr(self, name), integer=True)
+        check_number("dns_timeout", self.dns_timeout)
         if self.helo is not None:
             _check_text("helo", self.helo)
         if isinstance(self.dns_servers, str):

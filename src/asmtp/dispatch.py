@@ -72,6 +72,10 @@ async def run_session(
     cuts the whole session short."""
     clock = loop_clock()
     t0 = clock() if started is None else started
+    refused = endpoint.auth_cache.refusal()
+    if refused is not None:
+        # The relay refused these credentials earlier in the run: no connection, no AUTH.
+        return [result_from_error(r, refused, host=endpoint.host) for r in recipients], refused
     session = Session(endpoint, timeouts, debug=debug)
     final: dict[str, RecipientResult] = {}
 

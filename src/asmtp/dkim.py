@@ -318,7 +318,7 @@ class DKIM:
         ):
             raise InputError("DKIM: the signature header field is malformed")
         return PreparedMessage(
-            data=signature + prepared.data,
+            data=(signature, *prepared.parts),  # the message's own parts, not a copy
             size=prepared.size + len(signature),
             eight_bit=prepared.eight_bit,
             smtputf8=prepared.smtputf8,

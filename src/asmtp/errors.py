@@ -17,6 +17,11 @@ __all__ = [
     "ConnectionLostError",
     "InputError",
     "JournalError",
+    "JournalFormatError",
+    "JournalIdentityError",
+    "JournalLockedError",
+    "JournalRefusedError",
+    "JournalWriteError",
     "LocalProtocolError",
     "MessageRejectedError",
     "NoAddressError",
@@ -62,6 +67,41 @@ class InputError(SMTPError, ValueError):
 class JournalError(SMTPError):
     """The delivery journal could not be opened or written. Nothing more is sent for
     a recipient whose journal line could not be made durable (transient)."""
+
+
+class JournalRefusedError(JournalError, InputError):
+    """The journal cannot be used for this run, found when opening it (``Mailer``'s
+    ``async with``), before any connection: nothing was sent or written to it."""
+
+
+class JournalLockedError(JournalRefusedError):
+    """Another run (another process, or another Mailer in this one) has the journal
+    open: one writer at a time. The message names the holder's pid when known."""
+
+
+class JournalIdentityError(JournalRefusedError):
+    """The journal belongs to another run: its sender, message or campaign differs
+    (``differences`` says which, in words), or it predates journal headers. An
+    explicit override (``ignore_identity=True``, ``--ignore-identity``) continues it."""
+
+    def __init__(self, message: str, *, differences: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+
+class JournalFormatError(JournalRefusedError):
+    """The file is not an asmtp journal (or not a regular file, or holds a damaged
+    line, or is of a newer format): asmtp neither resumes from it nor writes to it."""
+
+
+class JournalWriteError(JournalError):
+    """The journal could not be written (disk full, I/O error, read-only, file too
+    large): the run stops sending; a recipient whose pre-dot line failed was not sent
+    (transient). ``errno`` is the operating system's error number."""
+
+    def __init__(self, message: str, *, errno: int | None = None, stage: str | None = None) -> None:
+        super().__init__(message, stage=stage)
+        self.errno = errno
 
 
 class ProtocolError(SMTPError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import string
 import time
 import types
@@ -27,6 +28,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, replace
 from email.message import EmailMessage
+from email.utils import make_msgid
 from typing import Any, TypeAlias
 
 import anyio
@@ -34,13 +36,14 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .address import check_mailbox, domain_of
-from .config import DSN, Direct, Relay, Timeouts, TimeoutSpec
+from .config import DSN, Direct, Relay, Timeouts, TimeoutSpec, check_number
 from .direct import DirectDelivery
 from .dispatch import run_session
 from .dkim import DKIM
-from .errors import InputError, SMTPError, SMTPTimeoutError
-from .journal import Journal, JournalEntry, journal_key, read_journal
+from .errors import InputError, JournalError, JournalWriteError, SMTPError, SMTPTimeoutError
+from .journal import Journal, JournalEntry, JournalIdentity, journal_key, message_digest
 from .message import (
+    MessageIdRemover,
     PreparedMessage,
     envelope_of,
     prepare_envelope,
@@ -59,6 +62,10 @@ logger = logging.getLogger("asmtp")
 MessageSource: TypeAlias = (
     EmailMessage | bytes | PreparedMessage | Callable[[], EmailMessage | bytes]
 )
+MessageInput: TypeAlias = EmailMessage | bytes | PreparedMessage
+# A message as jobs that share it need it: whole (and signed), or the base of
+# personalised copies with the domain for their Message-IDs.
+_Prepared: TypeAlias = PreparedMessage | tuple[PreparedMessage, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +96,34 @@ class Mailer:
     30 s per step through a relay and RFC 5321's figures for direct delivery.
     ``retry``: a :class:`~asmtp.Retry` (default: 3 tries) or None for no retries.
     ``rate``/``rate_per_domain``: "50/s", "1000/h". ``recipient_deadline``: seconds that
-    bound all of one recipient's tries. ``journal``/``resume``: see :mod:`asmtp.journal`.
+    bound all of one recipient's tries. ``journal``: a file that records each
+    recipient's progress (see :mod:`asmtp.journal`); ``resume=True`` continues the run
+    it holds (delivered and permanently refused recipients are skipped; one whose dot
+    went out with no result recorded is reported ``unknown``, not sent again).
+    The journal is locked while the Mailer is open (another Mailer or process gets
+    :class:`~asmtp.errors.JournalLockedError`) and its first line says which run it belongs
+    to: ``campaign="spring-sale"`` names the run (then only the name is compared on
+    resume, and the message may change between runs); without one, the run is the
+    envelope sender and a digest of the message (Subject, other fixed headers, body
+    and attachments; not Date, Message-ID, To, Cc or per-recipient headers) of the
+    first job, or ``identity=`` (a :class:`~asmtp.journal.JournalIdentity`, as the CLI
+    gives for its template). A resume of another run raises
+    :class:`~asmtp.errors.JournalIdentityError` saying what differs (when the identity comes
+    from the first job: on leaving ``async with``, with nothing sent);
+    ``ignore_identity=True`` continues it anyway, and accepts a journal from before
+    headers. A file that is not a journal, or not a regular file, is refused
+    (:class:`~asmtp.errors.JournalFormatError`). If the journal cannot be written, no further
+    dot is sent, the Mailer stops taking jobs, and leaving ``async with`` raises
+    :class:`~asmtp.errors.JournalWriteError`.
     ``dsn``: an :class:`~asmtp.DSN`. ``dkim``: an :class:`~asmtp.DKIM` signer (the
     ``dkim`` extra): each message is signed once, over exactly the bytes sent.
     ``pool``: True or an :class:`~asmtp.Pool` to keep sessions to the relay open and
     reuse them (web backends). ``unsubscribe``: a URL template ("{recipient}")
     for one-click unsubscribe headers (RFC 8058). ``verp``: a sender template such as
     "bounces+{token}@example.com" ({token}: the recipient as local=domain) so bounces
-    name their recipient.
+    name their recipient. With either, each copy gets its own Message-ID (on the
+    domain of the message's own), so replies and bounces can be matched to their
+    recipient; a message rendered per job (``Job(message=callable)``) keeps its own.
     """
 
     def __init__(
@@ -109,8 +136,11 @@ class Mailer:
         rate: str | Rate | None = None,
         rate_per_domain: str | Rate | None = None,
         recipient_deadline: float | None = None,
-        journal: str | None = None,
+        journal: str | os.PathLike[str] | None = None,
         resume: bool = False,
+        campaign: str | None = None,
+        identity: JournalIdentity | None = None,
+        ignore_identity: bool = False,
         dsn: DSN | None = None,
         unsubscribe: str | None = None,
         verp: str | None = None,
@@ -118,14 +148,20 @@ class Mailer:
         dkim: DKIM | None = None,
         debug: bool = False,
     ) -> None:
-        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-            raise InputError(f"concurrency must be a positive integer: {concurrency!r}")
+        check_number("concurrency", concurrency, integer=True)
         if relay is not None and not isinstance(relay, (Relay, Direct)):
             raise InputError(f"relay must be an asmtp.Relay, an asmtp.Direct or None: {relay!r}")
         if resume and journal is None:
             raise InputError("resume=True needs a journal")
-        if recipient_deadline is not None and recipient_deadline <= 0:
-            raise InputError("recipient_deadline must be positive seconds")
+        if journal is None and (campaign is not None or identity is not None):
+            raise InputError("campaign= and identity= name the run in its journal: give journal=")
+        if ignore_identity and not resume:
+            raise InputError("ignore_identity=True goes with resume=True")
+        if campaign is not None and (not isinstance(campaign, str) or not campaign.strip()):
+            raise InputError(f"campaign must be a non-empty name: {campaign!r}")
+        if identity is not None and not isinstance(identity, JournalIdentity):
+            raise InputError(f"identity must be an asmtp.journal.JournalIdentity: {identity!r}")
+        check_number("recipient_deadline (seconds)", recipient_deadline, optional=True)
         if unsubscribe is not None:
             _check_template("unsubscribe", unsubscribe, {"recipient", "token"})
         if verp is not None:
@@ -146,6 +182,15 @@ class Mailer:
         self.recipient_deadline = recipient_deadline
         self.journal_path = journal
         self.resume = resume
+        if campaign is not None:
+            identity = JournalIdentity(
+                identity.sender if identity else None,
+                identity.message if identity else None,
+                campaign,
+            )
+        #: the run the journal belongs to; None: from the first job
+        self.identity = identity
+        self.ignore_identity = ignore_identity
         self.dsn = dsn
         self.unsubscribe = unsubscribe
         self.verp = verp
@@ -162,10 +207,14 @@ class Mailer:
         self._direct: DirectDelivery | None = None
         self._journal: Journal | None = None
         self._done: dict[str, JournalEntry] = {}
+        self._journal_error: JournalError | None = None
+        self._claim = anyio.Lock()
+        self._claimed = False
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._bucket: TokenBucket | None = None
         self._domain_buckets: dict[str, TokenBucket] = {}
-        self._last_prepared: tuple[object, PreparedMessage] | None = None
+        self._last_prepared: tuple[object, bool | None, _Prepared] | None = None
+        self._remove_message_id = MessageIdRemover()
         self._last_sender: tuple[object, str] | None = None
         self._pool: SessionPool | None = None
         self._reaper = anyio.CancelScope()
@@ -173,24 +222,47 @@ class Mailer:
     # -- lifetime -----------------------------------------------------------------
 
     async def __aenter__(self) -> Mailer:
-        if isinstance(self.relay, Relay):
-            self._endpoint = await Endpoint.for_relay(self.relay)
-        else:
-            helo = self.relay.helo or await default_helo()
-            self._direct = DirectDelivery(self.relay, self.timeouts, helo=helo, debug=self.debug)
-        if self.rate is not None:
-            self._bucket = TokenBucket(self.rate)
         if self.journal_path is not None:
-            if self.resume:
-                self._done = await anyio.to_thread.run_sync(read_journal, self.journal_path)
-            self._journal = await Journal.open(self.journal_path)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
+            # First: a journal in use, of another run or not a journal at all is
+            # refused before any I/O on the network.
+            await self._open_journal(self.journal_path)
+        try:
+            if isinstance(self.relay, Relay):
+                self._endpoint = await Endpoint.for_relay(self.relay)
+            else:
+                helo = self.relay.helo or await default_helo()
+                self._direct = DirectDelivery(
+                    self.relay, self.timeouts, helo=helo, debug=self.debug
+                )
+            if self.rate is not None:
+                self._bucket = TokenBucket(self.rate)
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+        except BaseException:
+            await self._close_journal()
+            raise
         if self.pool is not None:
             assert self._endpoint is not None
             self._pool = SessionPool(self._endpoint, self.timeouts, self.pool, debug=self.debug)
             self._tg.start_soon(self._reap, self._pool)
         return self
+
+    async def _open_journal(self, path: str | os.PathLike[str]) -> None:
+        journal = await Journal.open(path, resume=self.resume)
+        try:
+            if self.identity is not None:
+                await journal.claim(self.identity, ignore_identity=self.ignore_identity)
+                self._claimed = True
+        except BaseException:
+            await journal.aclose()
+            raise
+        self._journal = journal
+        self._done = journal.entries
+
+    async def _close_journal(self) -> None:
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            await journal.aclose()
 
     async def _reap(self, pool: SessionPool) -> None:
         with self._reaper:
@@ -219,12 +291,14 @@ class Mailer:
                     tg.cancel_scope.cancel()
                     await tg.__aexit__(None, None, None)
                     return None
-                return await tg.__aexit__(*exc)
+                suppress = await tg.__aexit__(*exc)
+                if self._journal_error is not None and exc_value is None:
+                    # The run stopped for the journal: say so once, not as a result.
+                    raise self._journal_error
+                return suppress
             return None
         finally:
-            if self._journal is not None:
-                await self._journal.aclose()
-                self._journal = None
+            await self._close_journal()
 
     def stop(self) -> None:
         """Take no new jobs; those in flight finish (or time out) as usual."""
@@ -309,6 +383,8 @@ class Mailer:
 
     async def _run_job(self, job: Job) -> RecipientResult | None:
         key = job.key if job.key is not None else job.recipient
+        if self._journal is not None and not await self._journal_ready(job):
+            return None  # of another run, or it cannot be written: not attempted
         prior = self._done.get(journal_key(key)) if self._done else None
         if prior is not None:
             if prior.event == "result" and prior.status in ("delivered", "permanent"):
@@ -321,7 +397,7 @@ class Mailer:
                     stage="message",
                     message="the end-of-data dot was sent in an earlier run and no reply "
                     "was recorded: the message may have been delivered",
-                    host=prior.record.get("host"),
+                    host=prior.host,
                     key=job.key,
                 )
                 await self._record(result)
@@ -355,42 +431,84 @@ class Mailer:
         return result
 
     async def _record(self, result: RecipientResult) -> None:
-        if self._journal is not None:
+        if self._journal is not None and self._journal_error is None:
             try:
                 await self._journal.result(result)
-            except SMTPError as exc:
-                logger.error("%s", exc)
+            except JournalError as exc:
+                self._journal_failed(exc)
+
+    def _journal_failed(self, error: JournalError) -> None:
+        """The journal cannot be written (or belongs to another run): no dot may go out
+        unrecorded, so the run stops taking jobs, sessions in flight end before their
+        dot, and leaving ``async with`` raises ``error``."""
+        if self._journal_error is None:
+            self._journal_error = error
+        self.stop()
+
+    async def _journal_ready(self, job: Job) -> bool:
+        """The journal is this run's and can be written; the first job claims it when
+        the caller gave no identity (its sender and message say which run it is)."""
+        if not self._claimed:
+            async with self._claim:
+                if not self._claimed:
+                    assert self._journal is not None
+                    try:
+                        await self._journal.claim(
+                            self._identity_of(job), ignore_identity=self.ignore_identity
+                        )
+                    except JournalError as exc:
+                        self._journal_failed(exc)
+                    self._claimed = True
+        return self._journal_error is None
+
+    def _identity_of(self, job: Job) -> JournalIdentity:
+        sender, digest = job.sender, None
+        try:
+            message = job.message() if callable(job.message) else job.message
+            if sender is None and isinstance(message, EmailMessage):
+                sender = self._sender_of(message)
+            if isinstance(message, PreparedMessage):
+                digest = message_digest(message.data, prepared=True)
+            elif isinstance(message, EmailMessage):
+                digest = message_digest(prepare_message(message).data, prepared=True)
+            else:
+                digest = message_digest(bytes(message))
+        except Exception:  # this job fails on its own; only what is known is compared
+            pass
+        return JournalIdentity(sender=sender, message=digest)
 
     def _prepare(self, job: Job) -> tuple[str, str, PreparedMessage]:
         recipient = check_mailbox(job.recipient, field="recipient")
         message = job.message
+        rendered = callable(message)
         if callable(message):
-            message = message()
+            message = message()  # rendered for this job alone
         sender = job.sender
         if sender is None:
             if not isinstance(message, EmailMessage):
                 raise InputError("a message given as bytes needs the job's sender")
             sender = self._sender_of(message)
-        message = self._prepare_cached(message)
+        sender = check_mailbox(sender, field="sender", allow_empty=True)
+        if self.unsubscribe is None and self.verp is None:
+            return sender, recipient, self._prepare_cached(message, sender)
+        # A copy personalised for one recipient gets its own Message-ID, so that replies
+        # and bounces name the recipient; one rendered for this job keeps its own.
+        prepared, domain = self._personal_base(message, sender, keep_id=rendered)
+        headers = [] if rendered else [("Message-ID", make_msgid(domain=domain))]
         if self.unsubscribe is not None:
-            # Per-recipient headers, then the signature over exactly these bytes.
             url = self.unsubscribe.format(
                 recipient=urllib.parse.quote(recipient, safe="@"),
                 token=urllib.parse.quote(_token(recipient), safe="@="),
             )
-            message = with_headers(
-                message,
-                [
-                    ("List-Unsubscribe", f"<{url}>"),
-                    ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
-                ],
-            )
-            if self.dkim is not None:
-                message = self.dkim.sign(message)
-        sender = check_mailbox(sender, field="sender", allow_empty=True)
+            headers.append(("List-Unsubscribe", f"<{url}>"))
+            headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+        if headers:
+            prepared = with_headers(prepared, headers)
+        if self.dkim is not None:
+            prepared = self.dkim.sign(prepared)  # over exactly these bytes, Message-ID too
         if self.verp is not None:
             sender = check_mailbox(self.verp.format(token=_token(recipient)), field="verp")
-        return sender, recipient, message
+        return sender, recipient, prepared
 
     def _sender_of(self, message: EmailMessage) -> str:
         # Jobs that share one message object share its parsed Sender/From too.
@@ -401,21 +519,42 @@ class Mailer:
         self._last_sender = (message, sender)
         return sender
 
-    def _prepare_cached(self, message: EmailMessage | bytes | PreparedMessage) -> PreparedMessage:
+    def _prepare_cached(self, message: MessageInput, sender: str) -> PreparedMessage:
         # Jobs that share one message object share its serialization (and signature).
         last = self._last_prepared
-        if last is not None and last[0] is message:
-            return last[1]
+        if last is not None and last[0] is message and isinstance(last[2], PreparedMessage):
+            return last[2]
         if isinstance(message, PreparedMessage):
-            if self.dkim is None or self.unsubscribe is not None:
+            if self.dkim is None:
                 return message
             prepared = message
         else:
-            prepared = prepare_message(message)
-        if self.dkim is not None and self.unsubscribe is None:
+            prepared = prepare_message(message, domain=domain_of(sender) if sender else None)
+        if self.dkim is not None:
             prepared = self.dkim.sign(prepared)  # once for all who share the message
-        self._last_prepared = (message, prepared)
+        self._last_prepared = (message, None, prepared)
         return prepared
+
+    def _personal_base(
+        self, message: MessageInput, sender: str, *, keep_id: bool
+    ) -> tuple[PreparedMessage, str]:
+        """The base of personalised copies: serialized, unsigned, and without its
+        Message-ID unless ``keep_id`` (each copy gets a fresh one, on the returned
+        domain: the old ID's, else the sender's). Shared by jobs that share the message."""
+        last = self._last_prepared
+        if last is not None and last[0] is message and last[1] is keep_id:
+            assert isinstance(last[2], tuple)
+            return last[2]
+        sender_domain = domain_of(sender) if sender else "localhost"
+        prepared = message
+        if not isinstance(prepared, PreparedMessage):
+            prepared = prepare_message(prepared, domain=sender_domain)
+        domain = None
+        if not keep_id:
+            prepared, domain = self._remove_message_id(prepared)
+        base = (prepared, domain or sender_domain)
+        self._last_prepared = (message, keep_id, base)
+        return base
 
     async def _with_retries(
         self, job: Job, key: Any, sender: str, recipient: str, prepared: PreparedMessage
@@ -431,7 +570,15 @@ class Mailer:
         async def before_dot(recipients: Sequence[str]) -> None:
             if journal is not None:
                 for rcpt in recipients:
-                    await journal.dot(key, rcpt)
+                    try:
+                        await journal.dot(key, rcpt)
+                    except JournalError as exc:
+                        # Never a dot without its line: this recipient is not sent.
+                        self._journal_failed(exc)
+                        errno = exc.errno if isinstance(exc, JournalWriteError) else None
+                        raise JournalWriteError(
+                            f"not sent: {exc.message}", errno=errno, stage="message"
+                        ) from exc
 
         extras = Extras(dsn=self.dsn, before_dot=before_dot if journal is not None else None)
         tries = 0

@@ -16,12 +16,14 @@ asmtp meant (SMTP smuggling).
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import datetime
 import mimetypes
 import os
 import quopri
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email import policy as email_policy
@@ -48,6 +50,7 @@ __all__ = [
     "AddressInput",
     "Attachment",
     "HeadersInput",
+    "MessageIdRemover",
     "PreparedMessage",
     "build_message",
     "envelope_of",
@@ -157,6 +160,65 @@ def _message_id_value(message_id: str | None, sender: str) -> str:
     return value
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file, or InputError: a device (/dev/zero never ends), a
+    FIFO (blocks until a writer comes), a directory or a socket is refused.
+
+    Opened with O_NONBLOCK so that opening a FIFO returns at once, then checked on the
+    open descriptor (no window for the path to be swapped between check and read), and
+    read for exactly the size fstat reported: a file growing meanwhile is refused."""
+    where = str(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        # A socket cannot be opened at all (ENXIO): say what it is rather than why.
+        with contextlib.suppress(OSError):
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise InputError(
+                    f"attachments: {where!r} is {_file_kind(mode)}, not a regular file"
+                ) from None
+        raise InputError(f"attachments: cannot read {where!r}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(
+                f"attachments: {where!r} is {_file_kind(info.st_mode)}, not a regular file"
+            )
+        with os.fdopen(fd, "rb") as file:
+            fd = -1  # the file object owns it now
+            data = file.read(info.st_size)
+            more = file.read(1)
+    except OSError as exc:
+        raise InputError(f"attachments: cannot read {where!r}: {exc.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if more and info.st_size == 0:
+        # /proc and /sys files report size 0 and make up their content as it is read.
+        raise InputError(
+            f"attachments: {where!r} reports a size of 0 but has content; attach its"
+            " bytes as (filename, data, content_type)"
+        )
+    if len(data) != info.st_size or more:
+        raise InputError(f"attachments: {where!r} changed size while it was read")
+    return data
+
+
 def _load_attachment(item: Attachment) -> tuple[str, bytes, str]:
     """Return (filename, data, content type) for one attachment, reading a file."""
     if isinstance(item, tuple):
@@ -168,10 +230,7 @@ def _load_attachment(item: Attachment) -> tuple[str, bytes, str]:
         data = bytes(data)
     elif isinstance(item, (str, os.PathLike)):
         path = Path(item)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"attachments: cannot read {str(path)!r}: {exc}") from exc
+        data = _read_regular_file(path)
         filename = path.name
         guessed, encoding = mimetypes.guess_type(filename)
         # Unknown, or compressed (.tar.gz): the bytes are opaque to the reader.
@@ -209,12 +268,17 @@ def build_message(
     address); display names are kept, comments dropped, IDN domains converted to
     IDNA. ``mailtype`` is "text" (text/plain) or "html" (text/html; with ``alt_text``,
     multipart/alternative with the plain text first). Bodies are UTF-8 and 7-bit clean
-    on the wire. Bcc is never a header: give Bcc recipients to the sender instead.
+    on the wire (a body holding a NUL is quoted-printable, never raw). Bcc is never a
+    header: give Bcc recipients to the sender instead. A control character other than
+    tab in the subject or another header is refused (:func:`~asmtp.address.check_header`).
 
     ``headers`` adds headers or replaces defaults (X-Mailer); a None value drops that
     header (``{"X-Mailer": None}``). Sender, Reply-To and Resent-* values are checked
     as addresses. ``attachments`` are paths (type guessed from the name,
     application/octet-stream when unknown) or (filename, data, content_type) tuples.
+    A path must name a regular file: a device, FIFO, directory or socket is refused.
+    Files are read here, synchronously; :func:`asmtp.sendmail` calls this in a worker
+    thread, so an event loop never waits for a large attachment.
 
     >>> msg = build_message(to="Ann <ann@example.net>", from_="jack@example.org",
     ...                     subject="Hello", body="Hi Ann.\\n")
@@ -267,14 +331,18 @@ def build_message(
     except ValueError as exc:  # e.g. a second Reply-To: the email package refuses it
         raise InputError(f"headers: {exc}") from exc
 
+    def cte(text: str) -> str | None:
+        # RFC 2045 2.7: no NUL in 7bit data; quoted-printable carries it as =00.
+        return "quoted-printable" if "\0" in text else None
+
     try:
         if mailtype == "text":
-            msg.set_content(body, subtype="plain", charset="utf-8")
+            msg.set_content(body, subtype="plain", charset="utf-8", cte=cte(body))
         elif alt_text is None:
-            msg.set_content(body, subtype="html", charset="utf-8")
+            msg.set_content(body, subtype="html", charset="utf-8", cte=cte(body))
         else:
-            msg.set_content(alt_text, subtype="plain", charset="utf-8")
-            msg.add_alternative(body, subtype="html", charset="utf-8")
+            msg.set_content(alt_text, subtype="plain", charset="utf-8", cte=cte(alt_text))
+            msg.add_alternative(body, subtype="html", charset="utf-8", cte=cte(body))
     except UnicodeEncodeError as exc:  # a lone surrogate
         raise InputError(f"body: not encodable as UTF-8: {exc}") from None
     for filename, data, content_type in loaded:
@@ -367,26 +435,48 @@ def envelope_of(
     return reverse_path, forward
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class PreparedMessage:
     """A message ready for DATA, serialized once and reused for every recipient.
 
-    ``data`` is written as is after the 354 reply: CRLF line endings, dot-stuffed
-    (RFC 5321 4.5.2), ending with ``b"\\r\\n.\\r\\n"``. ``size`` is the octets of the
-    content before the final ``.\\r\\n`` (for ``SIZE=``). ``eight_bit`` is True when any
-    octet is above 127 (``BODY=8BITMIME`` needed); ``smtputf8`` when the header section
-    holds raw non-ASCII (``SMTPUTF8`` needed).
+    The content (``data``) is written as is after the 354 reply: CRLF line endings,
+    dot-stuffed (RFC 5321 4.5.2), ending with ``b"\\r\\n.\\r\\n"``. ``size`` is the
+    octets of the content before the final ``.\\r\\n`` (for ``SIZE=``). ``eight_bit``
+    is True when any octet is above 127 (``BODY=8BITMIME`` needed); ``smtputf8`` when
+    the header section holds raw non-ASCII (``SMTPUTF8`` needed).
+
+    ``parts`` are those bytes in the pieces they are kept in, written one after the
+    other: one piece for a message as serialized; with fields that :func:`with_headers`
+    added in front, those and the pieces of the message they came from, shared and
+    never copied (a bulk run's per-recipient copies of a large message cost their
+    headers only). ``data`` joins them into one bytes object when there are several:
+    a copy, for looking at the message, not for sending it.
     """
 
-    data: bytes
+    parts: tuple[bytes, ...]
     size: int
     eight_bit: bool
     smtputf8: bool
 
+    def __init__(
+        self, data: bytes | tuple[bytes, ...], size: int, eight_bit: bool, smtputf8: bool
+    ) -> None:
+        object.__setattr__(self, "parts", data if isinstance(data, tuple) else (data,))
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "eight_bit", eight_bit)
+        object.__setattr__(self, "smtputf8", smtputf8)
+
+    @property
+    def data(self) -> bytes:
+        parts = self.parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
 
 def with_headers(prepared: PreparedMessage, headers: Sequence[tuple[str, str]]) -> PreparedMessage:
     """The same message with header fields added at the top, without serializing it
-    again (for per-recipient headers such as List-Unsubscribe in a bulk run)."""
+    again and without copying it: the result's :attr:`~PreparedMessage.parts` are the
+    new fields and the message's own (for per-recipient headers such as
+    List-Unsubscribe or Message-ID in a bulk run)."""
     lines = []
     for name, value in headers:
         check_header(name, value)
@@ -397,11 +487,72 @@ def with_headers(prepared: PreparedMessage, headers: Sequence[tuple[str, str]]) 
     extra = b"".join(lines)
     raw_utf8 = not extra.isascii()
     return PreparedMessage(
-        data=extra + prepared.data,
+        data=(extra, *prepared.parts) if extra else prepared.parts,
         size=prepared.size + len(extra),
         eight_bit=prepared.eight_bit or raw_utf8,
         smtputf8=prepared.smtputf8 or raw_utf8,
     )
+
+
+# A Message-ID field in a prepared header section, with its folded continuation lines.
+_MESSAGE_ID_FIELD = re.compile(rb"^message-id[ \t]*:(.*\r\n(?:[ \t].*\r\n)*)", re.I | re.M)
+_ID_DOMAIN = re.compile(rb"<[^<>@\s]+@([^<>@\s]+)>")
+
+
+class MessageIdRemover:
+    """Takes the Message-ID field out of prepared messages: the base of copies that
+    each get their own Message-ID (added with :func:`with_headers`), so that replies
+    and bounces name their recipient. Returns the message without it and the domain
+    the ID was on (None when there was none).
+
+    Copies for many recipients share the parts of one large message: the part that
+    holds the field is split once, and the result reused while copies of it follow.
+
+    >>> base, domain = MessageIdRemover()(prepare_message(
+    ...     b"From: a@example.org\\nMessage-ID: <1.2@example.org>\\n\\nHi"))
+    >>> base.data, domain
+    (b'From: a@example.org\\r\\n\\r\\nHi\\r\\n.\\r\\n', 'example.org')
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[bytes, tuple[bytes, ...], str | None] | None = None
+
+    def __call__(self, prepared: PreparedMessage) -> tuple[PreparedMessage, str | None]:
+        kept: list[bytes] = []
+        domain = None
+        parts = prepared.parts
+        for index, part in enumerate(parts):
+            # Each part holds whole lines: the header section ends at an empty line,
+            # which may open a part.
+            end = 0 if part.startswith(b"\r\n") else part.find(b"\r\n\r\n")
+            if end < 0 or _MESSAGE_ID_FIELD.search(part, 0, end + 2 if end else 0):
+                pieces, found = self._split(part, end)
+                kept.extend(pieces)
+                domain = domain or found
+            else:
+                kept.append(part)
+            if end >= 0:
+                kept.extend(parts[index + 1 :])  # the body: shared, never copied
+                break
+        if len(kept) == len(parts) and all(a is b for a, b in zip(kept, parts, strict=True)):
+            return prepared, None
+        size = prepared.size - (sum(map(len, parts)) - sum(map(len, kept)))
+        return PreparedMessage(tuple(kept), size, prepared.eight_bit, prepared.smtputf8), domain
+
+    def _split(self, part: bytes, end: int) -> tuple[tuple[bytes, ...], str | None]:
+        last = self._last
+        if last is not None and last[0] is part:
+            return last[1], last[2]
+        head_end = len(part) if end < 0 else end + 2
+        head = part[:head_end]
+        fields = list(_MESSAGE_ID_FIELD.finditer(head))
+        if not fields:
+            return (part,), None
+        found = _ID_DOMAIN.search(fields[0].group(1))
+        domain = found.group(1).decode("ascii", "replace") if found else None
+        pieces = tuple(p for p in (_MESSAGE_ID_FIELD.sub(b"", head), part[head_end:]) if p)
+        self._last = (part, pieces, domain)
+        return pieces, domain
 
 
 def _normalize_line_endings(content: bytes) -> bytes:
@@ -456,8 +607,14 @@ def _serialize(message: Message) -> tuple[bytes, bool]:
     return message.as_bytes(policy=email_policy.SMTPUTF8), True
 
 
-def _reencode_long_lines(message: Message) -> None:
-    """Give each leaf part with a line over 998 octets a 7-bit transfer encoding."""
+def _needs_reencoding(body: bytes) -> bool:
+    # RFC 2045 2.7/2.8: 7bit and 8bit data have lines of at most 998 octets and no NUL.
+    return b"\0" in body or _long_line(body) is not None
+
+
+def _reencode_parts(message: Message) -> None:
+    """Give each leaf part that is not valid 7bit/8bit data (a line over 998 octets,
+    a NUL) a 7-bit transfer encoding."""
     for part in message.walk():
         if part.is_multipart():
             continue
@@ -465,10 +622,11 @@ def _reencode_long_lines(message: Message) -> None:
         if cte in ("quoted-printable", "base64"):
             continue
         body = part.get_payload(decode=True)
-        if not isinstance(body, bytes) or _long_line(body) is None:
+        if not isinstance(body, bytes) or not _needs_reencoding(body):
             continue
         if part.get_content_maintype() == "text":
-            # Keep line breaks as line breaks; quoted-printable wraps with soft breaks.
+            # Keep line breaks as line breaks; quoted-printable wraps with soft breaks
+            # and writes a NUL as =00.
             text = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             encoded, cte = quopri.encodestring(text), "quoted-printable"
         else:
@@ -478,7 +636,49 @@ def _reencode_long_lines(message: Message) -> None:
         part["Content-Transfer-Encoding"] = cte
 
 
-def _prepare_email(message: Message) -> tuple[bytes, bool]:
+# RFC 5322 2.2 and 3.2.5: a field body is printable characters and WSP; the other
+# US-ASCII controls are obsolete syntax, never generated (a CR or LF here is a CRLF).
+_HEADER_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _check_header_section(content: bytes) -> None:
+    header = _header_section(content)
+    found = _HEADER_CONTROL.search(header)
+    if found is not None:
+        start = header.rfind(b"\r\n", 0, found.start())
+        field = header[start + 2 if start >= 0 else 0 :].split(b":", 1)[0]
+        raise InputError(
+            f"message: header {field.decode('ascii', 'replace')!r} holds the control"
+            f" character U+{found.group()[0]:04X}: RFC 5322 allows only printable"
+            " characters and tabs"
+        )
+
+
+def _sender_domain(message: Message, fallback: str | None) -> str:
+    """The domain for a Message-ID asmtp adds: the author's (Sender, else From), else
+    the envelope sender's; never a host name lookup."""
+    for name in ("Sender", "From"):
+        try:
+            found = _header_addresses(message, name)
+        except InputError:
+            continue
+        if found:
+            return domain_of(found[0])
+    return fallback or "localhost"
+
+
+def _missing_fields(message: Message, domain: str | None) -> bytes:
+    """Date and Message-ID lines for a message without them (RFC 5322 3.6: Date is
+    required, Message-ID should be there), as build_message writes them."""
+    lines = []
+    if "Date" not in message:
+        lines.append(f"Date: {formatdate(localtime=True)}\r\n")
+    if "Message-ID" not in message:
+        lines.append(f"Message-ID: {make_msgid(domain=_sender_domain(message, domain))}\r\n")
+    return "".join(lines).encode("ascii")
+
+
+def _prepare_email(message: Message, domain: str | None) -> tuple[bytes, bool]:
     to_send = message
     if "Bcc" in message:
         # A shallow copy shares the parts but deleting rebinds the copy's own header
@@ -487,10 +687,10 @@ def _prepare_email(message: Message) -> tuple[bytes, bool]:
         del to_send["Bcc"]
     raw, utf8 = _serialize(to_send)
     content = _normalize_line_endings(raw)
-    if _long_line(content) is not None:
+    if _needs_reencoding(content):
         to_send = copy.deepcopy(message)
         del to_send["Bcc"]
-        _reencode_long_lines(to_send)
+        _reencode_parts(to_send)
         raw, utf8 = _serialize(to_send)
         content = _normalize_line_endings(raw)
         line = _long_line(content)
@@ -499,18 +699,33 @@ def _prepare_email(message: Message) -> tuple[bytes, bool]:
                 f"message: line {line} is longer than {MAX_LINE_LENGTH} octets"
                 " and is not in a body that can be re-encoded"
             )
+        if b"\0" in content:
+            raise InputError(
+                f"message: line {_nul_line(content)} holds a NUL byte and is not in a body"
+                " that can be re-encoded (RFC 2045 2.7: no NUL in 7bit or 8bit data)"
+            )
+    _check_header_section(content)
+    # The caller's message is not changed: the missing fields go into the bytes only.
+    content = _missing_fields(message, domain) + content
     return content, utf8 or not _header_section(content).isascii()
 
 
-def prepare_message(message: EmailMessage | bytes) -> PreparedMessage:
+def _nul_line(content: bytes) -> int:
+    return content.count(b"\n", 0, content.index(b"\0")) + 1
+
+
+def prepare_message(message: EmailMessage | bytes, *, domain: str | None = None) -> PreparedMessage:
     """Serialize a message once into the exact bytes sent after DATA.
 
     An :class:`~email.message.EmailMessage` is written with ``email.policy.SMTP``, or
     ``email.policy.SMTPUTF8`` when an address in its headers is non-ASCII. Its Bcc
-    header is left out (the caller's message is not changed). A body part with a line
-    longer than 998 octets is re-encoded (quoted-printable for text, base64 otherwise).
-    Raw ``bytes`` are sent as given, line endings normalized; a line longer than 998
-    octets is refused.
+    header is left out; a missing Date or Message-ID is added in the bytes sent (the
+    caller's message is not changed), the Message-ID on the domain of Sender or From,
+    else on ``domain`` (the envelope sender's). A body part that is not
+    valid 7bit/8bit data (a line longer than 998 octets, a NUL) is re-encoded
+    (quoted-printable for text, base64 otherwise); a control character in its header
+    section (other than tab) is refused. Raw ``bytes`` are sent as given, line endings
+    normalized; a line longer than 998 octets or a NUL byte is refused.
 
     >>> prepared = prepare_message(b"Subject: hi\\n\\n.hidden\\nbare\\rCR")
     >>> prepared.data
@@ -523,9 +738,14 @@ def prepare_message(message: EmailMessage | bytes) -> PreparedMessage:
         line = _long_line(content)
         if line is not None:
             raise InputError(f"message: line {line} is longer than {MAX_LINE_LENGTH} octets")
+        if b"\0" in content:
+            raise InputError(
+                f"message: line {_nul_line(content)} holds a NUL byte (RFC 2045 2.7: no NUL"
+                " in 7bit or 8bit data); give that part a base64 or quoted-printable encoding"
+            )
         smtputf8 = not _header_section(content).isascii()
     elif isinstance(message, Message):
-        content, smtputf8 = _prepare_email(message)
+        content, smtputf8 = _prepare_email(message, domain)
     else:
         raise InputError(f"message: expected an EmailMessage or bytes, not {type(message)}")
     if not content.endswith(b"\r\n"):
@@ -557,4 +777,8 @@ def prepare_envelope(
         message = bytes(message)
     else:
         raise InputError(f"message must be an EmailMessage or bytes, not {type(message).__name__}")
-    return env_sender, rcpts, prepare_message(message)
+    return (
+        env_sender,
+        rcpts,
+        prepare_message(message, domain=domain_of(env_sender) if env_sender else None),
+    )

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import anyio
 
-from .config import Timeouts
-from .errors import InputError, SMTPError
+from .config import Timeouts, check_number
+from .errors import SMTPError
 from .session import Endpoint, Session
 
 __all__ = ["Pool", "PooledSession", "SessionPool"]
@@ -35,14 +35,11 @@ class Pool:
     check_after: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_connections, int) or self.max_connections < 1:
-            raise InputError(
-                f"max_connections must be a positive integer: {self.max_connections!r}"
-            )
-        if not isinstance(self.max_messages, int) or self.max_messages < 1:
-            raise InputError(f"max_messages must be a positive integer: {self.max_messages!r}")
-        if min(self.max_age, self.idle_timeout) <= 0 or self.check_after < 0:
-            raise InputError("max_age and idle_timeout must be positive, check_after >= 0")
+        check_number("Pool max_connections", self.max_connections, integer=True)
+        check_number("Pool max_messages", self.max_messages, integer=True)
+        check_number("Pool max_age", self.max_age)
+        check_number("Pool idle_timeout", self.idle_timeout)
+        check_number("Pool check_after", self.check_after, above=False)
 
 
 class PooledSession:
@@ -104,6 +101,9 @@ class SessionPool:
                         await self._close(pooled, polite=False)
                         continue
                 return pooled
+            refused = self.endpoint.auth_cache.refusal()
+            if refused is not None:
+                raise refused  # the relay refused these credentials: no new session asks
             session = Session(self.endpoint, self.timeouts, debug=self.debug)
             try:
                 await session.connect()

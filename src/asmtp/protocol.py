@@ -7,7 +7,9 @@ driver does three things: hands received bytes to :meth:`ClientProtocol.receive_
 :meth:`ClientProtocol.next_reply` for the next :class:`~asmtp.reply.Reply` (or
 :data:`~asmtp.reply.NEED_DATA`). A command the protocol forbids in the current state
 raises :class:`~asmtp.errors.LocalProtocolError` naming the command and the state;
-a server that breaks the protocol raises :class:`~asmtp.errors.RemoteProtocolError`.
+a server that breaks the protocol raises :class:`~asmtp.errors.RemoteProtocolError`,
+and so does a reply its command does not allow (:data:`SUCCESS_CODES`: 221 to the
+end-of-data dot, 354 to RCPT), which also ends the session.
 
 A session, as the bytes go (``C:`` what the methods return, ``S:`` what is fed in)::
 
@@ -30,13 +32,14 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final
 
 from .capabilities import Capabilities
 from .errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
 from .reply import NEED_DATA, Reply, ReplyParser, _NeedData
 
-__all__ = ["ClientProtocol", "State"]
+__all__ = ["AUTH_CONTINUE", "SUCCESS_CODES", "ClientProtocol", "State"]
 
 Trace = Callable[[str], None]
 
@@ -52,6 +55,45 @@ class State(enum.Enum):
     DATA = "data"  # DATA got 354: the message content must be sent
     CLOSED = "closed"  # QUIT answered, 421 received, or the stream ended
 
+
+#: The replies that mean success, for each command whose reply the client awaits
+#: (RFC 5321 4.3.2; "greeting" is the server's opening, "message" the end-of-data dot;
+#: RFC 3207 for STARTTLS, RFC 4954 for AUTH; BDAT, RFC 3030, is not used). A 4xx or 5xx
+#: is a refusal. Anything else (another 2xx or 3xx, say 354 to RCPT or 221 to the dot)
+#: answers no command sent: the session is closed, since the replies can no longer be
+#: trusted to answer the commands they follow.
+SUCCESS_CODES: Final[Mapping[str, frozenset[int]]] = {
+    "greeting": frozenset({220}),
+    "ehlo": frozenset({250}),
+    "helo": frozenset({250}),
+    "starttls": frozenset({220}),
+    "auth": frozenset({235}),
+    "mail": frozenset({250}),
+    "rcpt": frozenset({250, 251}),  # 251: not local, will forward (RFC 5321 3.4)
+    "data": frozenset({354}),
+    "message": frozenset({250}),
+    "rset": frozenset({250}),
+    "noop": frozenset({250}),
+    "quit": frozenset({221}),
+}
+#: AUTH's one intermediate reply: the server asks for the next SASL response (RFC 4954 4).
+AUTH_CONTINUE: Final = 334
+
+# How a reply's command is named in an error message.
+_NAMES = {
+    "greeting": "the greeting",
+    "ehlo": "EHLO",
+    "helo": "HELO",
+    "starttls": "STARTTLS",
+    "auth": "AUTH",
+    "mail": "MAIL FROM",
+    "rcpt": "RCPT TO",
+    "data": "DATA",
+    "message": "the end of data",
+    "rset": "RSET",
+    "noop": "NOOP",
+    "quit": "QUIT",
+}
 
 # Commands that may be sent while replies to earlier ones are outstanding (RFC 2920
 # section 3.1: DATA, EHLO, STARTTLS, AUTH, NOOP and QUIT each end a group).
@@ -111,14 +153,18 @@ class ClientProtocol:
 
     def next_reply(self) -> Reply | _NeedData:
         """The next complete reply, applied to the state; NEED_DATA when more bytes
-        are needed."""
+        are needed. A reply the awaited command does not allow (see
+        :data:`SUCCESS_CODES`) raises :class:`~asmtp.errors.RemoteProtocolError` and
+        closes the session."""
         parser = self._parser
         try:
             reply = parser.next_reply()
         except RemoteProtocolError as exc:
-            exc.stage = self.awaiting
-            self.state = State.CLOSED
-            raise
+            stage = self.awaiting
+            self._abandon()
+            if stage is None:
+                raise
+            raise RemoteProtocolError(f"{exc} (awaiting {_awaited(stage)})", stage=stage) from exc
         if reply is NEED_DATA:
             if parser.eof:
                 stage = self.awaiting
@@ -138,66 +184,81 @@ class ClientProtocol:
             for i, line in enumerate(reply.lines):
                 sep = " " if i == len(reply.lines) - 1 else "-"
                 self.trace(f"< {reply.code}{sep}{line}")
-        self._apply(kind, reply)
+        try:
+            self._apply(kind, reply)
+        except RemoteProtocolError as exc:
+            exc.stage = kind
+            self._abandon()
+            raise
         return reply
 
     def _apply(self, kind: str, reply: Reply) -> None:
         code = reply.code
-        if code == 421 and kind != "quit":
+        if code not in SUCCESS_CODES[kind]:
+            if code >= 400:
+                self._refused(kind, code)
+            elif kind == "auth" and code == AUTH_CONTINUE:
+                self.state = State.AUTH
+            else:
+                raise _unexpected(kind, reply)
+            return
+        if kind == "rcpt":
+            return
+        if kind == "mail":
+            if self.state is State.READY:
+                self.state = State.MAIL
+        elif kind == "data":
+            if self._pending:
+                raise RemoteProtocolError("354 to DATA while replies are outstanding")
+            if self._parser.buffered:
+                # Nothing may follow 354 before the content: a reply already here would
+                # be taken as the answer to a dot the server has not seen yet.
+                raise RemoteProtocolError("the server sent more after 354 to DATA")
+            self.state = State.DATA
+        elif kind == "message":
+            self._close_transaction()
+        elif kind == "greeting":
+            self.state = State.CONNECTED
+        elif kind == "ehlo":
+            self.capabilities = Capabilities.from_ehlo(reply)
+            self.state = State.READY
+        elif kind == "helo":
+            self.capabilities = Capabilities.helo()
+            self.state = State.READY
+        elif kind == "starttls":
+            # RFC 3207 4.2: anything after the 220 came in the clear; drop it
+            # (a man in the middle could have injected replies there).
+            self._parser.clear()
+            self.state = State.TLS_HANDSHAKE
+        elif kind == "auth":
+            self.authenticated = True
+            self.state = State.READY
+        elif kind == "rset":
+            self._close_transaction()
+        elif kind == "quit":
+            self.state = State.CLOSED
+            self._pending.clear()
+
+    def _refused(self, kind: str, code: int) -> None:
+        """A 4xx or 5xx reply to ``kind``."""
+        if code == 421 or kind == "quit":
             # RFC 5321 3.8: the server is closing the channel.
             self._close_transaction()
             self.state = State.CLOSED
             self._pending.clear()
-            return
-        ok = code < 400
-        if kind == "rcpt":
-            return
-        if kind == "mail":
-            if ok:
-                if self.state is State.READY:
-                    self.state = State.MAIL
-            else:
-                self._close_transaction()
-        elif kind == "data":
-            if code == 354:
-                if self._pending:
-                    raise RemoteProtocolError("354 to DATA while replies are outstanding")
-                self.state = State.DATA
-            else:
-                self._close_transaction()
-        elif kind == "message":
+        elif kind in ("mail", "data", "message"):
             self._close_transaction()
         elif kind == "greeting":
-            if code == 220:
-                self.state = State.CONNECTED
-            else:
-                self.state = State.REFUSED
-        elif kind == "ehlo":
-            if code == 250:
-                self.capabilities = Capabilities.from_ehlo(reply)
-                self.state = State.READY
-        elif kind == "helo":
-            if code == 250:
-                self.capabilities = Capabilities.helo()
-                self.state = State.READY
-        elif kind == "starttls":
-            if code == 220:
-                # RFC 3207 4.2: anything after the 220 came in the clear; drop it
-                # (a man in the middle could have injected replies there).
-                self._parser.clear()
-                self.state = State.TLS_HANDSHAKE
+            self.state = State.REFUSED
         elif kind == "auth":
-            if code == 334:
-                self.state = State.AUTH
-            else:
-                self.authenticated = code == 235
-                self.state = State.READY
-        elif kind == "rset":
-            if ok:
-                self._close_transaction()
-        elif kind == "quit":
-            self.state = State.CLOSED
-            self._pending.clear()
+            self.authenticated = False
+            self.state = State.READY
+
+    def _abandon(self) -> None:
+        """The server broke the protocol: nothing more can be trusted on this session."""
+        self._close_transaction()
+        self.state = State.CLOSED
+        self._pending.clear()
 
     def _close_transaction(self) -> None:
         self._txn = False
@@ -317,28 +378,43 @@ class ClientProtocol:
             raise LocalProtocolError("DATA without MAIL and RCPT")
         return self._command("data", "DATA")
 
-    def message(self, data: bytes, *, then_quit: bool = False) -> bytes:
-        """The message content after DATA's 354: ``data`` is already CRLF-normalized,
-        dot-stuffed and ends with ``CRLF . CRLF`` (see :mod:`asmtp.message`).
+    def message(
+        self, data: bytes | tuple[bytes, ...], *, then_quit: bool = False
+    ) -> bytes | tuple[bytes, ...]:
+        """The message content after DATA's 354: ``data`` (bytes, or the pieces of
+        :attr:`PreparedMessage.parts <asmtp.message.PreparedMessage.parts>`) is already
+        CRLF-normalized, dot-stuffed and ends with ``CRLF . CRLF`` (see
+        :mod:`asmtp.message`). Returned as given: never copied.
 
-        ``then_quit`` sends QUIT in the same write, for a session's last transaction
-        on a server that offers PIPELINING (RFC 2920 3.1: message content may open a
-        group and QUIT may close one): one write and one round trip fewer."""
+        ``then_quit`` adds QUIT, for a session's last transaction on a server that
+        offers PIPELINING (RFC 2920 3.1: message content may open a group and QUIT may
+        close one): the result is then the content's pieces followed by the QUIT line,
+        to be written one after the other without waiting for a reply in between (one
+        round trip fewer), and without joining a large message into a copy of itself."""
         if self.state is not State.DATA or self._pending:
             raise LocalProtocolError(f"message content in state {self.state.value}")
-        if not data.endswith(b"\r\n.\r\n"):
+        if isinstance(data, bytes):
+            parts: tuple[bytes, ...] = (data,)
+            tail = data[-5:]
+        else:
+            parts, tail = data, b""
+            for part in reversed(parts):  # the last five octets, across pieces
+                tail = part[len(tail) - 5 :] + tail
+                if len(tail) >= 5:
+                    break
+        if tail != b"\r\n.\r\n":
             raise LocalProtocolError("message content must end with CRLF . CRLF")
         if then_quit and not self.capabilities.pipelining:
             raise LocalProtocolError("QUIT after the message needs PIPELINING")
         if self.trace is not None:
-            self.trace(f"> [message: {len(data) - 3} octets]")
+            self.trace(f"> [message: {sum(map(len, parts)) - 3} octets]")
             self.trace("> .")
             if then_quit:
                 self.trace("> QUIT")
         self._pending.append("message")
         if then_quit:
             self._pending.append("quit")
-            return data + b"QUIT\r\n"
+            return (*parts, b"QUIT\r\n")
         return data
 
     def rset(self) -> bytes:
@@ -357,3 +433,26 @@ class ClientProtocol:
             (State.REFUSED, State.CONNECTED, State.READY, State.MAIL, State.AUTH),
         )
         return self._command("quit", "QUIT")
+
+
+def _awaited(kind: str) -> str:
+    return "the greeting" if kind == "greeting" else f"the reply to {_NAMES[kind]}"
+
+
+def _unexpected(kind: str, reply: Reply) -> RemoteProtocolError:
+    """The error for a reply that is neither success nor refusal for ``kind``."""
+    code = reply.code
+    text = " ".join(reply.lines).strip()
+    if len(text) > 200:
+        text = text[:200] + "..."
+    if kind == "greeting":
+        what = f"the server greeted with {code} (not a valid greeting)"
+    elif kind == "message":
+        what = (
+            f"the server answered the end of data with {code} (not a valid reply to it: "
+            "the message may or may not have been delivered)"
+        )
+    else:
+        name = _NAMES[kind]
+        what = f"{name} answered {code} (not a valid reply to {name})"
+    return RemoteProtocolError(f"{what}: {text}" if text else what, stage=kind)

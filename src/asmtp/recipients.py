@@ -12,6 +12,10 @@ filling ``{column}`` placeholders. Two forms:
       ann@example.org,Ann,gold
       "Bee Doe <bee@example.net>",Bee,"silver, yearly"
 
+A file is read as a stream of lines (:class:`RecipientRows`, with :func:`decode_lines`
+for bytes), so that a caller can check a file of any length row by row without holding
+it; :func:`parse_recipients` reads a whole one into a :class:`RecipientList`.
+
 Every row is checked before anything is sent: a row whose address does not parse,
 whose email cell is empty or whose field count differs from the header's becomes a
 :class:`BadRow` with its line number (1-based, counted in the file as written). An
@@ -22,15 +26,19 @@ does: the domain case-insensitively, the local part exactly.
 Placeholders are a small substitution, never :meth:`str.format` on the user's text: only
 ``{name}`` where *name* is a column is replaced; every other brace is left alone (CSS
 such as ``a {color: red}``, ``{{``, ``{unknown}``). ``{{name}}`` writes ``{name}``
-literally.
+literally. Values go into an HTML body HTML-escaped when the caller says so (``fill``'s
+``escape``); a ``{word}`` that names no column is found by :meth:`Placeholders.unknown`
+so that the caller can warn about it once.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
+import itertools
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -43,7 +51,9 @@ __all__ = [
     "Placeholders",
     "Recipient",
     "RecipientList",
+    "RecipientRows",
     "address_key",
+    "decode_lines",
     "decode_recipients",
     "parse_recipients",
 ]
@@ -51,6 +61,9 @@ __all__ = [
 #: the CSV delimiters tried on the header row, in this order
 _DELIMITERS = (",", ";", "\t")
 _NO_FIELDS: Mapping[str, str] = MappingProxyType({})
+# What looks like a placeholder: a word in single braces. ``{{word}}`` is written out
+# literally; CSS such as ``{color: red}`` or ``{ margin: 0 }`` is not a word.
+_PLACEHOLDER_LIKE = re.compile(r"\{\{[^{}]*\}\}|\{([^\W\d][\w-]*)\}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +134,11 @@ class Placeholders:
     '{first} is written Ann'
     >>> sorted(p.used("Dear {first} {first}, {unknown}"))
     ['first']
+    >>> import html
+    >>> p.fill("<p>{first}</p>", {"first": "<b>Ann</b>"}, escape=html.escape)
+    '<p>&lt;b&gt;Ann&lt;/b&gt;</p>'
+    >>> sorted(p.unknown("Hi {first} {frist}, a {color: red} {{x}} {last-name}"))
+    ['frist', 'last-name']
     """
 
     def __init__(self, names: Iterable[str]) -> None:
@@ -138,9 +156,22 @@ class Placeholders:
             return set()
         return {m.group(2) for m in self._pattern.finditer(text) if m.group(2) is not None}
 
-    def fill(self, text: str, values: Mapping[str, str]) -> str:
+    def unknown(self, text: str) -> set[str]:
+        """The words in single braces in ``text`` that name no column: likely typos
+        (``{frist}``) or a file without that column. Sent as written."""
+        found = {m.group(1) for m in _PLACEHOLDER_LIKE.finditer(text) if m.group(1)}
+        return found - self.names
+
+    def fill(
+        self,
+        text: str,
+        values: Mapping[str, str],
+        *,
+        escape: Callable[[str], str] | None = None,
+    ) -> str:
         """``text`` with each ``{name}`` replaced by ``values[name]`` (left as is when
-        ``values`` lacks it) and each ``{{name}}`` by ``{name}``."""
+        ``values`` lacks it) and each ``{{name}}`` by ``{name}``. ``escape`` (such as
+        :func:`html.escape` for an HTML body) is applied to each value inserted."""
         if self._pattern is None:
             return text
 
@@ -148,7 +179,10 @@ class Placeholders:
             escaped, name = match.group(1), match.group(2)
             if escaped is not None:
                 return "{" + escaped + "}"
-            return values.get(name, match.group(0))
+            value = values.get(name)
+            if value is None:
+                return match.group(0)
+            return escape(value) if escape is not None else value
 
         return self._pattern.sub(substitute, text)
 
@@ -169,6 +203,60 @@ def decode_recipients(data: bytes) -> str:
         raise InputError(f"line {line}: not UTF-8 text ({exc.reason})") from None
 
 
+def decode_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The text lines of a recipients file given as byte lines (a binary file, split at
+    ``\\n``), decoded as :func:`decode_recipients` decodes a whole file: UTF-8 without a
+    byte order mark, InputError naming the line when not UTF-8. Lines keep their endings
+    (``\\r`` ends one too).
+
+    >>> list(decode_lines([codecs.BOM_UTF8 + b"a@x.example\\r\\n", b"b@x.example\\rc@x.example"]))
+    ['a@x.example\\r\\n', 'b@x.example\\r', 'c@x.example']
+    """
+    for number, chunk in enumerate(chunks, start=1):
+        if number == 1:
+            chunk = chunk.removeprefix(codecs.BOM_UTF8)
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"line {number}: not UTF-8 text ({exc.reason})") from None
+        # newline="": \n, \r\n and \r end lines, and each line keeps its ending
+        yield from io.StringIO(text, newline="")
+
+
+class RecipientRows:
+    """The rows of a recipients file as they are read from ``lines`` (text lines with
+    their endings): a :class:`Recipient` or a :class:`BadRow` each, in file order,
+    duplicates included. ``columns`` and ``email_column`` are known from the first row.
+
+    >>> rows = RecipientRows(["email,first\\n", "ann@example.org,Ann\\n", "x,X\\n"])
+    >>> rows.columns, [type(row).__name__ for row in rows]
+    (('email', 'first'), ['Recipient', 'BadRow'])
+
+    Raises :class:`~asmtp.errors.InputError` for a CSV header naming a column twice
+    (when made) or a line that is not UTF-8 (from :func:`decode_lines`, as it is read).
+    """
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self._lines = _Lines(lines)
+        self._header = _csv_header(self._lines)
+        self.columns: tuple[str, ...] = () if self._header is None else self._header[1]
+        self.email_column = None if self._header is None else self.columns[self._header[2]]
+
+    @property
+    def is_csv(self) -> bool:
+        return self._header is not None
+
+    def placeholders(self) -> Placeholders:
+        """The placeholders this file's columns fill."""
+        return Placeholders(self.columns)
+
+    def __iter__(self) -> Iterator[Recipient | BadRow]:
+        if self._header is None:
+            return _plain_rows(self._lines)
+        delimiter, columns, email_index = self._header
+        return _csv_rows(self._lines, delimiter, columns, email_index)
+
+
 def parse_recipients(data: str | bytes) -> RecipientList:
     """Read a recipients file's content: a plain list or CSV (see the module's doc).
 
@@ -185,21 +273,18 @@ def parse_recipients(data: str | bytes) -> RecipientList:
     whole (not UTF-8; a CSV header naming a column twice); bad rows are returned.
     """
     text = decode_recipients(data) if isinstance(data, bytes) else data.removeprefix("\ufeff")
-    lines = _Lines(text)
-    header = _csv_header(text)
-    if header is None:
-        return _dedupe(_plain_rows(lines), (), None)
-    delimiter, columns, email_index = header
-    return _dedupe(_csv_rows(lines, delimiter, columns, email_index), columns, columns[email_index])
+    # newline="": \n, \r\n and \r end lines, and each line keeps its ending
+    rows = RecipientRows(io.StringIO(text, newline=""))
+    return _dedupe(rows, rows.columns, rows.email_column)
 
 
 class _Lines:
     """The file's physical lines with their numbers. Blank and ``#`` lines are skipped
     only where a row would start (:meth:`row_start`), never inside a quoted CSV field."""
 
-    def __init__(self, text: str) -> None:
-        # newline="": \n, \r\n and \r end lines, and each line keeps its ending
-        self._source = enumerate(io.StringIO(text, newline=""), start=1)
+    def __init__(self, lines: Iterable[str]) -> None:
+        self._source = enumerate(lines, start=1)
+        self._peeked: tuple[int, str] | None = None
         self._at_row_start = True
         #: the number of the line the current row began on
         self.row_line = 0
@@ -207,8 +292,23 @@ class _Lines:
     def row_start(self) -> None:
         self._at_row_start = True
 
-    def __iter__(self) -> Iterator[str]:
+    def peek_row(self) -> str | None:
+        """The line the first row starts on, read again by the iteration."""
         for number, line in self._source:
+            stripped = line.strip()
+            if stripped and not stripped.startswith("#"):
+                self._peeked = (number, line)
+                self.row_line = number
+                return line
+        return None
+
+    def __iter__(self) -> Iterator[str]:
+        if self._peeked is not None:
+            source: Iterable[tuple[int, str]] = itertools.chain([self._peeked], self._source)
+            self._peeked = None
+        else:
+            source = self._source
+        for number, line in source:
             if self._at_row_start:
                 stripped = line.strip()
                 if not stripped or stripped.startswith("#"):
@@ -218,11 +318,10 @@ class _Lines:
             yield line
 
 
-def _csv_header(text: str) -> tuple[str, tuple[str, ...], int] | None:
+def _csv_header(lines: _Lines) -> tuple[str, tuple[str, ...], int] | None:
     """(delimiter, columns, index of the email column) when the first row is a CSV
     header naming an ``email`` column; None for a plain list."""
-    lines = _Lines(text)
-    first = next(iter(lines), None)
+    first = lines.peek_row()
     if first is None:
         return None
     for delimiter in _DELIMITERS:

@@ -120,6 +120,11 @@ class ReplyParser:
         else:
             self._buf += data
 
+    @property
+    def buffered(self) -> int:
+        """How many received bytes wait to be parsed."""
+        return len(self._buf)
+
     def clear(self) -> int:
         """Drop everything buffered (after STARTTLS: RFC 3207 section 4.2, nothing the
         server sent in the clear may be acted on). Returns how many bytes were dropped."""

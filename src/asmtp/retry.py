@@ -2,8 +2,9 @@
 decisions on results, no I/O), and token buckets for messages per second.
 
 A failure is retried only when it is transient and happened before the end-of-data
-dot; an "unknown" outcome (the dot went out, no reply came: RFC 5321 section 6.1, the
-message may have arrived) is retried only when the caller opts in.
+dot, and is not a 5xx to AUTH (the relay refused the credentials: a run does not ask it
+again); an "unknown" outcome (the dot went out, no reply came: RFC 5321 section 6.1,
+the message may have arrived) is retried only when the caller opts in.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from .config import check_number
 from .errors import InputError
 from .results import RecipientResult
 
@@ -43,25 +45,31 @@ class Retry:
     rng: random.Random | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.attempts, int) or self.attempts < 1:
-            raise InputError(f"attempts must be at least 1: {self.attempts!r}")
-        if self.backoff < 0 or self.multiplier < 1 or self.max_backoff < 0:
-            raise InputError("backoff and max_backoff must be >= 0 and multiplier >= 1")
-        if not 0 <= self.jitter <= 1:
-            raise InputError(f"jitter must be between 0 and 1: {self.jitter!r}")
-        if self.deadline is not None and self.deadline <= 0:
-            raise InputError(f"deadline must be positive seconds: {self.deadline!r}")
+        check_number("Retry attempts", self.attempts, integer=True)
+        check_number("Retry backoff", self.backoff, above=False)
+        check_number("Retry multiplier", self.multiplier, minimum=1, above=False)
+        check_number("Retry max_backoff", self.max_backoff, above=False)
+        check_number("Retry jitter", self.jitter, above=False)
+        if self.jitter > 1:
+            raise InputError(f"Retry jitter must be between 0 and 1: {self.jitter!r}")
+        check_number("Retry deadline", self.deadline, optional=True)
 
     def delay(self, failures: int) -> float:
         """The wait after the ``failures``-th failed try (1 for the first)."""
-        base = min(self.max_backoff, self.backoff * self.multiplier ** (failures - 1))
+        try:
+            grown = self.backoff * self.multiplier ** (failures - 1)
+        except OverflowError:  # many attempts with a steep multiplier
+            grown = math.inf
+        base = min(self.max_backoff, grown) if self.backoff else 0.0
         if self.jitter:
             base *= 1 - self.jitter * (self.rng or random).random()
         return base
 
     def retryable(self, result: RecipientResult) -> bool:
         if result.status == "transient":
-            return True
+            # A 5xx to AUTH is the relay's verdict on the credentials: the rest of the
+            # run fails fast on it (asmtp.session.AuthCache), so a retry would only wait.
+            return not (result.stage == "auth" and (result.code or 0) >= 500)
         return result.status == "unknown" and self.retry_unknown
 
     def next_delay(self, result: RecipientResult, tries: int, elapsed: float) -> float | None:
@@ -91,10 +99,15 @@ class Rate:
     def parse(cls, value: str | Rate) -> Rate:
         if isinstance(value, Rate):
             return value
-        m = _RATE.fullmatch(value)
-        if m is None or float(m.group(1)) <= 0:
+        m = _RATE.fullmatch(value) if isinstance(value, str) else None
+        # 400 digits parse as float("inf"): not finite, refused like "0/s"
+        if m is None or not 0 < float(m.group(1)) < math.inf:
             raise InputError(f"a rate looks like 50/s, 300/m or 1000/h: {value!r}")
         return cls(float(m.group(1)), _PER[m.group(2)[0].lower()])
+
+    def __post_init__(self) -> None:
+        check_number("Rate count", self.count)
+        check_number("Rate per (seconds)", self.per)
 
     @property
     def per_second(self) -> float:

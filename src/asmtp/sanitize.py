@@ -30,8 +30,8 @@ def _escape(match: re.Match[str]) -> str:
 def printable(text: str) -> str:
     """``text`` with every control character shown escaped::
 
-        >>> printable("250 ok\\x1b[2J\\x07")
-        '250 ok\\\\x1b[2J\\\\x07'
+    >>> printable("250 ok\\x1b[2J\\x07")
+    '250 ok\\\\x1b[2J\\\\x07'
     """
     if text.isprintable():
         return text

@@ -2,8 +2,9 @@
 STARTTLS, AUTH, then any number of mail transactions, then QUIT.
 
 Owns the client's policy over the state machine: which steps to take and in what
-order, when to pipeline, which extension a message needs, and how each step's
-failure is classified. The bytes and the rules of the exchange stay in
+order, when to pipeline, which extension a message needs, how each step's
+failure is classified, and (:class:`AuthCache`) not asking a relay again for
+credentials it refused. The bytes and the rules of the exchange stay in
 :mod:`asmtp.protocol`; the network stays in :mod:`asmtp.transport`.
 
 The policy is written as generators of :mod:`asmtp.steps` (``greet``, ``_transaction``,
@@ -15,11 +16,14 @@ callback, or step by step over anyio streams. The async methods (:meth:`Session.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 import socket
 import ssl
 import sys
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,14 +43,16 @@ from .errors import (
     TLSUnavailableError,
 )
 from .message import PreparedMessage
-from .protocol import ClientProtocol, State
+from .protocol import AUTH_CONTINUE, SUCCESS_CODES, ClientProtocol, State
 from .reply import Reply
-from .results import RecipientResult, TLSState, result_from_error
+from .results import RecipientResult, Status, TLSState, result_from_error
+from .sanitize import printable
 from .sasl import Mechanism, choose_mechanism, make_mechanism
 from .steps import Await, Command, Receive, Send, Steps
 from .transport_anyio import AnyConnection, loop_clock, open_best
 
 __all__ = [
+    "AuthCache",
     "Endpoint",
     "Extras",
     "Session",
@@ -60,6 +66,18 @@ logger = logging.getLogger("asmtp")
 _default_context: ssl.SSLContext | None = None
 _fqdn: str | None = None
 _session_ids = 0  # numbers sessions in the transcript, so interleaved ones can be told apart
+
+# Each command's success replies, from the one table in asmtp.protocol.
+_GREETING_OK = SUCCESS_CODES["greeting"]
+_EHLO_OK = SUCCESS_CODES["ehlo"]
+_STARTTLS_OK = SUCCESS_CODES["starttls"]
+_AUTH_OK = SUCCESS_CODES["auth"]
+_MAIL_OK = SUCCESS_CODES["mail"]
+_RCPT_OK = SUCCESS_CODES["rcpt"]
+_DATA_OK = SUCCESS_CODES["data"]
+_MESSAGE_OK = SUCCESS_CODES["message"]
+_RSET_OK = SUCCESS_CODES["rset"]
+_NOOP_OK = SUCCESS_CODES["noop"]
 
 
 def default_ssl_context() -> ssl.SSLContext:
@@ -110,6 +128,129 @@ def tls_state_of(context: ssl.SSLContext) -> TLSState:
     return "verified" if verified else "unverified"
 
 
+_NOT_AGAIN = " (not tried again this run: the relay refused these credentials)"
+
+
+class AuthCache:
+    """What the relay said of an endpoint's credentials in this run: one cache per
+    :class:`Endpoint`, so shared by the sessions of one ``sendmail``/``send`` call or
+    one :class:`~asmtp.Mailer` (Postfix's SASL auth cache is the model). Accounts get
+    locked for repeated failed logins; a run must not knock once per session and retry.
+
+    * Until an AUTH has succeeded in the run, one session at a time sends AUTH and the
+      others wait for its verdict: a wrong password costs one attempt, not one per
+      session. Once one has succeeded, sessions authenticate side by side.
+    * A 5xx to AUTH (``535 5.7.8``) is the relay's verdict on the credentials: every
+      later session of the run fails at once with the same result, sending no AUTH
+      (a new session does not even connect), and :class:`~asmtp.Retry` does not retry
+      it. A 4xx (``454 4.7.0``) says nothing of the credentials: a transient failure,
+      backed off and retried like any other.
+    * A password function (an OAuth token source): a refused token is never sent again
+      in the run; the session that got the refusal asks the function once more and
+      tries a different token once on the same connection (RFC 4954 4 allows a new
+      AUTH after a failure). Two different tokens refused with no success between end
+      AUTH for the run, so a function whose tokens the relay refuses cannot knock for
+      ever. Tokens are kept only as SHA-256 digests.
+
+    The run is the cache's lifetime: a new ``sendmail`` call or a new ``Mailer`` asks
+    the relay again.
+    """
+
+    __slots__ = ("_event", "_last", "_probing", "_strikes", "_tokens", "_verdict", "proven")
+
+    def __init__(self) -> None:
+        #: an AUTH succeeded in this run (since the last refusal)
+        self.proven = False
+        self._probing = False  # a session's AUTH is in flight and the others wait for it
+        self._event: anyio.Event | None = None  # set when that AUTH ends
+        self._verdict: tuple[int, str, str | None] | None = None  # the run's refusal
+        self._last: tuple[int, str, str | None] | None = None  # the latest refusal
+        self._tokens: deque[bytes] | None = None  # digests of refused tokens, made on need
+        self._strikes = 0  # different tokens refused since the last success
+
+    def refusal(self) -> AuthenticationError | None:
+        """The error every session of the run now fails with, if the relay refused
+        the credentials for good."""
+        return None if self._verdict is None else _auth_refused(*self._verdict)
+
+    def turn(self, patience: float) -> Steps[bool]:
+        """Wait while another session's AUTH is in flight and none has succeeded yet
+        (at most ``patience`` seconds: then go ahead regardless). True when this
+        session's AUTH is the one the others wait for: it must call :meth:`end`."""
+        until = time.monotonic() + patience
+        while True:
+            refused = self.refusal()
+            if refused is not None:
+                raise refused
+            if self.proven:
+                return False
+            if not self._probing:
+                self._probing = True
+                return True
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            yield Await(functools.partial(self._wait, left))
+
+    async def _wait(self, seconds: float) -> None:
+        if not self._probing:
+            return  # ended between the check and this task's turn
+        if self._event is None:
+            self._event = anyio.Event()  # made here: anyio needs a task to make one
+        with anyio.move_on_after(seconds):
+            await self._event.wait()
+
+    def end(self) -> None:
+        """The AUTH the others waited for is over (whatever its outcome)."""
+        self._probing = False
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+
+    def accept(self) -> None:
+        self.proven = True
+        self._strikes = 0
+
+    def refuse(self, error: AuthenticationError, token: bytes | None) -> AuthenticationError:
+        """Record a 5xx to AUTH (``token``: the digest of a password function's token,
+        None for a fixed password) and return the error for the session that got it."""
+        self.proven = False
+        self._last = (error.code, error.text, error.enhanced_status)
+        if token is None:
+            self._verdict = self._last
+        else:
+            if self._tokens is None:
+                self._tokens = deque(maxlen=4)
+            if token not in self._tokens:
+                self._tokens.append(token)
+                self._strikes += 1
+            if self._strikes >= 2:
+                self._verdict = self._last
+        return _auth_refused(*self._last)
+
+    @property
+    def final(self) -> bool:
+        """The relay refused for good: no session of the run sends AUTH again."""
+        return self._verdict is not None
+
+    def token_refused(self, token: bytes) -> AuthenticationError | None:
+        """The error when a password function's ``token`` was refused before."""
+        if self._last is None or self._tokens is None or token not in self._tokens:
+            return None
+        return _auth_refused(*self._last)
+
+
+def _auth_refused(code: int, text: str, enhanced: str | None) -> AuthenticationError:
+    error = AuthenticationError(code, text, enhanced_status=enhanced)
+    error.message += _NOT_AGAIN
+    error.args = (error.message,)
+    return error
+
+
+def _token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """Where and how a session connects: a relay, or one MX host. Built once per
@@ -126,6 +267,8 @@ class Endpoint:
     auth_mechanism: str | None = None
     allow_plaintext_auth: bool = False
     source_address: str | None = None
+    #: the relay's verdict on the credentials, shared by every session to this endpoint
+    auth_cache: AuthCache = field(default_factory=AuthCache, repr=False, compare=False)
 
     @classmethod
     async def for_relay(cls, relay: Relay, *, helo: str | None = None) -> Endpoint:
@@ -211,7 +354,8 @@ class Session:
             tag = f"{endpoint.host} #{_session_ids}"
 
             def trace(line: str) -> None:
-                logger.debug("%s %s", tag, line)
+                # Server text may hold ESC, BEL or CR: never let it reach a terminal raw.
+                logger.debug("%s %s", tag, printable(line))
 
         self.proto = ClientProtocol(trace=trace, tls=False)
 
@@ -263,7 +407,7 @@ class Session:
         ep = self.endpoint
         self.stage = "greeting"
         greeting: Reply = yield Receive(None, same_step=True)
-        if greeting.code != 220:
+        if greeting.code not in _GREETING_OK:
             raise reply_error(greeting, "greeting")
         yield from self._ehlo()
         if ep.tls in ("starttls", "opportunistic") and not self.proto.tls:
@@ -288,7 +432,7 @@ class Session:
                 )
             return
         reply: Reply = yield Command(self.proto.starttls(), self.timeouts.command)
-        if reply.code != 220:
+        if reply.code not in _STARTTLS_OK:
             # Offered but refused: even opportunistic TLS does not carry on in the clear
             # (plaintext only when STARTTLS is not offered); the next host may do better.
             raise reply_error(reply, "starttls")
@@ -313,12 +457,45 @@ class Session:
                 stage="auth",
             )
         name = choose_mechanism(self.proto.capabilities.auth, ep.auth_mechanism)
+        cache = ep.auth_cache
+        timeout = self.timeouts.command
+        first = yield from cache.turn(2 * timeout if timeout else 120.0)
+        try:
+            yield from self._login(name, cache)
+        finally:
+            if first:
+                cache.end()
+
+    def _login(self, name: str, cache: AuthCache) -> Steps[None]:
+        """AUTH, with what :class:`AuthCache` allows: a password function gets one
+        fresh token after a refusal, a refused token is never sent again."""
+        ep = self.endpoint
         assert ep.username is not None
-        password = ep.password
-        if password is not None and not isinstance(password, str):
-            password = yield Await(functools.partial(resolve_password, password))
-        mech = make_mechanism(name, ep.username, password or "")
-        yield from authenticate(self.proto, name, mech, self.timeouts.command)
+        function = ep.password is not None and not isinstance(ep.password, str)
+        refused: AuthenticationError | None = None
+        for _ in range(2 if function else 1):
+            password = ep.password if isinstance(ep.password, str) else ""
+            token = None
+            if function:
+                password = yield Await(functools.partial(resolve_password, ep.password))
+                token = _token_digest(password)
+                again = cache.token_refused(token)
+                if again is not None:
+                    raise again
+            mech = make_mechanism(name, ep.username, password)
+            try:
+                yield from authenticate(self.proto, name, mech, self.timeouts.command)
+            except AuthenticationError as exc:
+                if exc.code < 500:
+                    raise  # 454 4.7.0 and kin: transient, the credentials not judged
+                refused = cache.refuse(exc, token)
+                if cache.final or self.proto.closed:
+                    raise refused from None
+                continue
+            cache.accept()
+            return
+        assert refused is not None
+        raise refused
 
     # -- transactions -------------------------------------------------------------
 
@@ -401,7 +578,7 @@ class Session:
         if self._needs_rset:
             self.stage = "mail"
             reply: Reply = yield Command(proto.rset(), command)
-            if reply.code != 250:
+            if reply.code not in _RSET_OK:
                 raise reply_error(reply, "mail")
             self._needs_rset = False
         refused: dict[str, Reply] = {}
@@ -422,18 +599,18 @@ class Session:
                 reply = yield Receive(command)
                 if proto.closed:
                     raise reply_error(reply, "rcpt")
-                if reply.code >= 400:
+                if reply.code not in _RCPT_OK:
                     refused[rcpt] = reply
             self.stage = "data"
             data_reply: Reply = yield Receive(command)
-            if mail_reply.code >= 400:
-                self._needs_rset = data_reply.code == 354
-                if data_reply.code == 354:
+            if mail_reply.code not in _MAIL_OK:
+                self._needs_rset = data_reply.code in _DATA_OK
+                if self._needs_rset:
                     yield from self._empty_message()
                 raise reply_error(mail_reply, "mail")
         else:
             mail_reply = yield Command(proto.mail(sender, params, smtputf8=utf8), command)
-            if mail_reply.code >= 400:
+            if mail_reply.code not in _MAIL_OK:
                 raise reply_error(mail_reply, "mail")
             self.stage = "rcpt"
             for rcpt in recipients:
@@ -441,7 +618,7 @@ class Session:
                 reply = yield Command(proto.rcpt(rcpt, rcpt_params), command)
                 if proto.closed:
                     raise reply_error(reply, "rcpt")
-                if reply.code >= 400:
+                if reply.code not in _RCPT_OK:
                     refused[rcpt] = reply
             if len(refused) == len(recipients):
                 self._needs_rset = True
@@ -451,16 +628,23 @@ class Session:
         if len(refused) == len(recipients):
             # RFC 2920 3.1: no recipient, so a 354 gets an empty message.
             self._needs_rset = True
-            if data_reply.code == 354:
+            if data_reply.code in _DATA_OK:
                 yield from self._empty_message()
             return refused, _NO_DATA
-        if data_reply.code != 354:
+        if data_reply.code not in _DATA_OK:
             self._needs_rset = not proto.closed
             raise reply_error(data_reply, "data")
         self.stage = "message"
         if extras.before_dot is not None:
             accepted = [r for r in recipients if r not in refused]
-            yield Await(functools.partial(extras.before_dot, accepted))
+            try:
+                yield Await(functools.partial(extras.before_dot, accepted))
+            except BaseException:
+                # The server waits for content that will not come (the journal could
+                # not record the dot): only closing ends DATA without a message, and
+                # the session must never be lent again in that state.
+                self.abort()
+                raise
         # The session's last transaction: QUIT rides along with the content, unless
         # some recipients await a new transaction (452 too many recipients).
         then_quit = (
@@ -469,7 +653,7 @@ class Session:
             and not any(r.code == 452 for r in refused.values())
         )
         # Drained: lost while the kernel would not take more means the dot never left.
-        yield Send(proto.message(message.data, then_quit=then_quit), timeouts.data_block, True)
+        yield Send(proto.message(message.parts, then_quit=then_quit), timeouts.data_block, True)
         self.dot_sent = True
         try:
             final: Reply = yield Receive(timeouts.data_end)
@@ -484,7 +668,7 @@ class Session:
                 ) from exc
             raise
         self.dot_sent = False
-        if final.code >= 400 and proto.closed:
+        if final.code not in _MESSAGE_OK and proto.closed:
             raise reply_error(final, "message")
         return refused, final
 
@@ -582,14 +766,14 @@ class Session:
         """NOOP: check the server is still there (a 421 or a closed connection raises)."""
         conn = self._live("noop")
         reply = await conn.run(exchange(self.proto.noop(), self.timeouts.command))
-        if reply.code != 250:
+        if reply.code not in _NOOP_OK:
             raise reply_error(reply, "noop")
 
     async def reset(self) -> None:
         """RSET: check a reused session is alive and clear any transaction state."""
         conn = self._live("rset")
         reply = await conn.run(exchange(self.proto.rset(), self.timeouts.command))
-        if reply.code != 250:
+        if reply.code not in _RSET_OK:
             raise reply_error(reply, "rset")
         self._needs_rset = False
 
@@ -644,11 +828,11 @@ def exchange(command: bytes, timeout: float | None) -> Steps[Reply]:
 def hello(proto: ClientProtocol, name: str, timeout: float | None) -> Steps[None]:
     """EHLO, and HELO for a server that does not know EHLO (RFC 5321 3.2)."""
     reply: Reply = yield Command(proto.ehlo(name), timeout)
-    if reply.code == 250:
+    if reply.code in _EHLO_OK:
         return
     if reply.code >= 500 and not proto.closed:
         reply = yield Command(proto.helo(name), timeout)
-        if reply.code == 250:
+        if reply.code in SUCCESS_CODES["helo"]:
             return
     raise reply_error(reply, "ehlo")
 
@@ -659,10 +843,10 @@ def authenticate(
     """AUTH with ``mech`` (RFC 4954): the command, an answer to each 334 challenge,
     and :class:`~asmtp.errors.AuthenticationError` unless the end is 235."""
     reply: Reply = yield Command(proto.auth(name, mech.initial()), timeout)
-    while reply.code == 334:
+    while reply.code == AUTH_CONTINUE:
         challenge = reply.lines[0] if reply.lines else ""
         reply = yield Command(proto.auth_response(mech.respond(challenge)), timeout)
-    if reply.code != 235:
+    if reply.code not in _AUTH_OK:
         raise AuthenticationError(reply.code, reply.message, enhanced_status=reply.enhanced_status)
 
 
@@ -671,14 +855,18 @@ def _result_of(
 ) -> RecipientResult:
     code = reply.code
     enhanced, text = reply.status_and_message()
-    if code < 400:
+    status: Status
+    if stage == "message" and code in _MESSAGE_OK:
         status = "delivered"
-    else:
+    elif code >= 400:
         status = "permanent" if code >= 500 else "transient"
         text = str(reply_error(reply, stage))
+    else:  # the protocol lets no other reply through; never count one as delivered
+        status = "unknown" if stage == "message" else "transient"
+        text = f"{stage} answered {reply}"
     return RecipientResult(
         recipient=rcpt,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         code=code,
         enhanced_status=enhanced,
         message=text,

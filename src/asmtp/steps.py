@@ -14,6 +14,12 @@ the policy can handle it where it happened.
         if greeting.code != 220:
             raise ...
         return (yield Command(proto.ehlo("client.example"), 30.0))
+
+What a step writes is :data:`Data`: bytes, or pieces written in order as if joined (the
+message content and a pipelined QUIT), so that no step copies a message to add a
+command to it. A driver writes at most :data:`WRITE_BLOCK` octets at a time and the
+next block only once the kernel has taken the one before, so however many sessions
+send one message at once, each holds views of the same bytes, not copies of them.
 """
 
 from __future__ import annotations
@@ -21,9 +27,20 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, NamedTuple, TypeVar
 
-__all__ = ["Await", "Command", "Receive", "Send", "Step", "Steps"]
+__all__ = ["WRITE_BLOCK", "Await", "Command", "Data", "Receive", "Send", "Step", "Steps"]
 
 T = TypeVar("T")
+
+Data = bytes | tuple[bytes | memoryview, ...]
+"""What a step writes: bytes, or pieces written one after the other without waiting
+for a reply in between (RFC 2920 pipelining) and without being joined into a copy."""
+
+WRITE_BLOCK = 65536
+"""The most a driver hands its transport at once. Data up to this size is written in
+one piece (a small message and its pipelined QUIT: one write, one system call); larger
+data goes in blocks, each written once the kernel has taken the one before, so what
+a slow reader leaves queued per session is at most about one block, and each block's
+progress restarts the step's timeout (RFC 5321 4.5.3.2: a timeout per data block)."""
 
 
 class Command(NamedTuple):
@@ -31,7 +48,7 @@ class Command(NamedTuple):
     :class:`~asmtp.reply.Reply`), both within one new step of ``timeout`` seconds
     (None: no limit)."""
 
-    data: bytes
+    data: Data
     timeout: float | None
 
 
@@ -45,11 +62,12 @@ class Receive(NamedTuple):
 
 
 class Send(NamedTuple):
-    """Write ``data`` within a new step of ``timeout`` seconds; with ``drain``, also
-    wait until the kernel has taken all of it (so "sent" means handed to the network,
-    as the end-of-data dot needs). Sent back: None."""
+    """Write ``data`` within a new step of ``timeout`` seconds (restarted by each block
+    of :data:`WRITE_BLOCK` octets the kernel takes); with ``drain``, also wait until
+    the kernel has taken all of it (so "sent" means handed to the network, as the
+    end-of-data dot needs; over TLS, all of its encrypted bytes). Sent back: None."""
 
-    data: bytes
+    data: Data
     timeout: float | None
     drain: bool = False
 

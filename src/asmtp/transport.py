@@ -8,6 +8,12 @@ flow control, STARTTLS through ``loop.start_tls``, the per-step timeout (one tim
 connection, re-armed lazily, never one per step), and the one place where OS, SSL
 and asyncio exceptions become :mod:`asmtp.errors`.
 
+Writing keeps memory bounded: data up to :data:`~asmtp.steps.WRITE_BLOCK` goes to the
+transport at once; larger data (a big message) stays views of the caller's bytes in a
+queue of this connection, handed over a block at a time whenever the kernel has taken
+everything before it. A transport copies only what the kernel did not take, so a
+session holds at most about one block of copies, whatever the message's size.
+
 A session's steps (:mod:`asmtp.steps`) run from the read callback: each reply is
 parsed in ``buffer_updated`` and the next command written there and then, so a whole
 session wakes its task only when it ends or asks for something awaited.
@@ -20,6 +26,7 @@ import contextlib
 import socket
 import ssl
 import threading
+from collections import deque
 from collections.abc import Iterator
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -33,13 +40,16 @@ from .errors import (
 )
 from .protocol import ClientProtocol
 from .reply import NEED_DATA, Reply
-from .steps import Await, Command, Receive, Send, Steps
+from .steps import WRITE_BLOCK, Await, Command, Data, Receive, Send, Steps
 
 __all__ = ["Connection", "open_connection"]
 
 T = TypeVar("T")
 
 _READ_BUFFER = 16384  # replies are small
+# Over TLS, how soon to ask again whether the socket's transport has handed the last
+# encrypted bytes to the kernel (doubling each time, up to the second figure).
+_POLL_FIRST, _POLL_MOST = 0.001, 0.1
 _per_thread = threading.local()
 
 
@@ -81,6 +91,9 @@ class Connection(asyncio.BufferedProtocol):
         "_lost",
         "_lost_exc",
         "_paused",
+        "_poll",
+        "_queue",
+        "_raw",
         "_steps",
         "_task",
         "_timed_out",
@@ -109,6 +122,9 @@ class Connection(asyncio.BufferedProtocol):
         self._loop = loop or asyncio.get_running_loop()
         self._view = _read_buffer()
         self._transport: asyncio.Transport | None = None
+        self._raw: asyncio.Transport | None = None  # the TCP transport under TLS
+        self._queue: deque[memoryview] = deque()  # what waits for the kernel to take more
+        self._poll: asyncio.TimerHandle | None = None  # see _unsent
         self._waiter: asyncio.Future[Any] | None = None
         self._lost = False
         self._lost_exc: BaseException | None = None
@@ -131,11 +147,13 @@ class Connection(asyncio.BufferedProtocol):
         self._transport = cast(asyncio.Transport, transport)
         self._exact_flow_control()
 
-    def _exact_flow_control(self) -> None:
+    def _exact_flow_control(self, *, tls: bool = False) -> None:
         # Pause as soon as anything stays queued and resume only once all of it went
         # to the kernel, so drain() tells when the end-of-data dot has really left.
+        # A socket's transport pauses above `high`; the TLS layer at `high` and above
+        # (at 0 it would pause with nothing queued and flip at every call).
         assert self._transport is not None
-        self._transport.set_write_buffer_limits(high=0, low=0)
+        self._transport.set_write_buffer_limits(high=1 if tls else 0, low=0)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view
@@ -159,6 +177,7 @@ class Connection(asyncio.BufferedProtocol):
             self._lost = True
             self._lost_exc = exc
             self.proto.receive_data(b"")
+        self._drop_queue()
         self._wake()
         for waiter in (self._drain_waiter, self._close_waiter):
             if waiter is not None and not waiter.done():
@@ -170,6 +189,16 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._queue:
+            # The kernel took all that was handed over: progress, so the step's timeout
+            # starts again (a timeout per data block, RFC 5321 4.5.3.2); the next blocks go.
+            self.step(self._timeout)
+            self._feed()
+        if (self._wants == _DRAIN or self._drain_waiter is not None) and not self._unsent():
+            self._sent()
+
+    def _sent(self) -> None:
+        """All that was written has gone to the kernel: whoever waits for that learns it."""
         if self._wants == _DRAIN:
             self._wants = _IDLE
             self._advance(None, None)
@@ -177,6 +206,31 @@ class Connection(asyncio.BufferedProtocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _unsent(self) -> bool:
+        """Is anything written not yet taken by the kernel? Over TLS the TLS layer says
+        when it has handed everything to the socket's transport, but nothing says when
+        that one has passed it on: then ask it again shortly (only while the kernel
+        lags, as when a server reads slowly)."""
+        if self._paused or self._queue:
+            return True
+        raw = self._raw
+        if raw is None or not raw.get_write_buffer_size():
+            return False
+        if self._poll is None:
+            self._poll = self._loop.call_later(_POLL_FIRST, self._on_poll, _POLL_FIRST)
+        return True
+
+    def _on_poll(self, delay: float) -> None:
+        self._poll = None
+        if self._lost or (self._wants != _DRAIN and self._drain_waiter is None):
+            return
+        raw = self._raw
+        if raw is not None and raw.get_write_buffer_size():
+            delay = min(2 * delay, _POLL_MOST)
+            self._poll = self._loop.call_later(delay, self._on_poll, delay)
+        elif not self._paused and not self._queue:
+            self._sent()
 
     def _wake(self) -> None:
         """The stream ended: whatever waits learns it."""
@@ -223,9 +277,10 @@ class Connection(asyncio.BufferedProtocol):
         waiter = self._waiter or self._drain_waiter
         if self._wants != _IDLE:
             self._timed_out = True
+            error = self._timeout_error()
             self._wants = _IDLE
             self.abort()
-            self._advance(None, self._timeout_error())
+            self._advance(None, error)
             return
         if self._task is not None:
             self._timed_out = True
@@ -239,9 +294,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def _timeout_error(self) -> SMTPTimeoutError:
         stage = self.proto.awaiting or "connect"
-        return SMTPTimeoutError(
-            f"timed out after {self._timeout:g} s awaiting the {stage} reply", stage=stage
-        )
+        if self._wants == _DRAIN or self._drain_waiter is not None:
+            doing = "sending (the server stopped reading)"
+        else:
+            doing = f"awaiting the {stage} reply"
+        return SMTPTimeoutError(f"timed out after {self._timeout:g} s {doing}", stage=stage)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -331,7 +388,7 @@ class Connection(asyncio.BufferedProtocol):
                 elif isinstance(step, Send):
                     self.step(step.timeout)
                     self.write(step.data)
-                    if step.drain and (self._paused or self._lost):
+                    if step.drain and (self._lost or self._unsent()):
                         if self._lost:
                             raise self._lost_while_sending()
                         self._wants = _DRAIN
@@ -386,17 +443,56 @@ class Connection(asyncio.BufferedProtocol):
             finally:
                 self._waiter = None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Data) -> None:
+        """Write ``data`` (pieces: in order, as if joined). Up to WRITE_BLOCK octets
+        go to the transport at once; more is queued as views and handed over a block
+        at a time as the kernel takes it (see :meth:`drain`)."""
         transport = self._transport
         if transport is None or self._lost or transport.is_closing():
             raise ConnectionLostError(
                 "the connection is closed", stage=self.proto.awaiting or "connect"
             )
-        transport.write(data)
+        queue = self._queue
+        if isinstance(data, bytes):
+            if len(data) <= WRITE_BLOCK and not queue:
+                transport.write(data)  # a command, a small message: as it comes
+                return
+            queue.append(memoryview(data))
+        elif sum(map(len, data)) <= WRITE_BLOCK and not queue:
+            # A small message and its pipelined QUIT: one write (one system call).
+            transport.write(b"".join(data))
+            return
+        else:
+            queue.extend(map(memoryview, data))
+        self._feed()
+
+    def _feed(self) -> None:
+        """Hand queued blocks to the transport while the kernel takes all of them: the
+        first one it does not take in full pauses writing until it has (resume_writing)."""
+        queue = self._queue
+        transport = self._transport
+        assert transport is not None
+        while queue and not self._paused:
+            if transport.is_closing():  # broken while writing: connection_lost follows
+                self._drop_queue()
+                return
+            piece = queue[0]
+            if len(piece) > WRITE_BLOCK:
+                queue[0] = piece[WRITE_BLOCK:]
+                piece = piece[:WRITE_BLOCK]
+            else:
+                queue.popleft()
+            transport.write(piece)
+
+    def _drop_queue(self) -> None:
+        self._queue.clear()
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
 
     async def drain(self) -> None:
         """Wait until everything written has been handed to the kernel."""
-        while self._paused and not self._lost:
+        while not self._lost and self._unsent():
             waiter = self._drain_waiter = self._loop.create_future()
             try:
                 await waiter
@@ -407,17 +503,20 @@ class Connection(asyncio.BufferedProtocol):
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         """Run the TLS handshake on this connection (after STARTTLS's 220)."""
+        with translate_errors("starttls", self.host), self._cancellable("starttls"):
+            await self._handshake(context, server_hostname)
+        self.proto.tls_started()
+
+    async def _handshake(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        # Implicit TLS comes this way too: the TCP transport under TLS stays known, so
+        # that its write limits are ours and drain() can ask it what it still holds.
         transport = self._transport
         assert transport is not None
-        with translate_errors("starttls", self.host), self._cancellable("starttls"):
-            new = await self._loop.start_tls(
-                transport, self, context, server_hostname=server_hostname
-            )
+        new = await self._loop.start_tls(transport, self, context, server_hostname=server_hostname)
         if new is None:  # pragma: no cover - only when the transport closed meanwhile
             raise ConnectionLostError("connection closed during the TLS handshake")
-        self._transport = new
-        self._exact_flow_control()
-        self.proto.tls_started()
+        self._raw, self._transport = transport, new
+        self._exact_flow_control(tls=True)
 
     @property
     def closed(self) -> bool:
@@ -460,11 +559,13 @@ class Connection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         self._cancel_timer()
+        self._drop_queue()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
     def abort(self) -> None:
         self._cancel_timer()
+        self._drop_queue()
         if self._transport is not None:
             self._transport.abort()
 
@@ -520,14 +621,9 @@ async def open_connection(
     local = (source_address, 0) if source_address else None
     conn._task = asyncio.current_task(loop)  # the timer cancels it on timeout
     try:
-        await loop.create_connection(
-            lambda: conn,
-            address or host,
-            port,
-            ssl=ssl_context,
-            server_hostname=(server_hostname or host) if ssl_context else None,
-            local_addr=local,
-        )
+        await loop.create_connection(lambda: conn, address or host, port, local_addr=local)
+        if ssl_context is not None:
+            await conn._handshake(ssl_context, server_hostname or host)
     except BaseException as exc:
         # Inline rather than the context managers: this runs once per connection.
         conn.abort()

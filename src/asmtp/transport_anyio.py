@@ -21,6 +21,7 @@ import math
 import select
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -37,7 +38,7 @@ from .errors import (
 )
 from .protocol import ClientProtocol
 from .reply import NEED_DATA, Reply
-from .steps import Command, Receive, Send, Steps
+from .steps import WRITE_BLOCK, Command, Data, Receive, Send, Steps
 from .transport import Connection, open_connection, translate_errors
 
 __all__ = [
@@ -62,7 +63,7 @@ class AnyConnection(Protocol):
 
     async def run(self, steps: Steps[T]) -> T: ...
     def step(self, timeout: float | None) -> None: ...
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: Data) -> None: ...
     async def read_reply(self) -> Reply: ...
     async def drain(self) -> None: ...
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None: ...
@@ -87,7 +88,10 @@ class StreamConnection:
     :meth:`write` only queues bytes: they are sent by the next :meth:`read_reply` or
     :meth:`drain`, which a session always awaits after writing (a command is written,
     then its reply read; the message is written, then drained). That keeps ``write``
-    synchronous, as on asyncio, and sends pipelined commands in one piece.
+    synchronous, as on asyncio, and sends pipelined commands in one piece. What is
+    queued stays views of the caller's bytes: up to :data:`~asmtp.steps.WRITE_BLOCK`
+    octets go in one send, more in sends of a block each, so a session holds at most
+    one block of copies (over TLS, one block encrypted) whatever the message's size.
 
     Timeouts are per network step: :meth:`step` sets the deadline for the next command
     and its whole reply, and every wait until then runs under that one deadline, so a
@@ -98,7 +102,8 @@ class StreamConnection:
         self.proto = proto
         self.host = host
         self._stream = stream
-        self._outgoing: list[bytes] = []
+        self._outgoing: deque[bytes | memoryview] = deque()
+        self._queued = 0  # octets in _outgoing
         self._timeout: float | None = None
         self._deadline = math.inf
         self._closed = False  # by us, or after the server closed, reset or timed out
@@ -112,15 +117,16 @@ class StreamConnection:
         self._deadline = math.inf if timeout is None else anyio.current_time() + timeout
 
     @contextlib.contextmanager
-    def _io(self, stage: str, doing: str) -> Iterator[None]:
-        """One wait within the step's deadline; a transport failure or a timeout
-        closes the connection (nothing more can be read or sent in order)."""
+    def _io(self, stage: str, doing: str) -> Iterator[anyio.CancelScope]:
+        """One wait within the step's deadline (the scope's, which sending a block of a
+        large message moves on); a transport failure or a timeout closes the
+        connection (nothing more can be read or sent in order)."""
         try:
             with (
                 translate_stream_errors(stage, self.host, self._timeout, doing),
-                anyio.fail_at(self._deadline),
+                anyio.fail_at(self._deadline) as scope,
             ):
-                yield
+                yield scope
         except TransportError as exc:
             if not isinstance(exc, SMTPTimeoutError) and self._lost_exc is None:
                 self._lost_exc = exc.__cause__ or exc
@@ -164,8 +170,8 @@ class StreamConnection:
         step's deadline."""
         proto = self.proto
         stage = proto.awaiting or "connect"
-        with self._io(stage, f"awaiting the {stage} reply"):
-            await self._send_queued()
+        with self._io(stage, f"awaiting the {stage} reply") as scope:
+            await self._send_queued(scope)
             while (reply := proto.next_reply()) is NEED_DATA:
                 try:
                     data = await self._stream.receive(_READ_SIZE)
@@ -175,33 +181,55 @@ class StreamConnection:
         assert isinstance(reply, Reply)
         return reply
 
-    def write(self, data: bytes) -> None:
-        """Queue ``data`` for the next :meth:`read_reply` or :meth:`drain` to send."""
+    def write(self, data: Data) -> None:
+        """Queue ``data`` (pieces: in order, as if joined) for the next
+        :meth:`read_reply` or :meth:`drain` to send."""
         if self._closed:
             raise ConnectionLostError(
                 "the connection is closed", stage=self.proto.awaiting or "connect"
             )
-        self._outgoing.append(data)
+        if isinstance(data, bytes):
+            self._outgoing.append(data)
+            self._queued += len(data)
+        else:
+            self._outgoing.extend(data)
+            self._queued += sum(map(len, data))
 
     async def drain(self) -> None:
         """Send everything written so far; returns once the kernel has taken it all."""
         stage = self.proto.awaiting or "message"
         if self._closed:
             raise ConnectionLostError("the connection was lost while sending", stage=stage)
-        with self._io(stage, "sending"):
-            await self._send_queued()
+        with self._io(stage, "sending") as scope:
+            await self._send_queued(scope)
 
-    async def _send_queued(self) -> None:
-        if not self._outgoing:
+    async def _send_queued(self, scope: anyio.CancelScope) -> None:
+        outgoing = self._outgoing
+        if self._queued <= WRITE_BLOCK:  # commands, a small message: one send
+            if outgoing:
+                data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+                outgoing.clear()
+                self._queued = 0
+                await self._stream.send(data)  # type: ignore[arg-type]  # bytes-like will do
             return
-        data = self._outgoing[0] if len(self._outgoing) == 1 else b"".join(self._outgoing)
-        self._outgoing.clear()
-        await self._stream.send(data)
+        # A large message: a block per send, each once the kernel took the one before;
+        # each block restarts the step's timeout (RFC 5321 4.5.3.2: per data block).
+        while outgoing:
+            piece = outgoing[0]
+            if len(piece) > WRITE_BLOCK:
+                view = memoryview(piece)
+                outgoing[0], piece = view[WRITE_BLOCK:], view[:WRITE_BLOCK]
+            else:
+                outgoing.popleft()
+            self._queued -= len(piece)
+            await self._stream.send(piece)  # type: ignore[arg-type]  # bytes-like will do
+            self.step(self._timeout)
+            scope.deadline = self._deadline
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         """Run the TLS handshake on this connection (after STARTTLS's 220)."""
-        with self._io("starttls", "during the TLS handshake"):
-            await self._send_queued()
+        with self._io("starttls", "during the TLS handshake") as scope:
+            await self._send_queued(scope)
             # server_side must be explicit: wrap() takes a missing hostname to mean server.
             self._stream = await TLSStream.wrap(
                 self._stream,
@@ -272,6 +300,7 @@ class StreamConnection:
     def abort(self) -> None:
         """Close at once, dropping anything queued."""
         self._outgoing.clear()
+        self._queued = 0
         self._close_socket()
 
     def _close_socket(self) -> None:
