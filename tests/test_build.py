@@ -47,6 +47,7 @@ def test_the_default_wheel_is_pure_python(tmp_path: Path) -> None:
     assert extensions(wheel) == set()
 
 
+@pytest.mark.compiled
 @pytest.mark.timeout(300)
 def test_a_compiled_wheel_runs_the_hot_path_as_extensions(
     tmp_path: Path, smtp_server: MakeServer
