@@ -428,3 +428,14 @@ def test_the_module_examples_hold() -> None:
 
     result = doctest.testmod(asmtp.bench)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_server_text_in_the_error_table_is_shown_as_text(fault_server: MakeFaultServer) -> None:
+    # A reply carrying an escape sequence, a bell and rich markup: escaped and literal,
+    # never interpreted by the terminal or by the table renderer.
+    server = fault_server(mail="reply:451 4.3.0 \x1b[2J[/]later\x07")
+    done = bench(target(server), "--messages", "2", "--concurrency", "1")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+    assert "\\x1b[2J[/]later\\x07" in done.stdout

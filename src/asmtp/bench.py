@@ -77,6 +77,7 @@ from .errors import (
 from .message import PreparedMessage, prepare_message
 from .protocol import SUCCESS_CODES, ClientProtocol, State
 from .reply import Reply
+from .sanitize import printable
 from .sasl import choose_mechanism, make_mechanism
 from .session import authenticate, exchange, hello, reply_error
 from .steps import Await, Command, Receive, Send, Steps
@@ -1303,6 +1304,7 @@ def print_table(summary: dict[str, Any]) -> None:
     """The human form of a run's summary: a headline and rich tables."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     width = None
     if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
@@ -1374,7 +1376,14 @@ def print_table(summary: dict[str, Any]) -> None:
         errs.add_column("example", overflow="fold")
         for stage, entries in summary["errors"].items():
             for key, entry in entries.items():
-                errs.add_row(stage, key, f"{entry['count']:,}", entry["example"])
+                # the server's own words: shown as text (no markup), control characters
+                # escaped, so a reply cannot restyle or repaint the terminal
+                errs.add_row(
+                    stage,
+                    Text(printable(key)),
+                    f"{entry['count']:,}",
+                    Text(printable(entry["example"])),
+                )
         console.print(errs)
 
 
