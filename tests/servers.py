@@ -11,6 +11,9 @@ This module owns:
 * :class:`FaultServer`: a raw asyncio TCP server speaking just enough SMTP to be told,
   per stage, to close, stall, send garbage, a huge line, a trickle, or a given reply.
 * :func:`free_port` and the factory fixtures ``smtp_server`` and ``fault_server``.
+* Waiting for what a server sees: :func:`wait_until` and ``server.wait_idle()`` block
+  (sync tests); :func:`until` and ``await server.idle()`` let the event loop run
+  (async tests, asyncio or trio).
 
 conftest.py imports the fixtures from here (``tests`` is on pytest's ``pythonpath``);
 ``pytest_plugins = ["servers"]`` works as well.
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+import anyio
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
@@ -66,6 +70,7 @@ __all__ = [
     "smtp_server",
     "tls_client_context",
     "tls_server_context",
+    "until",
     "wait_until",
     "write_ca_pem",
 ]
@@ -130,6 +135,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return predicate()
         time.sleep(0.01)
     return True
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """:func:`wait_until` for async tests: polls without blocking the event loop
+    (asyncio or trio), so the client under test keeps running while it waits."""
+    with anyio.move_on_after(timeout):
+        # Polled: the server's own thread changes what the predicate reads, so there
+        # is no event in this loop to wait on.
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+        return True
+    return predicate()
 
 
 # --------------------------------------------------------------------------- TLS material
@@ -645,8 +662,13 @@ class SMTPTestServer:
             self._records.active_sessions = active
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
-        """Wait until no session is open; True if that happened within ``timeout``."""
+        """Wait until no session is open; True if that happened within ``timeout``.
+        Blocks the thread: async tests ``await`` :meth:`idle` instead."""
         return wait_until(lambda: self.active_sessions == 0, timeout)
+
+    async def idle(self, timeout: float = 5.0) -> bool:
+        """:meth:`wait_idle` for async tests, on any event loop: ``assert await server.idle()``."""
+        return await until(lambda: self.active_sessions == 0, timeout)
 
     # ----------------------------------------------------------------- records
 
@@ -934,8 +956,13 @@ class FaultServer:
             return list(self._errors)
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
-        """Wait until no connection is open; True if that happened within ``timeout``."""
+        """Wait until no connection is open; True if that happened within ``timeout``.
+        Blocks the thread: async tests ``await`` :meth:`idle` instead."""
         return wait_until(lambda: self._active == 0, timeout)
+
+    async def idle(self, timeout: float = 5.0) -> bool:
+        """:meth:`wait_idle` for async tests, on any event loop: ``assert await server.idle()``."""
+        return await until(lambda: self._active == 0, timeout)
 
     # ----------------------------------------------------------------- serving
 

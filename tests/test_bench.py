@@ -22,6 +22,7 @@ from asmtp.bench import (
     PERCENTILES,
     LatencyRecorder,
     build_bench_message,
+    numbered,
     parse_rate,
     parse_size,
 )
@@ -439,3 +440,55 @@ def test_server_text_in_the_error_table_is_shown_as_text(fault_server: MakeFault
     assert "Traceback" not in done.stderr
     assert "\x1b" not in done.stdout and "\x07" not in done.stdout
     assert "\\x1b[2J[/]later\\x07" in done.stdout
+
+
+def test_credentials_never_go_in_plaintext_when_starttls_is_not_offered(
+    smtp_server: MakeServer,
+) -> None:
+    # --tls opportunistic on a server without STARTTLS carries on in plaintext; the
+    # session then refuses to send the password there, as every send does (bench's
+    # old copy of the exchange sent AUTH in the clear).
+    server = smtp_server(auth={"bench": "s3cret"}, auth_require_tls=False)
+    code, summary = bench_json(
+        target(server),
+        "--messages",
+        "2",
+        "--concurrency",
+        "1",
+        "--tls",
+        "opportunistic",
+        "--user",
+        "bench",
+        "--password-env",
+        "BENCH_PW",
+        env={"BENCH_PW": "s3cret"},
+    )
+    assert code == 1
+    check_consistent(summary, messages=2)
+    assert list(summary["errors"]) == ["auth"]
+    assert summary["errors"]["auth"]["AuthUnavailableError"]["count"] == 2
+    assert "AUTH" not in [verb for verb, _ in server.commands]
+    assert server.messages == []
+
+
+def test_each_message_numbered_without_copying_the_message() -> None:
+    number = numbered(build_bench_message(100_000, "bench@example.test", "example.test"))
+    first, second = number(1), number(2)
+    assert first.size == second.size == 100_000
+    assert b".000000000001@" in first.data and b".000000000002@" in second.data
+    # the headers before the number and the rest are the same bytes, shared
+    assert first.parts[0] is second.parts[0] and first.parts[2] is second.parts[2]
+    assert [len(p) for p in first.parts][1] == 12
+
+
+def test_a_failed_stage_adds_no_latency_sample(fault_server: MakeFaultServer) -> None:
+    # Every MAIL refused on a kept session: the envelope never succeeded, so it has
+    # no latency, however the session goes on (RSET, the next MAIL, QUIT).
+    server = fault_server(mail="reply:451 4.3.0 try later")
+    code, summary = bench_json(target(server), "--messages", "3", "--concurrency", "1", "--reuse")
+    assert code == 1
+    check_consistent(summary, messages=3)
+    assert summary["errors"]["mail"]["451"]["count"] == 3
+    latency = summary["latency_ms"]
+    assert latency["envelope"]["count"] == latency["message"]["count"] == 0
+    assert latency["ehlo"]["count"] == latency["quit"]["count"] == 1

@@ -7,6 +7,8 @@ setuptools come with the test extra), so nothing is downloaded.
 
 from __future__ import annotations
 
+import email
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -41,10 +43,27 @@ def extensions(wheel: Path) -> set[str]:
     return {n.split("/")[-1].split(".")[0] for n in names}
 
 
-def test_the_default_wheel_is_pure_python(tmp_path: Path) -> None:
-    wheel = build_wheel(tmp_path, compile=False)
-    assert wheel.name.endswith("-py3-none-any.whl")
-    assert extensions(wheel) == set()
+@pytest.fixture(scope="module")
+def default_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("dist"), compile=False)
+
+
+def test_the_default_wheel_is_pure_python(default_wheel: Path) -> None:
+    assert default_wheel.name.endswith("-py3-none-any.whl")
+    assert extensions(default_wheel) == set()
+
+
+def test_the_wheel_declares_what_the_installed_package_does(default_wheel: Path) -> None:
+    """tests/test_dependencies.py reads the installed metadata; the wheel, what pip
+    installs from a fresh checkout, declares the same requirements and pytest plugin."""
+    with zipfile.ZipFile(default_wheel) as zf:
+        info = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        metadata = email.message_from_bytes(zf.read(info))
+        entry_points = zf.read(info.replace("METADATA", "entry_points.txt")).decode()
+    assert sorted(metadata.get_all("Requires-Dist") or []) == sorted(
+        importlib.metadata.requires("asmtp") or []
+    )
+    assert "[pytest11]\nasmtp = asmtp._pytest_plugin\n" in entry_points
 
 
 @pytest.mark.compiled

@@ -1,11 +1,11 @@
 """Direct delivery (relay=None / asmtp.config.Direct), end to end: a real authoritative
 DNS server on loopback (tests/dnsserver.py) names mail exchangers at 127.0.0.2,
 127.0.0.3, ... and real SMTP servers (aiosmtpd, or the byte-level fault server) listen
-there, all on one port. Also the pure decisions of asmtp.direct, without sockets."""
+there, all on one port. Also the pure decisions of asmtp.direct, without sockets.
+The integration tests run on asyncio and on trio (the ``anyio`` mark; see conftest.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import ssl
 from collections import Counter
@@ -28,8 +28,11 @@ from servers import (
     client_ssl_context,
     free_port,
     server_ssl_context,
-    wait_until,
+    until,
 )
+
+pytestmark = pytest.mark.anyio
+
 
 MakeServer = Callable[..., SMTPTestServer]
 MakeFault = Callable[..., FaultServer]
@@ -420,9 +423,9 @@ async def tls_closed(*servers: SMTPTestServer) -> None:
     it is closed a few loop turns later. Once every server has seen its sessions end,
     the client's side has its answer too; a few more turns let it act on it.
     """
-    await anyio.to_thread.run_sync(wait_until, lambda: not any(s.active_sessions for s in servers))
+    await until(lambda: not any(s.active_sessions for s in servers))
     for _ in range(10):
-        await asyncio.sleep(0.01)
+        await anyio.sleep(0.01)
 
 
 async def test_opportunistic_tls_verified(
@@ -551,7 +554,7 @@ async def test_deadline_while_waiting_for_the_domain_cap(
     async with anyio.create_task_group() as tg:
         tg.start_soon(one, "first@example.test", 1.5)
         # the first holds the domain's one session before the second asks for it
-        assert await anyio.to_thread.run_sync(wait_until, lambda: server.connections == 1)
+        assert await until(lambda: server.connections == 1)
         tg.start_soon(one, "second@example.test", 1.0)
     first, second = results["first@example.test"], results["second@example.test"]
     assert (first.status, first.stage, len(first.tried)) == ("transient", "greeting", 1)

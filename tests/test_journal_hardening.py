@@ -2,7 +2,8 @@
 real processes), a run's identity checked on resume, files that are not journals never
 written to, torn lines cut (a real journal cut at every byte offset), write failures
 (a real file size limit) stopping the run cleanly, hostile contents refused, and resume
-reading a large journal in bounded memory."""
+reading a large journal in bounded memory. The tests of the Mailer and the Journal run
+on asyncio and on trio (the ``anyio`` mark; see conftest.py)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from asmtp.errors import (
 )
 from asmtp.journal import MAX_LINE, Journal, JournalEntry, JournalIdentity, read_journal
 from servers import SMTPTestServer
+
+pytestmark = pytest.mark.anyio
 
 MakeServer = Callable[..., SMTPTestServer]
 TIMEOUT = 60
@@ -104,6 +107,12 @@ def newsletter(subject: str = "news") -> EmailMessage:
 
 def received(server: SMTPTestServer) -> Counter[str]:
     assert server.wait_idle()
+    return Counter(r for m in server.messages for r in m.rcpt_tos)
+
+
+async def received_async(server: SMTPTestServer) -> Counter[str]:
+    """:func:`received` for async tests: waits without blocking the event loop."""
+    assert await server.idle()
     return Counter(r for m in server.messages for r in m.rcpt_tos)
 
 
@@ -189,7 +198,7 @@ async def test_two_mailers_in_one_process(smtp_server: MakeServer, tmp_path: Pat
     async with asmtp.Mailer(relay_to(server), journal=journal, resume=True, campaign="c") as again:
         await again.send(newsletter(), recipients=["a@example.org"])
         assert again.skipped == 1
-    assert received(server) == {"a@example.org": 1}
+    assert await received_async(server) == {"a@example.org": 1}
 
 
 # ----------------------------------------------------------------------- identity
@@ -283,7 +292,11 @@ async def test_the_mailer_takes_its_identity_from_the_first_job(
         "the message differs (subject, body, headers or attachments changed)",
     )
     assert journal.read_bytes() == before
-    assert received(server) == {"a@example.org": 1, "b@example.org": 1, "c@example.org": 1}
+    assert await received_async(server) == {
+        "a@example.org": 1,
+        "b@example.org": 1,
+        "c@example.org": 1,
+    }
 
 
 NOT_JOURNALS = [
@@ -439,7 +452,7 @@ async def test_a_real_journal_cut_at_every_byte(smtp_server: MakeServer, tmp_pat
             report = await mailer.send(newsletter(), recipients=rcpts)
         known = expected_decisions(prefix)
         again = {r for r in rcpts if json.dumps(r) not in known and not r.startswith("bad")}
-        assert set(received(server)) == again, offset
+        assert set(await received_async(server)) == again, offset
         for r in report:
             if known.get(json.dumps(r.recipient)) == "unknown":
                 assert r.status == "unknown", (offset, r)
@@ -450,7 +463,7 @@ async def test_a_real_journal_cut_at_every_byte(smtp_server: MakeServer, tmp_pat
             relay_to(server), journal=cut, resume=True, campaign="cut", retry=None
         ) as mailer:
             await mailer.send(newsletter(), recipients=rcpts)
-        assert received(server) == dict.fromkeys(again, 1), offset
+        assert await received_async(server) == dict.fromkeys(again, 1), offset
 
 
 # ----------------------------------------------------------------------- write failures

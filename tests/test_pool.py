@@ -1,19 +1,78 @@
 """Pooled sessions for web backends: reuse counted on the server side, dead sessions
-replaced, limits honoured, concurrent sends kept apart."""
+replaced, limits honoured, concurrent sends kept apart. Sessions age on a clock the
+test moves (:class:`Clock`), never by sleeping; what the pool does with a session is
+:func:`asmtp.pool.verdict`, tested here without sockets too.
+
+The integration tests run on asyncio and on trio (the ``anyio`` mark; see conftest.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from email.message import EmailMessage
 
 import anyio
+import pytest
+import sniffio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import asmtp
+from asmtp.message import prepare_message
+from asmtp.pool import SessionPool, Usage, Verdict, verdict
+from asmtp.session import Endpoint
 from servers import FaultServer, SMTPTestServer, free_port
+
+pytestmark = pytest.mark.anyio
 
 MakeServer = Callable[..., SMTPTestServer]
 MakeFault = Callable[..., FaultServer]
+
+
+class Clock:
+    """A clock the test moves by hand: pooled sessions age only when it is told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@contextlib.asynccontextmanager
+async def session_pool(
+    server: SMTPTestServer, limits: asmtp.Pool, clock: Clock, *, reap_every: float = 0.01
+) -> AsyncIterator[SessionPool]:
+    """A pool to ``server`` on ``clock``, its reaper looking every ``reap_every`` seconds."""
+    endpoint = await Endpoint.for_relay(asmtp.Relay(server.host, server.port, tls="none"))
+    pool = SessionPool(endpoint, asmtp.Timeouts.of(5.0), limits, clock=clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pool.reap, reap_every)
+        try:
+            yield pool
+        finally:
+            await pool.aclose()
+            tg.cancel_scope.cancel()
+
+
+async def send_pooled(pool: SessionPool, n: int) -> None:
+    """One send on a session borrowed from ``pool`` and given back, as the Mailer sends."""
+    pooled = await pool.acquire()
+    [result] = await pooled.session.deliver(
+        "app@example.com", [f"user{n}@example.org"], prepare_message(note(n))
+    )
+    await pool.release(pooled)
+    assert result.ok, result
+
+
+async def test_each_backend_runs_the_test_on_its_own_loop(anyio_backend: str) -> None:
+    # pytest-asyncio's auto mode would run every coroutine test on asyncio (conftest.py)
+    assert sniffio.current_async_library() == anyio_backend
 
 
 def note(n: int) -> EmailMessage:
@@ -66,23 +125,23 @@ async def test_message_cap_opens_a_new_session(smtp_server: MakeServer) -> None:
 
 async def test_age_cap_opens_a_new_session(smtp_server: MakeServer) -> None:
     server = smtp_server()
-    relay = asmtp.Relay(server.host, server.port, tls="none")
-    async with asmtp.Mailer(relay, pool=asmtp.Pool(max_age=0.3)) as mailer:
+    clock = Clock()
+    async with session_pool(server, asmtp.Pool(max_age=60), clock) as pool:
         for n in range(3):
-            assert (await mailer.send(note(n))).ok
-            await anyio.sleep(0.4)
+            await send_pooled(pool, n)
+            clock.advance(61)
     assert server.sessions_opened == 3
 
 
 async def test_idle_sessions_are_closed(smtp_server: MakeServer) -> None:
     server = smtp_server()
-    relay = asmtp.Relay(server.host, server.port, tls="none")
-    async with asmtp.Mailer(relay, pool=asmtp.Pool(idle_timeout=0.3)) as mailer:
-        assert (await mailer.send(note(1))).ok
+    clock = Clock()
+    async with session_pool(server, asmtp.Pool(idle_timeout=60), clock) as pool:
+        await send_pooled(pool, 1)
         assert server.active_sessions == 1
-        await anyio.sleep(1.0)
-        assert server.wait_idle(timeout=5)
-        assert (await mailer.send(note(2))).ok
+        clock.advance(61)
+        assert await server.idle()  # the reaper, in this loop, closes it meanwhile
+        await send_pooled(pool, 2)
     assert server.sessions_opened == 2
 
 
@@ -101,11 +160,11 @@ async def test_a_server_that_dropped_the_session_is_survived(smtp_server: MakeSe
 
 async def test_checked_before_reuse_after_idling(smtp_server: MakeServer) -> None:
     server = smtp_server()
-    relay = asmtp.Relay(server.host, server.port, tls="none")
-    async with asmtp.Mailer(relay, pool=asmtp.Pool(check_after=0.1)) as mailer:
-        assert (await mailer.send(note(1))).ok
-        await anyio.sleep(0.2)
-        assert (await mailer.send(note(2))).ok
+    clock = Clock()
+    async with session_pool(server, asmtp.Pool(check_after=10), clock) as pool:
+        await send_pooled(pool, 1)
+        clock.advance(11)
+        await send_pooled(pool, 2)
     assert server.sessions_opened == 1
     assert [verb for verb, _ in server.commands].count("RSET") == 1
 
@@ -119,7 +178,7 @@ async def test_recipient_deadline_applies_to_pooled_sends(fault_server: MakeFaul
         [r] = await mailer.send(note(1))
         assert (r.status, r.stage) == ("transient", "rcpt")
         assert "deadline" in r.message
-    assert server.wait_idle(timeout=5)  # the cut-short session was not kept
+    assert await server.idle()  # the cut-short session was not kept
 
 
 async def test_a_session_whose_pre_dot_hook_fails_is_never_lent_again(
@@ -145,3 +204,45 @@ async def test_a_session_whose_pre_dot_hook_fails_is_never_lent_again(
     assert result.status == "transient" and "No space left" in result.message
     assert not session.is_open
     assert server.messages == []
+
+
+# --------------------------------------------------------------------------- verdict
+
+LIMITS = asmtp.Pool(max_messages=3, max_age=60, idle_timeout=30, check_after=1)
+
+
+@pytest.mark.parametrize(
+    ("usage", "now", "expected"),
+    [
+        (Usage(created=0, last_used=0), 0, "reuse"),
+        (Usage(created=0, last_used=0, messages=2), 0.5, "reuse"),
+        (Usage(created=0, last_used=0), 1, "check"),  # idle check_after: RSET first
+        (Usage(created=0, last_used=10), 39.9, "check"),
+        (Usage(created=0, last_used=10), 40, "retire"),  # idle idle_timeout
+        (Usage(created=0, last_used=59.5), 60, "retire"),  # lived max_age, however busy
+        (Usage(created=0, last_used=5, messages=3), 5, "retire"),  # served max_messages
+    ],
+)
+def test_verdict(usage: Usage, now: float, expected: Verdict) -> None:
+    assert verdict(usage, LIMITS, now) == expected
+
+
+def test_check_after_zero_checks_every_reuse() -> None:
+    assert verdict(Usage(created=0, last_used=0), asmtp.Pool(check_after=0), 0) == "check"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    created=st.floats(0, 100),
+    idle_since=st.floats(0, 100),
+    messages=st.integers(0, 5),
+    now=st.floats(0, 200),
+    later=st.floats(0, 200),
+)
+def test_time_only_ever_worsens_the_verdict(
+    created: float, idle_since: float, messages: int, now: float, later: float
+) -> None:
+    usage = Usage(created=created, last_used=created + idle_since, messages=messages)
+    now = max(now, usage.last_used)
+    rank = {"reuse": 0, "check": 1, "retire": 2}
+    assert rank[verdict(usage, LIMITS, now + later)] >= rank[verdict(usage, LIMITS, now)]

@@ -35,4 +35,4 @@ def test_ci_runs_the_readme_test_command() -> None:
     command = "pip install -e '.[test]' && pytest"
     assert command in README
     assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "pip install . && asmtp demo" in README
+    assert "pip install '.[cli]' && asmtp demo" in README

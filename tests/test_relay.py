@@ -532,7 +532,7 @@ async def test_cancel_closes_sessions_and_raises(fault_server: MakeFault) -> Non
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert server.wait_idle(timeout=5)
+    assert await server.idle(timeout=5)
 
 
 async def test_bad_input_refused_before_any_connection(smtp_server: MakeServer) -> None:

@@ -471,3 +471,12 @@ def test_dns_server_specs(spec: str, expected: tuple[str, int]) -> None:
 def test_bad_timeout() -> None:
     with pytest.raises(InputError):
         MXResolver(["127.0.0.1"], timeout=0)
+
+
+def test_one_process_resolves_on_asyncio_then_trio(server: DNSServer) -> None:
+    # dnspython picks its default async backend once per process; asmtp asks the running
+    # loop on each query, so a trio lookup after an asyncio one does not fail.
+    for backend in ("asyncio", "trio", "asyncio"):
+        lookup = MXResolver([server.spec], timeout=2.0).resolve
+        hosts = anyio.run(lookup, "example.test", backend=backend)
+        assert [h.name for h in hosts] == [f"mx{n}.example.test" for n in (1, 2, 3)]

@@ -151,3 +151,74 @@ def test_a_refused_greeting_ends_the_session_before_ehlo() -> None:
     with pytest.raises(ReplyError) as caught:
         run(s, s.greet(), [b"554 5.7.1 no service for you\r\n"])
     assert (caught.value.code, caught.value.stage) == (554, "greeting")
+
+
+def observed() -> tuple[Session, list[tuple[str, float]]]:
+    """A session whose observer notes each stage, on a clock that ticks once a call."""
+    ticks = iter(range(1, 1000))
+    seen: list[tuple[str, float]] = []
+    endpoint = Endpoint(host="mx.example.org", port=25, helo="client.example.com", tls="none")
+    s = Session(
+        endpoint,
+        Timeouts(),
+        on_stage=lambda stage, at: seen.append((stage, at)),
+        clock=lambda: float(next(ticks)),
+    )
+    return s, seen
+
+
+def test_an_observer_sees_each_stage_begin_and_the_session_go_idle() -> None:
+    s, seen = observed()
+    run(s, s.greet(), [b"220 mx.example.org ESMTP\r\n", EHLO_PIPELINING])
+    assert seen == [("ehlo", 1.0), ("idle", 2.0)]
+    seen.clear()
+    (refused, final), _ = run(
+        s,
+        s.transaction_steps("a@example.com", ["b@example.org"], MESSAGE),
+        [b"250 ok\r\n250 ok\r\n354 go ahead\r\n", b"250 queued\r\n"],
+    )
+    assert (refused, final.code) == ({}, 250)
+    assert [stage for stage, _ in seen] == ["mail", "rcpt", "data", "message", "idle"]
+    seen.clear()
+    reply, writes = run(s, s.quit_steps(), [b"221 bye\r\n"])
+    assert reply is not None and reply.code == 221 and writes == [b"QUIT\r\n"]
+    assert [stage for stage, _ in seen] == ["quit", "idle"]
+
+
+def test_a_failed_stage_is_not_followed_by_idle() -> None:
+    s, seen = observed()
+    with pytest.raises(ReplyError):
+        run(s, s.greet(), [b"220 mx.example.org ESMTP\r\n", b"421 4.3.2 busy\r\n"])
+    assert seen == [("ehlo", 1.0)]
+    s, seen = observed()
+    run(s, s.greet(), [b"220 mx.example.org ESMTP\r\n", EHLO_PIPELINING])
+    seen.clear()
+    with pytest.raises(ReplyError):
+        run(
+            s,
+            s.transaction_steps("a@example.com", ["b@example.org"], MESSAGE),
+            [b"451 4.3.0 later\r\n250 ok\r\n503 5.5.1 no\r\n"],
+        )
+    assert [stage for stage, _ in seen] == ["mail", "rcpt", "data"]
+
+
+def test_without_an_observer_no_clock_is_read() -> None:
+    def clock() -> float:
+        raise AssertionError("the clock was read")
+
+    s = Session(session().endpoint, Timeouts(), clock=clock)
+    results: dict[str, RecipientResult] = {}
+    steps = s.one_shot(
+        "a@example.com", ["b@example.org"], MESSAGE, results, started=0.0, clock=lambda: 0.0
+    )
+    run(
+        s,
+        steps,
+        [
+            b"220 mx.example.org ESMTP\r\n",
+            EHLO_PIPELINING,
+            b"250 ok\r\n250 ok\r\n354 go ahead\r\n",
+            b"250 queued\r\n221 bye\r\n",
+        ],
+    )
+    assert results["b@example.org"].status == "delivered"

@@ -184,3 +184,56 @@ async def test_a_bug_in_the_steps_reaches_the_task_at_once(smtp_server: MakeServ
             await conn.run(a_bug_after_the_greeting(proto))
     finally:
         conn.abort()
+
+
+@contextlib.asynccontextmanager
+async def speaks_while_not_reading() -> AsyncIterator[tuple[str, int]]:
+    """Like :func:`stops_reading_after_354`, but the server first says it is shutting
+    down (a 421, RFC 5321 3.8) while the client is still writing the message."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stall.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-stall.test\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+        await asyncio.sleep(0.3)  # the client's writes fill the socket buffers meanwhile
+        writer.write(b"421 4.3.2 shutting down\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield "127.0.0.1", server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_a_reply_while_the_message_is_still_being_written_waits_its_turn() -> None:
+    # Bytes that arrive while a drained write waits for the kernel are the next
+    # reply's: the steps go on writing (here until the reset), nothing is woken early.
+    body = "x" * 998 + "\r\n"
+    message = asmtp.build_message(
+        from_="s@example.com", to="a@example.org", subject="big", body=body * 16_000
+    )
+    async with speaks_while_not_reading() as (host, port):
+        report = await asmtp.send(
+            message,
+            sender="s@example.com",
+            recipients=["a@example.org"],
+            relay=asmtp.Relay(host, port, tls="none", helo="client.asmtp.test"),
+            timeout=10,
+        )
+    [result] = report
+    assert (result.status, result.stage) == ("transient", "message"), result
+    # the connection's loss, not an internal error from a step woken with nothing
+    assert "lost" in result.message or "reset" in result.message, result.message

@@ -1,10 +1,11 @@
 """``asmtp bench``: a load generator for load-testing your own SMTP server.
 
-Owns the benchmark: its options, the workers that drive the sans-IO
-:class:`~asmtp.protocol.ClientProtocol` over :class:`~asmtp.transport.Connection`
-directly (so every stage is time-stamped exactly where its reply arrives), the latency
-statistics, and the report as a table, one JSON object or (through
-:mod:`asmtp.bench_report`) a self-contained HTML file.
+Owns the benchmark: its options, the workers, the latency statistics, and the report
+as a table, one JSON object or (through :mod:`asmtp.bench_report`) a self-contained
+HTML file. The workers speak SMTP through :class:`~asmtp.session.Session`'s own steps,
+the ones every send takes (set-up, transaction, QUIT: the same policy, not a copy of
+it), and time each stage through the session's ``on_stage`` observer, called in the
+read callback as each reply is parsed.
 
 Two ways to load a server:
 
@@ -58,7 +59,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import formatdate
@@ -67,30 +68,17 @@ from typing import Any, TypeVar
 
 from . import __version__
 from .argtypes import positive_float, positive_int
-from .config import TLS_MODES, TLSMode
-from .errors import (
-    InputError,
-    ReplyError,
-    SMTPError,
-    TLSUnavailableError,
-)
+from .config import TLS_MODES, Timeouts, TLSMode
+from .errors import InputError, MessageRejectedError, ReplyError, SMTPError
 from .message import PreparedMessage, prepare_message
-from .protocol import SUCCESS_CODES, ClientProtocol, State
-from .reply import Reply
+from .protocol import SUCCESS_CODES, State
 from .sanitize import printable
-from .sasl import choose_mechanism, make_mechanism
-from .session import authenticate, exchange, hello, reply_error
-from .steps import Await, Command, Receive, Send, Steps
-from .transport import Connection, open_connection
+from .session import Endpoint, Session, reply_error
+from .steps import Steps
 
-# Each command's success replies, from the one table the session uses too.
-_GREETING_OK = SUCCESS_CODES["greeting"]
-_STARTTLS_OK = SUCCESS_CODES["starttls"]
-_MAIL_OK = SUCCESS_CODES["mail"]
-_RCPT_OK = SUCCESS_CODES["rcpt"]
-_DATA_OK = SUCCESS_CODES["data"]
+# The replies the session's steps return rather than raise, judged here as the session
+# judges them (from the one table in asmtp.protocol).
 _MESSAGE_OK = SUCCESS_CODES["message"]
-_RSET_OK = SUCCESS_CODES["rset"]
 _QUIT_OK = SUCCESS_CODES["quit"]
 
 __all__ = [
@@ -412,14 +400,27 @@ def build_bench_message(size: int, sender: str, to_domain: str) -> PreparedMessa
     return prepared
 
 
-def numbered(data: bytes, at: int, number: int) -> bytes:
-    """``data`` with the Message-ID number field at ``at`` set to ``number``.
+def numbered(message: PreparedMessage) -> Callable[[int], PreparedMessage]:
+    """The message :func:`build_bench_message` made, numbered: a function of the
+    number giving the same message with that number in its Message-ID. The content
+    is split once around the number, so each numbered copy is three parts (the
+    headers before the number, the number, the rest) sharing the same bytes: no
+    message is serialized or copied again.
 
-    >>> m = build_bench_message(600, "a@example.test", "example.test").data
-    >>> b".000000000042@" in numbered(m, m.index(b".000000000000@") + 1, 42)
-    True
+    >>> number = numbered(build_bench_message(600, "a@example.test", "example.test"))
+    >>> copy = number(42)
+    >>> b".000000000042@" in copy.data, copy.size, len(copy.parts)
+    (True, 600, 3)
     """
-    return b"%s%012d%s" % (data[:at], number % 10**12, data[at + len(_NUMBER) :])
+    data = message.data
+    at = data.index(b"." + _NUMBER + b"@") + 1
+    head, tail, size = data[:at], data[at + len(_NUMBER) :], message.size
+
+    def copy(number: int) -> PreparedMessage:
+        part = b"%012d" % (number % 10**12)
+        return PreparedMessage(data=(head, part, tail), size=size, eight_bit=False, smtputf8=False)
+
+    return copy
 
 
 # ----------------------------------------------------------------------- the run
@@ -431,36 +432,88 @@ class _Error:
     example: str = ""
 
 
+# Which stage's latency a stage's time adds to, and (_WITHIN) the stages that belong to
+# the one before them: the second EHLO is part of STARTTLS, RCPT and DATA of the envelope.
+_LATENCY_OF = {
+    "connect": "connect",
+    "greeting": "greeting",
+    "ehlo": "ehlo",
+    "starttls": "starttls",
+    "auth": "auth",
+    "mail": "envelope",
+    "message": "message",
+    "quit": "quit",
+}
+_WITHIN = {"starttls": ("ehlo",), "mail": ("rcpt", "data")}
+
+
+class _Watch:
+    """One worker's stage times, from its sessions' ``on_stage`` calls
+    (:class:`~asmtp.session.Session`). A stage's time is recorded when the next one
+    begins (it succeeded: the session went on); the stage that ends at ``"idle"`` is
+    left in ``ended``/``took`` for the worker, which records it once it knows the
+    outcome (a 5xx after the dot also ends the message stage)."""
+
+    __slots__ = ("ended", "recorders", "since", "stage", "took")
+
+    def __init__(self, recorders: dict[str, LatencyRecorder]) -> None:
+        self.recorders = recorders
+        self.stage = "idle"
+        self.since = 0.0  # when it began
+        self.ended = ""
+        self.took = 0.0
+
+    def __call__(self, stage: str, at: float) -> None:
+        current = self.stage
+        if stage in _WITHIN.get(current, ()):
+            return
+        took = at - self.since
+        self.stage, self.since = stage, at
+        if stage == "idle":
+            self.ended, self.took = current, took
+        elif current != "idle":
+            self.recorders[_LATENCY_OF[current]].add(took)
+
+    def forget(self) -> None:
+        """The stage under way failed: it is not recorded (whatever begins next)."""
+        self.stage = "idle"
+
+    def record_ended(self) -> None:
+        """Record the stage that ended at the last ``"idle"``."""
+        self.recorders[_LATENCY_OF[self.ended]].add(self.took)
+
+
 class _Slot:
-    """One worker's state: its open session (kept with --reuse) and the stage it is in."""
+    """One worker's state: its open session (kept with --reuse) and its stage times."""
 
-    __slots__ = ("conn", "done_at", "mail_params", "proto", "ready", "since", "stage")
+    __slots__ = ("done_at", "ready", "session", "watch")
 
-    def __init__(self) -> None:
-        self.conn: Connection | None = None
-        self.proto: ClientProtocol | None = None
-        self.stage = "connect"
-        self.mail_params: tuple[str, ...] = ()
+    def __init__(self, watch: _Watch) -> None:
+        self.session: Session | None = None
+        self.watch = watch
         self.ready = False  # greeting, EHLO, STARTTLS and AUTH done
-        self.since = 0.0  # when the connection was made
         self.done_at = 0.0  # when the message's final reply came
 
-    def close(self) -> None:
+    def stage_of(self, error: SMTPError | None) -> str:
+        """The stage a failure is counted under: the error's (else the session's),
+        except that the TLS handshake and the EHLO after it count as STARTTLS's."""
+        if self.watch.stage == "starttls":
+            return "starttls"
+        if error is not None and error.stage:
+            return error.stage
+        return self.session.stage if self.session is not None else "connect"
+
+    async def close(self) -> None:
         """End the session (after QUIT)."""
-        if self.conn is not None:
-            self.conn.close()
-        self._forget()
+        session, self.session, self.ready = self.session, None, False
+        if session is not None:
+            await session.close()
 
     def drop(self) -> None:
         """End the session at once, without QUIT."""
-        if self.conn is not None:
-            self.conn.abort()
-        self._forget()
-
-    def _forget(self) -> None:
-        self.conn = None
-        self.proto = None
-        self.ready = False
+        session, self.session, self.ready = self.session, None, False
+        if session is not None:
+            session.abort()
 
 
 @dataclass(slots=True)
@@ -487,8 +540,19 @@ class _Run:
         self.config = config
         self.address = address
         self.message = message
-        self.number_at = message.data.index(b"." + _NUMBER + b"@") + 1
-        self.ssl_context = config.ssl_context()
+        self.numbered = numbered(message)
+        self.endpoint = Endpoint(
+            host=config.host,
+            port=config.port,
+            helo=config.helo,
+            tls=config.tls,
+            ssl_context=config.ssl_context(),
+            addresses=(address,),
+            username=config.username,
+            password=config.password,
+            allow_plaintext_auth=config.allow_plaintext_auth,
+        )
+        self.timeouts = Timeouts.uniform(config.timeout)
         self.recorders = {stage: LatencyRecorder() for stage in STAGES}
         self.errors: dict[str, dict[str, _Error]] = {}
         self.quit_errors: dict[str, int] = {}
@@ -566,7 +630,7 @@ class _Run:
     # -- the workers ----------------------------------------------------------------
 
     async def worker(self) -> None:
-        slot = _Slot()
+        slot = _Slot(_Watch(self.recorders))
         try:
             while (claim := self._claim()) is not None:
                 index, scheduled = claim
@@ -577,259 +641,118 @@ class _Run:
                     t_start = scheduled
                     self.recorders["queue"].add(max(0.0, _now() - scheduled))
                 await self._send_one(slot, index, t_start)
-            if slot.conn is not None:
+            if slot.session is not None:
                 await self._quit(slot)
         finally:
             slot.drop()
 
     async def _send_one(self, slot: _Slot, index: int, t_start: float) -> None:
         """One message: connect and set up if no session is open, the transaction and,
-        without --reuse, QUIT, all as one run of steps (each stage timed as its reply
-        is parsed, in the connection's read callback)."""
+        without --reuse, QUIT, all as one run of the session's steps (each stage timed
+        by the session's observer as its reply is parsed, in the read callback)."""
         self.sent += 1
         try:
-            if slot.conn is None:
+            if slot.session is None:
                 await self._connect(slot)
-            assert slot.conn is not None
-            await slot.conn.run(self._message_steps(slot, index))
+            assert slot.session is not None
+            await slot.session.run(self._message_steps(slot, slot.session, index))
         except SMTPError as exc:
             key = str(exc.code) if isinstance(exc, ReplyError) else type(exc).__name__
-            self._done_failed(slot.stage, key, str(exc))
-            if slot.proto is None or slot.proto.closed or not isinstance(exc, ReplyError):
+            self._done_failed(slot.stage_of(exc), key, str(exc))
+            slot.watch.forget()
+            session = slot.session
+            kept = isinstance(exc, ReplyError | MessageRejectedError)
+            if session is None or session.proto.closed or not kept:
                 slot.drop()
             elif not slot.ready:
                 await self._quit(slot)  # never reuse a session that failed to set up
             elif self.config.reuse:
-                await self._rset(slot)
+                await self._rset(slot, session)
             else:
                 await self._quit(slot)
         except asyncio.CancelledError:
             # stopped from outside: the grace after --duration is over, or Ctrl-C
-            self._done_failed(slot.stage, UNFINISHED, "still running when the run was stopped")
+            self._done_failed(
+                slot.stage_of(None), UNFINISHED, "still running when the run was stopped"
+            )
             raise
         else:
             self._done_ok(t_start, slot.done_at)
-            if not self.config.reuse or slot.proto is None or slot.proto.closed:
-                slot.close()  # QUIT said (or tried), or the server ended the session
-
-    def _message_steps(self, slot: _Slot, index: int) -> Steps[None]:
-        if not slot.ready:
-            yield from self._set_up(slot)
-        yield from self._transaction(slot, index)
-        slot.done_at = _now()
-        if not self.config.reuse:
-            yield from self._quit_steps(slot)
+            if not self.config.reuse or slot.session is None or slot.session.proto.closed:
+                await slot.close()  # QUIT said (or tried), or the server ended the session
 
     async def _connect(self, slot: _Slot) -> None:
-        config = self.config
-        implicit = config.tls == "implicit"
-        proto = ClientProtocol(tls=implicit)
         self.sessions_attempted += 1
-        slot.stage = "connect"
-        slot.proto = proto
         slot.ready = False
-        t0 = _now()
-        slot.conn = await open_connection(
-            proto,
-            config.host,
-            config.port,
-            address=self.address,
-            ssl_context=self.ssl_context if implicit else None,
-            server_hostname=config.host,
-            timeout=config.timeout,
+        session = slot.session = Session(
+            self.endpoint, self.timeouts, on_stage=slot.watch, clock=_now
         )
-        slot.since = _now()
-        self.recorders["connect"].add(slot.since - t0)
+        await session.open()
 
-    def _set_up(self, slot: _Slot) -> Steps[None]:
-        """Greeting, EHLO, STARTTLS and AUTH as configured; each stage timed."""
-        config = self.config
-        rec = self.recorders
-        proto = slot.proto
-        assert proto is not None
-        t1 = slot.since
-        slot.stage = "greeting"
-        reply: Reply = yield Receive(config.timeout, same_step=True)
-        if reply.code not in _GREETING_OK:
-            raise reply_error(reply, "greeting")
-        t2 = _now()
-        rec["greeting"].add(t2 - t1)
-
-        slot.stage = "ehlo"
-        yield from hello(proto, self.config.helo, self.config.timeout)
-        t3 = _now()
-        rec["ehlo"].add(t3 - t2)
-
-        if config.tls in ("starttls", "opportunistic"):
-            slot.stage = "starttls"
-            if (yield from self._starttls(slot, proto)):
-                t4 = _now()
-                rec["starttls"].add(t4 - t3)
-                t3 = t4
-        if config.username is not None:
-            slot.stage = "auth"
-            yield from self._auth(proto)
-            rec["auth"].add(_now() - t3)
-
-        caps = proto.capabilities
-        slot.mail_params = (f"SIZE={self.message.size}",) if "SIZE" in caps else ()
-        slot.ready = True
-        self.sessions_ready += 1
-
-    def _starttls(self, slot: _Slot, proto: ClientProtocol) -> Steps[bool]:
-        """STARTTLS, the handshake and EHLO again; False when opportunistic TLS
-        carries on in plaintext (STARTTLS not offered)."""
-        mode = self.config.tls
-        if not proto.capabilities.starttls:
-            if mode == "starttls":
-                raise TLSUnavailableError(
-                    f"{self.config.host} does not offer STARTTLS", stage="starttls"
-                )
-            return False
-        reply: Reply = yield Command(proto.starttls(), self.config.timeout)
-        if reply.code not in _STARTTLS_OK:
-            # Offered but refused: as the session does, even opportunistic TLS does not
-            # carry on in the clear (plaintext only when STARTTLS is not offered).
-            raise reply_error(reply, "starttls")
-        conn, context = slot.conn, self.ssl_context
-        assert conn is not None and context is not None
-
-        async def handshake() -> None:
-            conn.step(self.config.timeout)
-            await conn.start_tls(context, self.config.host)
-
-        yield Await(handshake)
-        yield from hello(proto, self.config.helo, self.config.timeout)
-        return True
-
-    def _auth(self, proto: ClientProtocol) -> Steps[None]:
-        config = self.config
-        assert config.username is not None and config.password is not None
-        name = choose_mechanism(proto.capabilities.auth, None)
-        mech = make_mechanism(name, config.username, config.password)
-        yield from authenticate(proto, name, mech, config.timeout)
-
-    def _transaction(self, slot: _Slot, index: int) -> Steps[None]:
-        """MAIL, the RCPTs and DATA (pipelined when offered), then the content."""
-        proto = slot.proto
-        assert proto is not None
-        config = self.config
-        timeout = config.timeout
-        per = config.recipients_per_message
-        domain = config.to_domain
+    def _message_steps(self, slot: _Slot, session: Session, index: int) -> Steps[None]:
+        """The session's own steps: the set-up when the session is new, the
+        transaction, and QUIT without --reuse."""
+        if not slot.ready:
+            yield from session.greet()
+            slot.watch.record_ended()
+            slot.ready = True
+            self.sessions_ready += 1
+        per = self.config.recipients_per_message
         first = index * per + 1
-        recipients = [f"rcpt-{n}@{domain}" for n in range(first, first + per)]
-        rec = self.recorders
-        refused: list[Reply] = []
-
-        slot.stage = "mail"
-        t0 = _now()
-        if proto.capabilities.pipelining:
-            # RFC 2920: MAIL, every RCPT and DATA in one write; then each reply in turn.
-            out = proto.mail(config.sender, slot.mail_params)
-            out += b"".join([proto.rcpt(r) for r in recipients])
-            out += proto.data()
-            mail_reply: Reply = yield Command(out, timeout)
-            if proto.closed:
-                raise reply_error(mail_reply, "mail")
-            slot.stage = "rcpt"
-            for _ in recipients:
-                reply: Reply = yield Receive(timeout)
-                if proto.closed:
-                    raise reply_error(reply, "rcpt")
-                if reply.code not in _RCPT_OK:
-                    refused.append(reply)
-            slot.stage = "data"
-            data_reply: Reply = yield Receive(timeout)
-        else:
-            mail_reply = yield Command(proto.mail(config.sender, slot.mail_params), timeout)
-            if mail_reply.code not in _MAIL_OK:
-                slot.stage = "mail"
-                raise reply_error(mail_reply, "mail")
-            slot.stage = "rcpt"
-            for rcpt in recipients:
-                reply = yield Command(proto.rcpt(rcpt), timeout)
-                if proto.closed:
-                    raise reply_error(reply, "rcpt")
-                if reply.code not in _RCPT_OK:
-                    refused.append(reply)
-            if len(refused) == per:
-                self._count_recipients(refused, per)
-                raise reply_error(refused[0], "rcpt")
-            slot.stage = "data"
-            data_reply = yield Command(proto.data(), timeout)
-        mail_ok = mail_reply.code in _MAIL_OK
-        if mail_ok:  # after a refused MAIL, RCPT replies say nothing
-            self._count_recipients(refused, per)
-        if not mail_ok or len(refused) == per:
-            if data_reply.code in _DATA_OK:
-                # RFC 2920 3.1: DATA was accepted with nobody to deliver to; send an
-                # empty message so the session stays in step.
-                yield Command(proto.message(b"\r\n.\r\n"), timeout)
-            if not mail_ok:
-                slot.stage = "mail"
-                raise reply_error(mail_reply, "mail")
-            slot.stage = "rcpt"
-            raise reply_error(refused[0], "rcpt")
-        if data_reply.code not in _DATA_OK:
-            raise reply_error(data_reply, "data")
-        t1 = _now()
-        rec["envelope"].add(t1 - t0)
-
-        slot.stage = "message"
-        content = numbered(self.message.data, self.number_at, index + 1)
-        yield Send(proto.message(content), timeout, drain=True)
-        reply = yield Receive(timeout)
-        if reply.code not in _MESSAGE_OK:
-            raise reply_error(reply, "message")
-        rec["message"].add(_now() - t1)
-
-    def _count_recipients(self, refused: list[Reply], per: int) -> None:
+        recipients = [f"rcpt-{n}@{self.config.to_domain}" for n in range(first, first + per)]
+        refused, final = yield from session.transaction_steps(
+            self.config.sender, recipients, self.numbered(index + 1)
+        )
         self.accepted += per - len(refused)
-        for reply in refused:
+        for reply in refused.values():
             key = str(reply.code)
             self.refused[key] = self.refused.get(key, 0) + 1
+        if len(refused) == per:
+            raise reply_error(next(iter(refused.values())), "rcpt")
+        if final.code not in _MESSAGE_OK:
+            raise reply_error(final, "message")
+        slot.watch.record_ended()
+        slot.done_at = slot.watch.since
+        if not self.config.reuse:
+            yield from self._quit_steps(slot, session)
 
-    async def _rset(self, slot: _Slot) -> None:
+    async def _rset(self, slot: _Slot, session: Session) -> None:
         """After a failed transaction on a session kept for more (--reuse): RSET, or
         give the session up."""
-        conn, proto = slot.conn, slot.proto
-        assert conn is not None and proto is not None
+        proto = session.proto
         try:
             if proto.state in (State.READY, State.MAIL) and proto.awaiting is None:
-                reply = await conn.run(exchange(proto.rset(), self.config.timeout))
-                if reply.code in _RSET_OK:
-                    return
+                await session.reset()
+                return
         except SMTPError:
             pass
         slot.drop()
 
-    def _quit_steps(self, slot: _Slot) -> Steps[None]:
+    def _quit_steps(self, slot: _Slot, session: Session) -> Steps[None]:
         """QUIT, timed; a failure is counted apart (the message was already sent)."""
-        proto = slot.proto
-        assert proto is not None
-        if proto.closed or proto.awaiting is not None:
-            return
         try:
-            t0 = _now()
-            reply: Reply = yield Command(proto.quit(), self.config.timeout)
+            reply = yield from session.quit_steps()
         except SMTPError as exc:
             key = type(exc).__name__
             self.quit_errors[key] = self.quit_errors.get(key, 0) + 1
+            slot.watch.forget()
+            return
+        if reply is None:
             return
         if reply.code in _QUIT_OK:
-            self.recorders["quit"].add(_now() - t0)
+            slot.watch.record_ended()
         else:
             key = str(reply.code)
             self.quit_errors[key] = self.quit_errors.get(key, 0) + 1
 
     async def _quit(self, slot: _Slot) -> None:
-        conn = slot.conn
-        assert conn is not None
+        session = slot.session
+        assert session is not None
         try:
-            await conn.run(self._quit_steps(slot))
+            if session.is_open:
+                await session.run(self._quit_steps(slot, session))
         finally:
-            slot.close()
+            await slot.close()
 
     # -- the whole run --------------------------------------------------------------
 

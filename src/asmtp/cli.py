@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import html
+import importlib
 import json
 import os
 import re
@@ -1619,11 +1620,39 @@ def _output() -> Iterator[IO[str]]:
 # ----------------------------------------------------------------------- main
 
 
+#: what each command imports beyond asmtp's own dependencies: the ``cli`` extra
+#: (``asmtp mx`` prints plain text and needs neither)
+_EXTRA_MODULES = {
+    "send": ("rich.console",),
+    "bench": ("rich.console",),
+    "demo": ("rich.console", "aiosmtpd.smtp"),
+}
+
+
+def _missing_extra(command: str) -> str | None:
+    """The first package ``command`` needs that cannot be imported, checked before
+    anything is sent (a summary that fails after the sends would hide the results)."""
+    for module in _EXTRA_MODULES.get(command, ()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return module.partition(".")[0]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``asmtp`` with ``argv`` (default: the process's); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"send": _cmd_send, "mx": _cmd_mx, "demo": _cmd_demo, "bench": main_bench}
+    missing = _missing_extra(args.command)
+    if missing is not None:
+        print(
+            f"asmtp: error: asmtp {args.command} needs {missing}, which the cli extra"
+            " installs: pip install 'asmtp[cli]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         return commands[args.command](args)
     except InputError as exc:

@@ -1,7 +1,8 @@
 """``asmtp demo``: a local SMTP server on loopback (no outside network) that keeps every
 message it receives as a ``.eml`` file, for trying asmtp out.
 
-It is the test outbox (:class:`asmtp.testing.Outbox`) with a folder behind it. The
+It is the test outbox (:class:`asmtp.testing.Outbox`) with a folder behind it, so it
+needs aiosmtpd, which the ``cli`` extra installs (``pip install 'asmtp[cli]'``). The
 folder is checked when the server is made: one that cannot be made or written to is an
 :class:`~asmtp.errors.InputError`, before anything is sent.
 """

@@ -11,6 +11,10 @@ endings, dot-stuffing, the terminating ``.``, and the flags a session needs for
 Line endings: a bare CR and a bare LF each count as one line break, as a CRLF does.
 They all leave as CRLF, so no server can be made to see a different end of data than
 asmtp meant (SMTP smuggling).
+
+Memory: a large message is written, normalized and dot-stuffed a block of lines at a
+time and kept as those blocks (:attr:`PreparedMessage.parts`), never joined; preparing
+it takes about its own size and a few blocks more.
 """
 
 from __future__ import annotations
@@ -24,15 +28,17 @@ import os
 import quopri
 import re
 import stat
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from email import policy as email_policy
+from email.generator import BytesGenerator
 from email.header import Header, decode_header
 from email.headerregistry import Address, AddressHeader
 from email.message import EmailMessage, Message
 from email.utils import format_datetime, formatdate, make_msgid, parsedate_to_datetime
+from io import BytesIO
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, Self, TypeAlias
 
 from . import __version__
 from .address import (
@@ -96,6 +102,8 @@ _MESSAGE_ID = re.compile(r"<[^<>\s@]+@[^<>\s@]+>")
 # RFC 6838 4.2 restricted-name, for type and subtype.
 _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
 _QUOTED_PAIR = re.compile(r"\\(.)")
+# Octets base64-encoded at once: whole lines of 76 characters (57 octets each), ~1 MiB.
+_BASE64_BLOCK = 57 * 18_000
 
 
 def _address_objects(pairs: list[tuple[str, str]]) -> list[Address]:
@@ -345,12 +353,24 @@ def build_message(
             msg.add_alternative(body, subtype="html", charset="utf-8", cte=cte(body))
     except UnicodeEncodeError as exc:  # a lone surrogate
         raise InputError(f"body: not encodable as UTF-8: {exc}") from None
-    for filename, data, content_type in loaded:
+    loaded.reverse()
+    while loaded:  # taken off the list, so that each one's bytes go once encoded
+        filename, data, content_type = loaded.pop()
         maintype, _, subtype = content_type.partition("/")
         try:
-            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+            msg.add_attachment(b"", maintype=maintype, subtype=subtype, filename=filename)
         except (TypeError, ValueError) as exc:
             raise InputError(f"attachments: {filename!r}: {exc}") from exc
+        # RFC 2045 6.8: base64 in lines of 76 characters, as the email package writes
+        # it, a block of lines at a time into one buffer (the email package and
+        # encodebytes hold an object per line); the raw bytes go before the text is made.
+        encoded = bytearray()
+        for start in range(0, len(data), _BASE64_BLOCK):
+            encoded += base64.encodebytes(data[start : start + _BASE64_BLOCK])
+        del data
+        *_, part = msg.iter_parts()
+        part.set_payload(encoded.decode("ascii"))
+        del encoded
     return msg
 
 
@@ -446,11 +466,12 @@ class PreparedMessage:
     the header section holds raw non-ASCII (``SMTPUTF8`` needed).
 
     ``parts`` are those bytes in the pieces they are kept in, written one after the
-    other: one piece for a message as serialized; with fields that :func:`with_headers`
-    added in front, those and the pieces of the message they came from, shared and
-    never copied (a bulk run's per-recipient copies of a large message cost their
-    headers only). ``data`` joins them into one bytes object when there are several:
-    a copy, for looking at the message, not for sending it.
+    other: one piece for a small message as prepared, blocks of whole lines (about
+    1 MiB each) for a large one; with fields that :func:`with_headers` added in front,
+    those and the pieces of the message they came from, shared and never copied (a
+    bulk run's per-recipient copies of a large message cost their headers only).
+    ``data`` joins them into one bytes object when there are several: a copy, for
+    looking at the message, not for sending it.
     """
 
     parts: tuple[bytes, ...]
@@ -575,11 +596,196 @@ def _long_line(content: bytes) -> int | None:
     return None
 
 
-def _header_section(content: bytes) -> bytes:
-    if content.startswith(b"\r\n"):
-        return b""
-    end = content.find(b"\r\n\r\n")
-    return content if end < 0 else content[:end]
+# A large message is written, normalized and dot-stuffed a block of whole lines at a
+# time: preparing it holds the result and about a block more, never a second copy.
+_BLOCK = 1 << 20
+
+
+def _line_blocks(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """The octets of ``chunks`` again, in blocks that end with a line break, one each
+    time ``size`` octets or more have come: a CR at the end waits for the next block,
+    as it may be half of a CRLF. A line over 998 octets is let out wherever it has got to:
+    it cannot be sent as it is, so its part is re-encoded or the message refused."""
+    pending: list[bytes] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        if held < size:
+            continue
+        buf = b"".join(pending)
+        pending.clear()
+        stop = len(buf) - buf.endswith(b"\r")
+        cut = max(buf.rfind(b"\n", 0, stop), buf.rfind(b"\r", 0, stop)) + 1
+        if cut:
+            yield buf[:cut]
+            buf = buf[cut:]
+        if len(buf) - buf.endswith(b"\r") > MAX_LINE_LENGTH:
+            yield buf
+            buf = b""
+        if buf:
+            pending.append(buf)
+        held = len(buf)
+    if pending:
+        yield b"".join(pending)
+
+
+# RFC 5322 2.2 and 3.2.5: a field body is printable characters and WSP; the other
+# US-ASCII controls are obsolete syntax, never generated (a CR or LF here is a CRLF).
+_HEADER_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _header_error(header: bytes) -> str | None:
+    found = _HEADER_CONTROL.search(header)
+    if found is None:
+        return None
+    start = header.rfind(b"\r\n", 0, found.start())
+    name = header[start + 2 if start >= 0 else 0 :].split(b":", 1)[0]
+    return (
+        f"message: header {name.decode('ascii', 'replace')!r} holds the control"
+        f" character U+{found.group()[0]:04X}: RFC 5322 allows only printable"
+        " characters and tabs"
+    )
+
+
+@dataclass(slots=True)
+class _Wire:
+    """A message's content as sent after DATA (before the final ``.``), in blocks of
+    whole lines, and what was found in it on the way."""
+
+    parts: list[bytes] = field(default_factory=list)
+    eight_bit: bool = False
+    head_ascii: bool = True
+    long_line: int | None = None  # the number of the first line over 998 octets
+    nul_line: int | None = None  # the number of the first line holding a NUL
+    head_error: str | None = None  # a control character in the header section
+
+    def lines_so_far(self) -> int:
+        return sum(part.count(b"\n") for part in self.parts)
+
+
+def _wire(chunks: Iterable[bytes], size: int = _BLOCK) -> _Wire:
+    """CRLF line endings and dot-stuffing (RFC 5321 4.5.2) for the octets of
+    ``chunks``, with the checks of what may be sent, a block of whole lines at a time:
+    the same result as for the chunks joined, without ever joining them."""
+    wire = _Wire()
+    in_head = True
+    for raw in _line_blocks(chunks, size):
+        block = _normalize_line_endings(raw)
+        del raw  # a block's worth: let it go before the next copy
+        if wire.long_line is None and (number := _long_line(block)) is not None:
+            wire.long_line = wire.lines_so_far() + number
+        if wire.nul_line is None and (nul := block.find(b"\0")) >= 0:
+            wire.nul_line = wire.lines_so_far() + block.count(b"\n", 0, nul) + 1
+        if in_head:
+            # Blocks start at a line: an empty line opening one ends the header section.
+            end = 0 if block.startswith(b"\r\n") else block.find(b"\r\n\r\n")
+            head = block if end < 0 else block[:end]
+            wire.head_ascii = wire.head_ascii and head.isascii()
+            wire.head_error = wire.head_error or _header_error(head)
+            in_head = end < 0
+        if block.startswith(b"."):
+            block = b"." + block
+        block = block.replace(b"\r\n.", b"\r\n..")
+        wire.eight_bit = wire.eight_bit or not block.isascii()
+        wire.parts.append(block)
+    return wire
+
+
+def _taken(pieces: list[bytes]) -> Iterator[bytes]:
+    """The pieces in order, each let go of as it is taken."""
+    pieces.reverse()
+    while pieces:
+        yield pieces.pop()
+
+
+class _Pieces:
+    """What a :class:`_PieceGenerator` writes, kept as a list of pieces: a part written
+    into the part around it is moved, not copied (a BytesIO copies a large attachment
+    once for each level of nesting, and once more for the caller)."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+
+    def write(self, data: bytes | _Pieces) -> None:
+        if isinstance(data, _Pieces):
+            self.pieces.extend(data.pieces)
+        elif data:
+            self.pieces.append(data)
+
+    def getvalue(self) -> _Pieces:
+        return self
+
+
+class _PieceGenerator(BytesGenerator):
+    """The email package's generator writing into :class:`_Pieces`. A text body is
+    written as it is, in slices, not split into a list of lines: :func:`_wire` turns
+    its line breaks into CRLF as the generator would have.
+
+    A multipart part must have its boundary before it is written
+    (:func:`_new_boundaries`): to choose one, the generator would join its parts.
+    message/delivery-status blocks are split and joined as bytes: written flat."""
+
+    _flat = False
+
+    def clone(self, fp: Any) -> Self:
+        clone = super().clone(fp)
+        clone._flat = self._flat
+        return clone
+
+    def _new_buffer(self) -> BytesIO | _Pieces:
+        return BytesIO() if self._flat else _Pieces()
+
+    def _write_lines(self, lines: str) -> None:
+        if self._flat:
+            super()._write_lines(lines)  # type: ignore[misc]  # private, not in the stubs
+            return
+        for start in range(0, len(lines), _BLOCK):
+            self.write(lines[start : start + _BLOCK])
+
+    def _handle_message_delivery_status(self, msg: Message) -> None:
+        self._flat = True
+        try:
+            super()._handle_message_delivery_status(msg)  # type: ignore[misc]
+        finally:
+            self._flat = False
+
+
+def _new_boundaries(message: Message) -> set[str]:
+    """Give each multipart part without a boundary a random one, as the generator would
+    while writing it; the boundaries given (:func:`_clashes` checks them)."""
+    given = set()
+    for part in message.walk():
+        if part.get_content_maintype() != "multipart" or part.get_boundary():
+            continue
+        if isinstance(part.get_payload(), str):
+            continue  # written as it is, without boundaries
+        boundary: str = _PieceGenerator._make_boundary()  # type: ignore[attr-defined]
+        part.set_boundary(boundary)
+        given.add(boundary)
+    return given
+
+
+def _clashes(message: Message, parts: Sequence[bytes], boundaries: set[str]) -> list[Message]:
+    """The parts with a boundary given here whose delimiter lines in ``parts`` (blocks
+    of whole lines) are not only their own (RFC 2046 5.1.1: one before each body part,
+    and the close): a body holds a line that starts with it."""
+    clashes: list[Message] = []
+    if not boundaries:
+        return clashes  # every boundary was there before: the caller's choice
+    for part in message.walk():
+        boundary = part.get_boundary() if part.get_content_maintype() == "multipart" else None
+        if boundary not in boundaries:
+            continue
+        mark = b"--" + str(boundary).encode("ascii")
+        found = sum(p.count(b"\n" + mark) + p.startswith(mark) for p in parts)
+        payload = part.get_payload()
+        count = len(payload) if isinstance(payload, list) else int(payload is not None)
+        if found != max(count, 1) + 1:
+            clashes.append(part)
+    return clashes
 
 
 def _has_non_ascii_address(message: Message) -> bool:
@@ -595,16 +801,45 @@ def _has_non_ascii_address(message: Message) -> bool:
     return False
 
 
-def _serialize(message: Message) -> tuple[bytes, bool]:
-    """Bytes of the message and whether SMTPUTF8 serialization was needed."""
+def _pieces_of(message: Message, policy: email_policy.EmailPolicy[Any]) -> list[bytes]:
+    out = _Pieces()
+    _PieceGenerator(out, mangle_from_=False, policy=policy).flatten(message)
+    return out.pieces
+
+
+def _serialize(message: Message) -> tuple[list[bytes], bool]:
+    """The message's bytes, in pieces, and whether SMTPUTF8 serialization was needed."""
     # Without SMTPUTF8 the email package would put encoded-words into an addr-spec
     # (RFC 2047 5 forbids that) or fail, depending on the Python version.
     if not _has_non_ascii_address(message):
         try:
-            return message.as_bytes(policy=email_policy.SMTP), False
+            return _pieces_of(message, email_policy.SMTP), False
         except UnicodeEncodeError:
             pass
-    return message.as_bytes(policy=email_policy.SMTPUTF8), True
+    return _pieces_of(message, email_policy.SMTPUTF8), True
+
+
+# A clash with a random boundary needs a body that holds it: a second one is plenty.
+_BOUNDARY_TRIES = 3
+
+
+def _write(message: Message, boundaries: set[str]) -> tuple[_Wire, bool]:
+    """The message written and made ready to send (:func:`_wire`), and whether
+    SMTPUTF8 was needed; a boundary that a body holds is replaced and the message
+    written again."""
+    for _ in range(_BOUNDARY_TRIES):
+        pieces, utf8 = _serialize(message)
+        wire = _wire(_taken(pieces))
+        if wire.long_line is not None or wire.nul_line is not None:
+            return wire, utf8  # re-encoded and written again, or refused
+        clashes = _clashes(message, wire.parts, boundaries)
+        if not clashes:
+            return wire, utf8
+        for part in clashes:
+            boundary: str = _PieceGenerator._make_boundary()  # type: ignore[attr-defined]
+            part.set_boundary(boundary)
+            boundaries.add(boundary)
+    raise InputError("message: its bodies hold every MIME boundary tried")
 
 
 def _needs_reencoding(body: bytes) -> bool:
@@ -636,24 +871,6 @@ def _reencode_parts(message: Message) -> None:
         part["Content-Transfer-Encoding"] = cte
 
 
-# RFC 5322 2.2 and 3.2.5: a field body is printable characters and WSP; the other
-# US-ASCII controls are obsolete syntax, never generated (a CR or LF here is a CRLF).
-_HEADER_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-def _check_header_section(content: bytes) -> None:
-    header = _header_section(content)
-    found = _HEADER_CONTROL.search(header)
-    if found is not None:
-        start = header.rfind(b"\r\n", 0, found.start())
-        field = header[start + 2 if start >= 0 else 0 :].split(b":", 1)[0]
-        raise InputError(
-            f"message: header {field.decode('ascii', 'replace')!r} holds the control"
-            f" character U+{found.group()[0]:04X}: RFC 5322 allows only printable"
-            " characters and tabs"
-        )
-
-
 def _sender_domain(message: Message, fallback: str | None) -> str:
     """The domain for a Message-ID asmtp adds: the author's (Sender, else From), else
     the envelope sender's; never a host name lookup."""
@@ -678,40 +895,52 @@ def _missing_fields(message: Message, domain: str | None) -> bytes:
     return "".join(lines).encode("ascii")
 
 
-def _prepare_email(message: Message, domain: str | None) -> tuple[bytes, bool]:
+def _prepare_email(message: Message, domain: str | None) -> PreparedMessage:
     to_send = message
     if "Bcc" in message:
         # A shallow copy shares the parts but deleting rebinds the copy's own header
         # list: the caller's message keeps its Bcc.
         to_send = copy.copy(message)
         del to_send["Bcc"]
-    raw, utf8 = _serialize(to_send)
-    content = _normalize_line_endings(raw)
-    if _needs_reencoding(content):
+    boundaries = _new_boundaries(to_send)
+    wire, utf8 = _write(to_send, boundaries)
+    if wire.long_line is not None or wire.nul_line is not None:
+        del wire  # before the copy: never two large results at once
         to_send = copy.deepcopy(message)
         del to_send["Bcc"]
         _reencode_parts(to_send)
-        raw, utf8 = _serialize(to_send)
-        content = _normalize_line_endings(raw)
-        line = _long_line(content)
-        if line is not None:
+        boundaries |= _new_boundaries(to_send)
+        wire, utf8 = _write(to_send, boundaries)
+        if wire.long_line is not None:
             raise InputError(
-                f"message: line {line} is longer than {MAX_LINE_LENGTH} octets"
+                f"message: line {wire.long_line} is longer than {MAX_LINE_LENGTH} octets"
                 " and is not in a body that can be re-encoded"
             )
-        if b"\0" in content:
+        if wire.nul_line is not None:
             raise InputError(
-                f"message: line {_nul_line(content)} holds a NUL byte and is not in a body"
+                f"message: line {wire.nul_line} holds a NUL byte and is not in a body"
                 " that can be re-encoded (RFC 2045 2.7: no NUL in 7bit or 8bit data)"
             )
-    _check_header_section(content)
+    if wire.head_error is not None:
+        raise InputError(wire.head_error)
     # The caller's message is not changed: the missing fields go into the bytes only.
-    content = _missing_fields(message, domain) + content
-    return content, utf8 or not _header_section(content).isascii()
+    return _prepared(wire, _missing_fields(message, domain), utf8 or not wire.head_ascii)
 
 
-def _nul_line(content: bytes) -> int:
-    return content.count(b"\n", 0, content.index(b"\0")) + 1
+def _prepared(wire: _Wire, fields: bytes, smtputf8: bool) -> PreparedMessage:
+    """The PreparedMessage of ``wire``, with ``fields`` on top and the final ``.``."""
+    parts = wire.parts or [b""]
+    # A block's copy at most: the first and last blocks are about a block long.
+    if fields:
+        parts[0] = fields + parts[0]
+    last = parts[-1]
+    parts[-1] = last + (b".\r\n" if last.endswith(b"\r\n") else b"\r\n.\r\n")
+    return PreparedMessage(
+        data=tuple(parts),
+        size=sum(map(len, parts)) - 3,
+        eight_bit=wire.eight_bit,
+        smtputf8=smtputf8,
+    )
 
 
 def prepare_message(message: EmailMessage | bytes, *, domain: str | None = None) -> PreparedMessage:
@@ -727,35 +956,30 @@ def prepare_message(message: EmailMessage | bytes, *, domain: str | None = None)
     section (other than tab) is refused. Raw ``bytes`` are sent as given, line endings
     normalized; a line longer than 998 octets or a NUL byte is refused.
 
+    A large message is prepared a block of lines at a time and kept in
+    :attr:`~PreparedMessage.parts`: preparing it takes about its own size in memory
+    and a block more.
+
     >>> prepared = prepare_message(b"Subject: hi\\n\\n.hidden\\nbare\\rCR")
     >>> prepared.data
     b'Subject: hi\\r\\n\\r\\n..hidden\\r\\nbare\\r\\nCR\\r\\n.\\r\\n'
     >>> prepared.size, prepared.eight_bit, prepared.smtputf8
     (35, False, False)
     """
-    if isinstance(message, (bytes, bytearray, memoryview)):
-        content = _normalize_line_endings(bytes(message))
-        line = _long_line(content)
-        if line is not None:
-            raise InputError(f"message: line {line} is longer than {MAX_LINE_LENGTH} octets")
-        if b"\0" in content:
-            raise InputError(
-                f"message: line {_nul_line(content)} holds a NUL byte (RFC 2045 2.7: no NUL"
-                " in 7bit or 8bit data); give that part a base64 or quoted-printable encoding"
-            )
-        smtputf8 = not _header_section(content).isascii()
-    elif isinstance(message, Message):
-        content, smtputf8 = _prepare_email(message, domain)
-    else:
+    if isinstance(message, Message):
+        return _prepare_email(message, domain)
+    if not isinstance(message, (bytes, bytearray, memoryview)):
         raise InputError(f"message: expected an EmailMessage or bytes, not {type(message)}")
-    if not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    if content.startswith(b"."):
-        content = b"." + content
-    data = content.replace(b"\r\n.", b"\r\n..") + b".\r\n"
-    return PreparedMessage(
-        data=data, size=len(data) - 3, eight_bit=not data.isascii(), smtputf8=smtputf8
-    )
+    content = bytes(message)
+    wire = _wire(content[start : start + _BLOCK] for start in range(0, len(content), _BLOCK))
+    if wire.long_line is not None:
+        raise InputError(f"message: line {wire.long_line} is longer than {MAX_LINE_LENGTH} octets")
+    if wire.nul_line is not None:
+        raise InputError(
+            f"message: line {wire.nul_line} holds a NUL byte (RFC 2045 2.7: no NUL"
+            " in 7bit or 8bit data); give that part a base64 or quoted-printable encoding"
+        )
+    return _prepared(wire, b"", not wire.head_ascii)
 
 
 def prepare_envelope(

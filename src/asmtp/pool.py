@@ -6,12 +6,16 @@ one send at a time (commands of concurrent sends never interleave), at most
 ``max_messages`` sends and for at most ``max_age`` seconds (reuse bounded by time, so a
 slow server does not attract all the traffic); one idle longer than ``check_after``
 is checked with RSET before reuse, and one idle longer than ``idle_timeout`` is closed.
+Time is a parameter: what to do with a session is :func:`verdict`, a pure function of
+its :class:`Usage`, the settings and the time, which the pool reads from its ``clock``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import anyio
 
@@ -19,7 +23,7 @@ from .config import Timeouts, check_number
 from .errors import SMTPError
 from .session import Endpoint, Session
 
-__all__ = ["Pool", "PooledSession", "SessionPool"]
+__all__ = ["Pool", "PooledSession", "SessionPool", "Usage", "Verdict", "verdict"]
 
 logger = logging.getLogger("asmtp")
 
@@ -42,32 +46,66 @@ class Pool:
         check_number("Pool check_after", self.check_after, above=False)
 
 
-class PooledSession:
-    """A session on loan from the pool, with its bookkeeping."""
+@dataclass(slots=True)
+class Usage:
+    """What the pool knows of a session: when it was opened and last given back (on
+    the pool's clock), and how many sends it has served."""
 
-    __slots__ = ("created", "last_used", "messages", "session")
+    created: float
+    last_used: float
+    messages: int = 0
+
+
+Verdict = Literal["reuse", "check", "retire"]
+
+
+def verdict(usage: Usage, settings: Pool, now: float) -> Verdict:
+    """What a session not on loan is good for at ``now``: ``"retire"`` once it has
+    served ``max_messages`` sends, lived ``max_age`` seconds or idled ``idle_timeout``
+    seconds; ``"check"`` (RSET before reuse) once it has idled ``check_after``
+    seconds; else ``"reuse"``."""
+    idle = now - usage.last_used
+    if (
+        usage.messages >= settings.max_messages
+        or now - usage.created >= settings.max_age
+        or idle >= settings.idle_timeout
+    ):
+        return "retire"
+    return "check" if idle >= settings.check_after else "reuse"
+
+
+class PooledSession:
+    """A session on loan from the pool, with its :class:`Usage`."""
+
+    __slots__ = ("session", "usage")
 
     def __init__(self, session: Session, now: float) -> None:
         self.session = session
-        self.created = now
-        self.last_used = now
-        self.messages = 0
+        self.usage = Usage(created=now, last_used=now)
 
     @property
     def reused(self) -> bool:
-        return self.messages > 0
+        return self.usage.messages > 0
 
 
 class SessionPool:
     """Sessions to one endpoint, lent out one send at a time."""
 
     def __init__(
-        self, endpoint: Endpoint, timeouts: Timeouts, settings: Pool, *, debug: bool = False
+        self,
+        endpoint: Endpoint,
+        timeouts: Timeouts,
+        settings: Pool,
+        *,
+        debug: bool = False,
+        clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self.endpoint = endpoint
         self.timeouts = timeouts
         self.settings = settings
         self.debug = debug
+        #: the time sessions age by (tests pass a clock they move themselves)
+        self.clock = clock
         self._idle: list[PooledSession] = []
         self._slots = anyio.Semaphore(settings.max_connections)
         self._closed = False
@@ -89,11 +127,11 @@ class SessionPool:
         try:
             while self._idle and not fresh:
                 pooled = self._idle.pop()  # most recently used: warm, least likely closed
-                now = anyio.current_time()
-                if self._expired(pooled, now):
+                fit = verdict(pooled.usage, self.settings, self.clock())
+                if fit == "retire":
                     await self._close(pooled, polite=True)
                     continue
-                if now - pooled.last_used >= self.settings.check_after:
+                if fit == "check":
                     try:
                         await pooled.session.reset()
                     except SMTPError as exc:
@@ -114,16 +152,20 @@ class SessionPool:
             self._slots.release()
             raise
         self.opened += 1
-        return PooledSession(session, anyio.current_time())
+        return PooledSession(session, self.clock())
 
     async def release(self, pooled: PooledSession) -> None:
         """Give a session back after a send: kept for reuse while it is healthy and
         within its limits, else closed."""
-        now = anyio.current_time()
-        pooled.messages += 1
-        pooled.last_used = now
+        usage = pooled.usage
+        usage.messages += 1
+        usage.last_used = self.clock()
         try:
-            if self._closed or not pooled.session.is_open or self._expired(pooled, now):
+            if (
+                self._closed
+                or not pooled.session.is_open
+                or verdict(usage, self.settings, usage.last_used) == "retire"
+            ):
                 await self._close(pooled, polite=pooled.session.is_open)
             else:
                 self._idle.append(pooled)
@@ -137,26 +179,21 @@ class SessionPool:
         finally:
             self._slots.release()
 
-    def _expired(self, pooled: PooledSession, now: float) -> bool:
-        s = self.settings
-        return (
-            pooled.messages >= s.max_messages
-            or now - pooled.created >= s.max_age
-            or now - pooled.last_used >= s.idle_timeout
-        )
-
     async def _close(self, pooled: PooledSession, *, polite: bool) -> None:
         if polite:
             with anyio.move_on_after(self.timeouts.command or 5.0, shield=True):
                 await pooled.session.quit()
         pooled.session.abort()
 
-    async def reap(self) -> None:
-        """Close sessions idle past ``idle_timeout``; runs until the pool closes."""
+    async def reap(self, every: float | None = None) -> None:
+        """Close idle sessions due to retire (idle past ``idle_timeout``, or past
+        ``max_age``); runs until the pool closes, looking every ``every`` seconds of
+        the event loop's time (default: four times per ``idle_timeout``)."""
+        period = every if every is not None else max(0.05, self.settings.idle_timeout / 4)
         while not self._closed:
-            await anyio.sleep(max(0.05, self.settings.idle_timeout / 4))
-            now = anyio.current_time()
-            stale = [p for p in self._idle if self._expired(p, now)]
+            await anyio.sleep(period)
+            now = self.clock()
+            stale = [p for p in self._idle if verdict(p.usage, self.settings, now) == "retire"]
             for pooled in stale:
                 if pooled in self._idle:
                     self._idle.remove(pooled)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import anyio
+import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
 import dns.message
@@ -335,6 +336,10 @@ class MXResolver:
                 raise_on_no_answer=False,
                 lifetime=self._timeout,
                 search=False,
+                # The running loop's backend, asked each time: dnspython's default is
+                # chosen once per process, so a process that runs asyncio and then trio
+                # would ask trio's queries through asyncio.
+                backend=dns.asyncbackend.get_backend(dns.asyncbackend.sniff()),
             )
         except dns.resolver.NXDOMAIN as exc:
             responses = list(exc.kwargs.get("responses", {}).values())

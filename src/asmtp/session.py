@@ -7,10 +7,16 @@ failure is classified, and (:class:`AuthCache`) not asking a relay again for
 credentials it refused. The bytes and the rules of the exchange stay in
 :mod:`asmtp.protocol`; the network stays in :mod:`asmtp.transport`.
 
-The policy is written as generators of :mod:`asmtp.steps` (``greet``, ``_transaction``,
-``one_shot``...), so the same code runs on both drivers: from the asyncio driver's read
-callback, or step by step over anyio streams. The async methods (:meth:`Session.connect`,
-:meth:`Session.deliver`...) hand such steps to the connection's ``run``.
+The policy is written as generators of :mod:`asmtp.steps` (``greet``,
+``transaction_steps``, ``quit_steps``, ``one_shot``...), so the same code runs on both
+drivers: from the asyncio driver's read callback, or step by step over anyio streams.
+The async methods (:meth:`Session.connect`, :meth:`Session.deliver`...) hand such steps
+to the connection's ``run``.
+
+Whoever wants to watch a session (``asmtp bench``'s stage timings; a tracer or a metrics
+exporter) passes an observer (:data:`StageObserver`) rather than copying the exchange:
+the session calls it as each stage begins, and with ``"idle"`` when a stretch of work
+ends (see :class:`Session`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
@@ -56,6 +63,7 @@ __all__ = [
     "Endpoint",
     "Extras",
     "Session",
+    "StageObserver",
     "default_helo",
     "default_ssl_context",
     "enable_debug",
@@ -78,6 +86,12 @@ _DATA_OK = SUCCESS_CODES["data"]
 _MESSAGE_OK = SUCCESS_CODES["message"]
 _RSET_OK = SUCCESS_CODES["rset"]
 _NOOP_OK = SUCCESS_CODES["noop"]
+
+T = TypeVar("T")
+
+StageObserver = Callable[[str, float], None]
+"""``on_stage(stage, at)``: called by a :class:`Session` as a stage begins, with the
+session's clock; ``"idle"`` ends the stage before it (see :class:`Session`)."""
 
 
 def default_ssl_context() -> ssl.SSLContext:
@@ -331,6 +345,15 @@ class Session:
     ``dot_sent`` is True from the moment the end-of-data dot of the current
     transaction has been written until its reply arrives: a failure then leaves the
     message's fate unknown.
+
+    ``on_stage`` observes the session: it is called ``(stage, at)``, ``at`` from
+    ``clock`` (default: the event loop's), as each stage begins: ``"connect"`` (each
+    address tried), ``"greeting"`` (connected), ``"ehlo"`` (again after STARTTLS),
+    ``"starttls"`` (only when STARTTLS is sent), ``"auth"``, then per transaction
+    ``"mail"``, ``"rcpt"``, ``"data"``, ``"message"``, and ``"quit"``. ``"idle"`` says
+    the stage before it ended: after the set-up, after each transaction's last reply
+    and after QUIT's. A stage that fails raises instead (no ``"idle"``). Without an
+    observer, each stage costs one ``is not None`` check.
     """
 
     def __init__(
@@ -339,9 +362,14 @@ class Session:
         timeouts: Timeouts,
         *,
         debug: bool = False,
+        on_stage: StageObserver | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.timeouts = timeouts
+        self.on_stage = on_stage
+        # Asked only with an observer (the loop's clock costs a system call to find).
+        self._clock = clock if clock is not None or on_stage is None else loop_clock()
         self.dot_sent = False
         self.tls: TLSState = "none"
         self.stage = "connect"
@@ -364,6 +392,18 @@ class Session:
         conn = self._conn
         return conn is not None and not conn.closed and not self.proto.closed
 
+    def _mark(self, stage: str) -> None:
+        """Tell the observer ``stage`` begins (callers check there is one first)."""
+        on_stage, clock = self.on_stage, self._clock
+        assert on_stage is not None and clock is not None
+        on_stage(stage, clock())
+
+    async def run(self, steps: Steps[T]) -> T:
+        """Run ``steps`` of this session (:meth:`greet`, :meth:`transaction_steps`,
+        :meth:`quit_steps`, in any order the protocol allows, as one run) on its
+        connection, and return their value."""
+        return await self._live(self.stage).run(steps)
+
     # -- connection set-up ----------------------------------------------------------
 
     async def connect(self) -> None:
@@ -380,6 +420,8 @@ class Session:
         last: SMTPError | None = None
         for address in addresses:
             self.stage = "connect"
+            if self.on_stage is not None:
+                self._mark("connect")
             try:
                 self._conn = await open_best(
                     self.proto,
@@ -400,12 +442,15 @@ class Session:
         if implicit and ep.ssl_context is not None:
             self.proto.tls = True
             self.tls = tls_state_of(ep.ssl_context)
+        self.stage = "greeting"
+        if self.on_stage is not None:
+            self._mark("greeting")
         return self._conn
 
     def greet(self) -> Steps[None]:
         """The greeting (within the connect's step), EHLO, STARTTLS and AUTH."""
         ep = self.endpoint
-        self.stage = "greeting"
+        self.stage = "greeting"  # since open()
         greeting: Reply = yield Receive(None, same_step=True)
         if greeting.code not in _GREETING_OK:
             raise reply_error(greeting, "greeting")
@@ -415,9 +460,13 @@ class Session:
         if ep.username is not None:
             yield from self._auth()
         self.stage = "mail"
+        if self.on_stage is not None:
+            self._mark("idle")
 
     def _ehlo(self) -> Steps[None]:
         self.stage = "ehlo"
+        if self.on_stage is not None:
+            self._mark("ehlo")
         yield from hello(self.proto, self.endpoint.helo, self.timeouts.command)
 
     def _starttls(self) -> Steps[None]:
@@ -431,6 +480,8 @@ class Session:
                     stage="starttls",
                 )
             return
+        if self.on_stage is not None:
+            self._mark("starttls")
         reply: Reply = yield Command(self.proto.starttls(), self.timeouts.command)
         if reply.code not in _STARTTLS_OK:
             # Offered but refused: even opportunistic TLS does not carry on in the clear
@@ -450,6 +501,8 @@ class Session:
     def _auth(self) -> Steps[None]:
         ep = self.endpoint
         self.stage = "auth"
+        if self.on_stage is not None:
+            self._mark("auth")
         if not self.proto.tls and not ep.allow_plaintext_auth:
             raise AuthUnavailableError(
                 f"refusing to send credentials to {ep.host} over an unencrypted connection "
@@ -549,7 +602,7 @@ class Session:
         when the transaction as a whole fails (MAIL or DATA refused, no recipient
         accepted, the connection lost); ``self.stage`` and ``self.dot_sent`` say where."""
         conn = self._live("mail")
-        return await conn.run(self._transaction(sender, recipients, message, extras, last))
+        return await conn.run(self.transaction_steps(sender, recipients, message, extras, last))
 
     def _live(self, stage: str) -> AnyConnection:
         conn = self._conn
@@ -557,14 +610,15 @@ class Session:
             raise ConnectionLostError("the session is closed", stage=stage)
         return conn
 
-    def _transaction(
+    def transaction_steps(
         self,
         sender: str,
         recipients: Sequence[str],
         message: PreparedMessage,
-        extras: Extras,
-        last: bool,
+        extras: Extras = NO_EXTRAS,
+        last: bool = False,
     ) -> Steps[tuple[dict[str, Reply], Reply]]:
+        """The steps of :meth:`transaction`: what it returns and raises."""
         proto = self.proto
         if proto.closed:
             raise ConnectionLostError("the session is closed", stage=self.stage)
@@ -575,8 +629,10 @@ class Session:
         dsn = extras.dsn if proto.capabilities.dsn else None
         if dsn is not None:
             params.extend(dsn.mail_params())
+        self.stage = "mail"
+        if self.on_stage is not None:
+            self._mark("mail")
         if self._needs_rset:
-            self.stage = "mail"
             reply: Reply = yield Command(proto.rset(), command)
             if reply.code not in _RSET_OK:
                 raise reply_error(reply, "mail")
@@ -595,6 +651,8 @@ class Session:
             if proto.closed:
                 raise reply_error(mail_reply, "mail")
             self.stage = "rcpt"
+            if self.on_stage is not None:
+                self._mark("rcpt")
             for rcpt in recipients:
                 reply = yield Receive(command)
                 if proto.closed:
@@ -602,6 +660,8 @@ class Session:
                 if reply.code not in _RCPT_OK:
                     refused[rcpt] = reply
             self.stage = "data"
+            if self.on_stage is not None:
+                self._mark("data")
             data_reply: Reply = yield Receive(command)
             if mail_reply.code not in _MAIL_OK:
                 self._needs_rset = data_reply.code in _DATA_OK
@@ -613,6 +673,8 @@ class Session:
             if mail_reply.code not in _MAIL_OK:
                 raise reply_error(mail_reply, "mail")
             self.stage = "rcpt"
+            if self.on_stage is not None:
+                self._mark("rcpt")
             for rcpt in recipients:
                 rcpt_params = dsn.rcpt_params(rcpt) if dsn is not None else ()
                 reply = yield Command(proto.rcpt(rcpt, rcpt_params), command)
@@ -622,19 +684,27 @@ class Session:
                     refused[rcpt] = reply
             if len(refused) == len(recipients):
                 self._needs_rset = True
+                if self.on_stage is not None:
+                    self._mark("idle")
                 return refused, _NO_DATA
             self.stage = "data"
+            if self.on_stage is not None:
+                self._mark("data")
             data_reply = yield Command(proto.data(), command)
         if len(refused) == len(recipients):
             # RFC 2920 3.1: no recipient, so a 354 gets an empty message.
             self._needs_rset = True
             if data_reply.code in _DATA_OK:
                 yield from self._empty_message()
+            if self.on_stage is not None:
+                self._mark("idle")
             return refused, _NO_DATA
         if data_reply.code not in _DATA_OK:
             self._needs_rset = not proto.closed
             raise reply_error(data_reply, "data")
         self.stage = "message"
+        if self.on_stage is not None:
+            self._mark("message")
         if extras.before_dot is not None:
             accepted = [r for r in recipients if r not in refused]
             try:
@@ -670,6 +740,8 @@ class Session:
         self.dot_sent = False
         if final.code not in _MESSAGE_OK and proto.closed:
             raise reply_error(final, "message")
+        if self.on_stage is not None:
+            self._mark("idle")
         return refused, final
 
     def _empty_message(self) -> Steps[None]:
@@ -707,7 +779,9 @@ class Session:
         clock: Callable[[], float],
     ) -> Steps[list[RecipientResult]]:
         try:
-            refused, final = yield from self._transaction(sender, recipients, message, extras, last)
+            refused, final = yield from self.transaction_steps(
+                sender, recipients, message, extras, last
+            )
         except SMTPError as exc:
             return self._failed(recipients, exc, clock() - started)
         elapsed = clock() - started
@@ -758,7 +832,7 @@ class Session:
                     results[r.recipient] = r
             pending = again if progress and not self.proto.closed else []
         try:
-            yield from self._quit()
+            yield from self.quit_steps()
         except SMTPError:
             return  # every recipient has its result: a server gone by now is no failure
 
@@ -779,11 +853,22 @@ class Session:
 
     # -- ending -------------------------------------------------------------------
 
-    def _quit(self) -> Steps[None]:
-        if self.proto.awaiting == "quit":  # pipelined after the last message
-            yield Receive(self.timeouts.command)
-        elif self.proto.state in (State.READY, State.MAIL, State.CONNECTED, State.REFUSED):
-            yield Command(self.proto.quit(), self.timeouts.command)
+    def quit_steps(self) -> Steps[Reply | None]:
+        """QUIT (or, pipelined after the last message, its reply): the reply, or None
+        when the session is past saying QUIT."""
+        proto = self.proto
+        if proto.awaiting == "quit":  # pipelined after the last message
+            step: Command | Receive = Receive(self.timeouts.command)
+        elif proto.state in (State.READY, State.MAIL, State.CONNECTED, State.REFUSED):
+            step = Command(proto.quit(), self.timeouts.command)
+        else:
+            return None
+        if self.on_stage is not None:
+            self._mark("quit")
+        reply: Reply = yield step
+        if self.on_stage is not None:
+            self._mark("idle")
+        return reply
 
     async def quit(self) -> None:
         """Say QUIT and close; a server that has already gone is not an error."""
@@ -791,7 +876,7 @@ class Session:
         if conn is None:
             return
         try:
-            await conn.run(self._quit())
+            await conn.run(self.quit_steps())
         except SMTPError:
             pass
         finally:

@@ -3,12 +3,14 @@
 ``asmtp_outbox`` that gives each test a fresh one.
 
 This module owns :class:`Outbox` (the server: its own thread and event loop, a port
-chosen by the kernel, scripted refusals and transient failures, optional AUTH),
-:class:`SentMessage` (one accepted message, parsed) and the fixture. Nothing leaves
-the machine: the server listens on loopback only and the relay it hands out speaks
-plaintext to it.
+chosen by the kernel, scripted refusals and transient failures, optional AUTH) and
+:class:`SentMessage` (one accepted message, parsed). Nothing leaves the machine: the
+server listens on loopback only and the relay it hands out speaks plaintext to it.
 
-With asmtp installed, pytest finds the fixture by itself (a ``pytest11`` entry point)::
+It needs aiosmtpd, which asmtp installs only as an extra (``pip install
+'asmtp[testing]'``). With asmtp installed, pytest finds the fixture by itself: the
+``pytest11`` entry point is the thin :mod:`asmtp._pytest_plugin`, which imports this
+module only when a test asks for ``asmtp_outbox``::
 
     async def test_welcome(asmtp_outbox):
         await myapp.send_welcome(asmtp_outbox.relay, "ann@example.org", "Ann")
@@ -35,7 +37,15 @@ from functools import cached_property
 from typing import Any, Literal, Self
 
 import anyio
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+try:
+    from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+except ModuleNotFoundError as exc:  # an extra, not a dependency of asmtp: say which
+    raise ModuleNotFoundError(
+        "asmtp's test outbox (asmtp.testing, asmtp.demo) needs aiosmtpd: "
+        "pip install 'asmtp[testing]'",
+        name=exc.name,
+    ) from exc
 
 from .config import Relay
 from .errors import InputError
@@ -558,19 +568,10 @@ class Outbox:
 
 # --------------------------------------------------------------------------- pytest
 
+# The plugin's fixture, here too, so that ``-p asmtp.testing`` and imports of it work.
 try:
-    import pytest
+    from ._pytest_plugin import asmtp_outbox
 except ImportError:  # Outbox works without pytest; only the fixture needs it
     pass
 else:
-
-    @pytest.fixture
-    def asmtp_outbox() -> Iterator[Outbox]:
-        """A started :class:`Outbox` for one test, stopped afterwards.
-
-        Send with ``relay=asmtp_outbox.relay``; assert on ``asmtp_outbox.messages``.
-        """
-        with Outbox() as outbox:
-            yield outbox
-
     __all__ += ["asmtp_outbox"]

@@ -16,7 +16,9 @@ session holds at most about one block of copies, whatever the message's size.
 
 A session's steps (:mod:`asmtp.steps`) run from the read callback: each reply is
 parsed in ``buffer_updated`` and the next command written there and then, so a whole
-session wakes its task only when it ends or asks for something awaited.
+session wakes its task only when it ends or asks for something awaited. Running steps
+(:meth:`Connection.run`) is the only way to talk over a connection: every user of it
+(every send, ``asmtp bench``) goes through a session's steps.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .errors import (
     TLSError,
 )
 from .protocol import ClientProtocol
-from .reply import NEED_DATA, Reply
+from .reply import NEED_DATA
 from .steps import WRITE_BLOCK, Await, Command, Data, Receive, Send, Steps
 
 __all__ = ["Connection", "open_connection"]
@@ -73,9 +75,9 @@ class _Finished(NamedTuple):
 
 
 class Connection(asyncio.BufferedProtocol):
-    """One connection to an SMTP server. Sessions hand it their steps (:meth:`run`);
-    :meth:`read_reply`, :meth:`write` and :meth:`drain` drive it one step at a time
-    (``asmtp bench`` times each stage that way).
+    """One connection to an SMTP server. Sessions hand it their steps (:meth:`run`),
+    the TLS handshake (:meth:`start_tls`) and the deadline of a step they await
+    themselves (:meth:`step`).
 
     Timeouts are per network step: :meth:`step` sets the deadline for the next command
     and its whole reply. A single timer per connection enforces it: brought forward
@@ -86,7 +88,6 @@ class Connection(asyncio.BufferedProtocol):
     __slots__ = (
         "_close_waiter",
         "_deadline",
-        "_drain_waiter",
         "_loop",
         "_lost",
         "_lost_exc",
@@ -129,7 +130,6 @@ class Connection(asyncio.BufferedProtocol):
         self._lost = False
         self._lost_exc: BaseException | None = None
         self._paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         self._close_waiter: asyncio.Future[None] | None = None
         self._deadline = float("inf")
         self._timeout: float | None = None
@@ -149,7 +149,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _exact_flow_control(self, *, tls: bool = False) -> None:
         # Pause as soon as anything stays queued and resume only once all of it went
-        # to the kernel, so drain() tells when the end-of-data dot has really left.
+        # to the kernel, so a drained Send tells when the end-of-data dot has really left.
         # A socket's transport pauses above `high`; the TLS layer at `high` and above
         # (at 0 it would pause with nothing queued and flip at every call).
         assert self._transport is not None
@@ -160,12 +160,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.proto.receive_data(self._view[:nbytes])
+        # Otherwise the bytes wait in the parser for the step that asks for a reply
+        # (a server may answer early, even while the message is still being written).
         if self._wants == _REPLY:
             self._on_reply()
-            return
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def eof_received(self) -> bool:
         self.proto.receive_data(b"")
@@ -179,9 +177,9 @@ class Connection(asyncio.BufferedProtocol):
             self.proto.receive_data(b"")
         self._drop_queue()
         self._wake()
-        for waiter in (self._drain_waiter, self._close_waiter):
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        waiter = self._close_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self._cancel_timer()
 
     def pause_writing(self) -> None:
@@ -194,18 +192,13 @@ class Connection(asyncio.BufferedProtocol):
             # starts again (a timeout per data block, RFC 5321 4.5.3.2); the next blocks go.
             self.step(self._timeout)
             self._feed()
-        if (self._wants == _DRAIN or self._drain_waiter is not None) and not self._unsent():
+        if self._wants == _DRAIN and not self._unsent():
             self._sent()
 
     def _sent(self) -> None:
-        """All that was written has gone to the kernel: whoever waits for that learns it."""
-        if self._wants == _DRAIN:
-            self._wants = _IDLE
-            self._advance(None, None)
-            return
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        """All that was written has gone to the kernel: the drained Send is over."""
+        self._wants = _IDLE
+        self._advance(None, None)
 
     def _unsent(self) -> bool:
         """Is anything written not yet taken by the kernel? Over TLS the TLS layer says
@@ -223,7 +216,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _on_poll(self, delay: float) -> None:
         self._poll = None
-        if self._lost or (self._wants != _DRAIN and self._drain_waiter is None):
+        if self._lost or self._wants != _DRAIN:
             return
         raw = self._raw
         if raw is not None and raw.get_write_buffer_size():
@@ -233,17 +226,14 @@ class Connection(asyncio.BufferedProtocol):
             self._sent()
 
     def _wake(self) -> None:
-        """The stream ended: whatever waits learns it."""
+        """The stream ended: the steps waiting on the network learn it (steps awaiting
+        something else learn it from their next step)."""
         wants = self._wants
         if wants == _REPLY:
             self._on_reply()
         elif wants == _DRAIN:
             self._wants = _IDLE
             self._advance(None, self._lost_while_sending())
-        else:
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
 
     # -- the per-step deadline ----------------------------------------------------
 
@@ -274,7 +264,6 @@ class Connection(asyncio.BufferedProtocol):
                 self._timer = self._loop.call_at(self._deadline, self._on_timer)
                 self._timer_at = self._deadline
             return
-        waiter = self._waiter or self._drain_waiter
         if self._wants != _IDLE:
             self._timed_out = True
             error = self._timeout_error()
@@ -282,19 +271,15 @@ class Connection(asyncio.BufferedProtocol):
             self.abort()
             self._advance(None, error)
             return
-        if self._task is not None:
-            self._timed_out = True
-            self._task.cancel()
-        elif waiter is not None and not waiter.done():
-            self._timed_out = True
-            waiter.set_exception(self._timeout_error())
-        else:
+        if self._task is None:
             return  # nothing waits on the network (a hook is running): no timeout
+        self._timed_out = True
+        self._task.cancel()
         self.abort()
 
     def _timeout_error(self) -> SMTPTimeoutError:
         stage = self.proto.awaiting or "connect"
-        if self._wants == _DRAIN or self._drain_waiter is not None:
+        if self._wants == _DRAIN:
             doing = "sending (the server stopped reading)"
         else:
             doing = f"awaiting the {stage} reply"
@@ -381,13 +366,13 @@ class Connection(asyncio.BufferedProtocol):
             try:
                 if isinstance(step, Command):
                     self.step(step.timeout)
-                    self.write(step.data)
+                    self._write(step.data)
                 elif isinstance(step, Receive):
                     if not step.same_step:
                         self.step(step.timeout)
                 elif isinstance(step, Send):
                     self.step(step.timeout)
-                    self.write(step.data)
+                    self._write(step.data)
                     if step.drain and (self._lost or self._unsent()):
                         if self._lost:
                             raise self._lost_while_sending()
@@ -425,28 +410,12 @@ class Connection(asyncio.BufferedProtocol):
             "the connection was lost while sending", stage=self.proto.awaiting or "message"
         )
 
-    # -- driving the protocol step by step (bench, tests) ------------------------------
+    # -- writing ------------------------------------------------------------------
 
-    async def read_reply(self) -> Reply:
-        """Wait for the next whole reply, within the current step's deadline."""
-        proto = self.proto
-        while True:
-            reply = proto.next_reply()
-            if reply is not NEED_DATA:
-                assert isinstance(reply, Reply)
-                return reply
-            if self._timed_out:
-                raise self._timeout_error()
-            waiter = self._waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-
-    def write(self, data: Data) -> None:
+    def _write(self, data: Data) -> None:
         """Write ``data`` (pieces: in order, as if joined). Up to WRITE_BLOCK octets
         go to the transport at once; more is queued as views and handed over a block
-        at a time as the kernel takes it (see :meth:`drain`)."""
+        at a time as the kernel takes it (resume_writing)."""
         transport = self._transport
         if transport is None or self._lost or transport.is_closing():
             raise ConnectionLostError(
@@ -490,17 +459,6 @@ class Connection(asyncio.BufferedProtocol):
             self._poll.cancel()
             self._poll = None
 
-    async def drain(self) -> None:
-        """Wait until everything written has been handed to the kernel."""
-        while not self._lost and self._unsent():
-            waiter = self._drain_waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._drain_waiter = None
-        if self._lost:
-            raise self._lost_while_sending()
-
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         """Run the TLS handshake on this connection (after STARTTLS's 220)."""
         with translate_errors("starttls", self.host), self._cancellable("starttls"):
@@ -509,7 +467,7 @@ class Connection(asyncio.BufferedProtocol):
 
     async def _handshake(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         # Implicit TLS comes this way too: the TCP transport under TLS stays known, so
-        # that its write limits are ours and drain() can ask it what it still holds.
+        # that its write limits are ours and a drained Send can ask it what it still holds.
         transport = self._transport
         assert transport is not None
         new = await self._loop.start_tls(transport, self, context, server_hostname=server_hostname)

@@ -57,15 +57,14 @@ T = TypeVar("T")
 
 class AnyConnection(Protocol):
     """What a session needs from a driver: :class:`~asmtp.transport.Connection` on
-    asyncio, :class:`StreamConnection` elsewhere."""
+    asyncio, :class:`StreamConnection` elsewhere. Sessions talk through steps
+    (:meth:`run`) only; a step they await themselves (the TLS handshake) gets its
+    deadline from :meth:`step`."""
 
     proto: ClientProtocol
 
     async def run(self, steps: Steps[T]) -> T: ...
     def step(self, timeout: float | None) -> None: ...
-    def write(self, data: Data) -> None: ...
-    async def read_reply(self) -> Reply: ...
-    async def drain(self) -> None: ...
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None: ...
     async def aclose(self, timeout: float = 1.0) -> None: ...
     def close(self) -> None: ...
@@ -82,8 +81,9 @@ class AnyConnection(Protocol):
 
 class StreamConnection:
     """One connection to an SMTP server over an anyio byte stream, with the interface of
-    :class:`~asmtp.transport.Connection`: :meth:`run` awaits a session's steps one by one
-    through :meth:`read_reply`, :meth:`write` and :meth:`drain`.
+    :class:`~asmtp.transport.Connection` (:class:`AnyConnection`): :meth:`run` awaits a
+    session's steps one by one, through :meth:`read_reply`, :meth:`write` and
+    :meth:`drain` (this driver's own building blocks, not part of that interface).
 
     :meth:`write` only queues bytes: they are sent by the next :meth:`read_reply` or
     :meth:`drain`, which a session always awaits after writing (a command is written,
