@@ -168,7 +168,7 @@ class ReplyError(SMTPError):
         self.code = code
         self.text = text
         self.enhanced_status = enhanced_status
-        what = _STAGE_TEXT.get(stage or "", "server")
+        what = STAGE_TEXT.get(stage or "", "server")
         status = f" {enhanced_status}" if enhanced_status else ""
         super().__init__(f"{what} refused: {code}{status} {text}".rstrip(), stage=stage)
         self.permanent = code >= 500
@@ -251,7 +251,8 @@ class TemporaryResolveError(ResolveError):
     kind = "temporary"
 
 
-_STAGE_TEXT = {
+#: How each stage's command is named in messages ("RCPT TO refused: ...").
+STAGE_TEXT = {
     "greeting": "greeting",
     "ehlo": "EHLO",
     "helo": "HELO",

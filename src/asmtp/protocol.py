@@ -36,7 +36,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from .capabilities import Capabilities
-from .errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
+from .errors import (
+    STAGE_TEXT,
+    ConnectionLostError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from .reply import NEED_DATA, Reply, ReplyParser, _NeedData
 
 __all__ = ["AUTH_CONTINUE", "SUCCESS_CODES", "ClientProtocol", "State"]
@@ -80,20 +85,7 @@ SUCCESS_CODES: Final[Mapping[str, frozenset[int]]] = {
 AUTH_CONTINUE: Final = 334
 
 # How a reply's command is named in an error message.
-_NAMES = {
-    "greeting": "the greeting",
-    "ehlo": "EHLO",
-    "helo": "HELO",
-    "starttls": "STARTTLS",
-    "auth": "AUTH",
-    "mail": "MAIL FROM",
-    "rcpt": "RCPT TO",
-    "data": "DATA",
-    "message": "the end of data",
-    "rset": "RSET",
-    "noop": "NOOP",
-    "quit": "QUIT",
-}
+_NAMES = {**STAGE_TEXT, "greeting": "the greeting", "message": "the end of data"}
 
 # Commands that may be sent while replies to earlier ones are outstanding (RFC 2920
 # section 3.1: DATA, EHLO, STARTTLS, AUTH, NOOP and QUIT each end a group).
