@@ -1410,7 +1410,9 @@ def _reply_label(result: RecipientResult) -> str:
     if result.stage == "input":
         return "invalid input"
     if result.code is None:
-        return f"no reply ({result.stage})"
+        # refused or lost connection, timeout, TLS, a reply its command does not allow:
+        # the stage says where (the sample rows say what)
+        return f"({result.stage})"
     if result.status == "delivered" or not result.enhanced_status:
         return str(result.code)
     return f"{result.code} {result.enhanced_status}"
