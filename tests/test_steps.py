@@ -149,22 +149,28 @@ async def stops_reading_after_354() -> AsyncIterator[tuple[str, int]]:
         server.close()
 
 
-async def test_a_write_cut_off_before_the_dot_left_is_transient_not_unknown() -> None:
-    # 16 MB does not fit in loopback socket buffers: the write waits (drains) for a
-    # server that no longer reads, until the reset.
+async def send_16_mb(host: str, port: int) -> asmtp.RecipientResult:
+    """16 MB, which does not fit in loopback socket buffers: the write waits (drains)
+    for the server to read."""
     body = "x" * 998 + "\r\n"
     message = asmtp.build_message(
         from_="s@example.com", to="a@example.org", subject="big", body=body * 16_000
     )
-    async with stops_reading_after_354() as (host, port):
-        report = await asmtp.send(
-            message,
-            sender="s@example.com",
-            recipients=["a@example.org"],
-            relay=asmtp.Relay(host, port, tls="none", helo="client.asmtp.test"),
-            timeout=10,
-        )
+    report = await asmtp.send(
+        message,
+        sender="s@example.com",
+        recipients=["a@example.org"],
+        relay=asmtp.Relay(host, port, tls="none", helo="client.asmtp.test"),
+        timeout=10,
+    )
     [result] = report
+    return result
+
+
+async def test_a_write_cut_off_before_the_dot_left_is_transient_not_unknown() -> None:
+    # The server no longer reads: the write waits until the reset.
+    async with stops_reading_after_354() as (host, port):
+        result = await send_16_mb(host, port)
     assert (result.status, result.stage) == ("transient", "message")
     assert "lost" in result.message or "reset" in result.message
 
@@ -221,19 +227,8 @@ async def speaks_while_not_reading() -> AsyncIterator[tuple[str, int]]:
 async def test_a_reply_while_the_message_is_still_being_written_waits_its_turn() -> None:
     # Bytes that arrive while a drained write waits for the kernel are the next
     # reply's: the steps go on writing (here until the reset), nothing is woken early.
-    body = "x" * 998 + "\r\n"
-    message = asmtp.build_message(
-        from_="s@example.com", to="a@example.org", subject="big", body=body * 16_000
-    )
     async with speaks_while_not_reading() as (host, port):
-        report = await asmtp.send(
-            message,
-            sender="s@example.com",
-            recipients=["a@example.org"],
-            relay=asmtp.Relay(host, port, tls="none", helo="client.asmtp.test"),
-            timeout=10,
-        )
-    [result] = report
+        result = await send_16_mb(host, port)
     assert (result.status, result.stage) == ("transient", "message"), result
     # the connection's loss, not an internal error from a step woken with nothing
     assert "lost" in result.message or "reset" in result.message, result.message
