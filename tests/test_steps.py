@@ -120,10 +120,11 @@ def test_a_timeout_is_thrown_in_at_the_yield_on_trio(fault_server: MakeFault) ->
 
 
 @contextlib.asynccontextmanager
-async def stops_reading_after_354() -> AsyncIterator[tuple[str, int]]:
-    """A server that answers up to DATA's 354, then reads nothing more and, a moment
-    later, resets the connection (SO_LINGER 0): the client's unsent content is lost
-    and the server cannot have read the end-of-data dot."""
+async def stops_reading_after_354(says: bytes | None = None) -> AsyncIterator[tuple[str, int]]:
+    """A server that answers up to DATA's 354, then reads nothing more (saying ``says``
+    a moment later, if given: a 421 while the client still writes) and then resets the
+    connection (SO_LINGER 0): the client's unsent content is lost and the server cannot
+    have read the end-of-data dot."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 stall.test ESMTP\r\n")
@@ -137,7 +138,11 @@ async def stops_reading_after_354() -> AsyncIterator[tuple[str, int]]:
                 break
             else:
                 writer.write(b"250 ok\r\n")
-        await asyncio.sleep(0.5)  # the client's writes fill the socket buffers meanwhile
+        await asyncio.sleep(0.3)  # the client's writes fill the socket buffers meanwhile
+        if says is not None:
+            writer.write(says)
+            await writer.drain()
+        await asyncio.sleep(0.3)
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
@@ -192,42 +197,10 @@ async def test_a_bug_in_the_steps_reaches_the_task_at_once(smtp_server: MakeServ
         conn.abort()
 
 
-@contextlib.asynccontextmanager
-async def speaks_while_not_reading() -> AsyncIterator[tuple[str, int]]:
-    """Like :func:`stops_reading_after_354`, but the server first says it is shutting
-    down (a 421, RFC 5321 3.8) while the client is still writing the message."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 stall.test ESMTP\r\n")
-        while line := await reader.readline():
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                writer.write(b"250-stall.test\r\n250 PIPELINING\r\n")
-            elif verb == b"DATA":
-                writer.write(b"354 go ahead\r\n")
-                await writer.drain()
-                break
-            else:
-                writer.write(b"250 ok\r\n")
-        await asyncio.sleep(0.3)  # the client's writes fill the socket buffers meanwhile
-        writer.write(b"421 4.3.2 shutting down\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.3)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield "127.0.0.1", server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-
-
 async def test_a_reply_while_the_message_is_still_being_written_waits_its_turn() -> None:
     # Bytes that arrive while a drained write waits for the kernel are the next
     # reply's: the steps go on writing (here until the reset), nothing is woken early.
-    async with speaks_while_not_reading() as (host, port):
+    async with stops_reading_after_354(says=b"421 4.3.2 shutting down\r\n") as (host, port):
         result = await send_16_mb(host, port)
     assert (result.status, result.stage) == ("transient", "message"), result
     # the connection's loss, not an internal error from a step woken with nothing
