@@ -9,7 +9,7 @@ environment only when compiling.
 
 The whole test suite passes on both builds. One difference is known: in compiled code
 ``raise X from exc`` keeps ``exc`` as the implicit context (``__context__``), not as
-``__cause__``. transport.py stays Python: its error translation relies on ``__cause__``.
+``__cause__``. The asyncio driver (_io/asyncio_driver.py) stays Python: its error translation relies on ``__cause__``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ from typing import Any
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 #: the modules every session runs through, compiled together
-COMPILED = ("reply", "capabilities", "protocol", "steps", "session")
+COMPILED = (
+    "_core/reply",
+    "_core/capabilities",
+    "_core/protocol",
+    "_core/steps",
+    "_delivery/session",
+)
 
 
 def enabled() -> bool:
@@ -70,7 +76,7 @@ def compile_in_place(src: Path, scratch: Path) -> list[Path]:
     if done.returncode != 0:
         raise RuntimeError(f"mypyc failed:\n{done.stdout}{done.stderr}")
     built = [p for p in src.glob("*__mypyc*") if p.suffix in (".so", ".pyd")]
-    built += [p for p in (src / "asmtp").iterdir() if p.suffix in (".so", ".pyd")]
+    built += [p for p in (src / "asmtp").rglob("*") if p.suffix in (".so", ".pyd")]
     if len(built) < len(COMPILED):
         raise RuntimeError(f"mypyc built {len(built)} extensions for {len(COMPILED)} modules")
     return built

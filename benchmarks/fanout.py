@@ -250,9 +250,9 @@ def version_of(client: str) -> str:
     base = base_of(client)
     if base == "asmtp":
         import asmtp
-        import asmtp.session
+        import asmtp._delivery.session
 
-        compiled = Path(asmtp.session.__file__).suffix in (".so", ".pyd")
+        compiled = Path(asmtp._delivery.session.__file__).suffix in (".so", ".pyd")
         where = Path(asmtp.__file__).parent
         return f"asmtp {asmtp.__version__} ({where}{', compiled' if compiled else ''})"
     if base == "aiosmtplib":

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import asmtp.address
-from asmtp.address import (
+import asmtp._core.address
+from asmtp._core.address import (
     check_header,
     check_mailbox,
     domain_of,
@@ -24,7 +24,7 @@ LINE_BREAKERS = ["\r", "\n", "\r\n", "\x00", "\x0b", "\x0c", "\x1c", "\x85", "\u
 
 
 def test_docstring_examples() -> None:
-    result = doctest.testmod(asmtp.address)
+    result = doctest.testmod(asmtp._core.address)
     assert result.attempted > 10
     assert result.failed == 0
 

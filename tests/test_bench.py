@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from asmtp.bench import (
+from asmtp.cli.bench.main import (
     PERCENTILES,
     LatencyRecorder,
     build_bench_message,
@@ -33,7 +33,8 @@ MakeFaultServer = Callable[..., FaultServer]
 
 # Until ``bench`` is wired into the asmtp command: the same options, on their own.
 _ENTRY = (
-    "import sys; from asmtp.bench import standalone_main; sys.exit(standalone_main(sys.argv[1:]))"
+    "import sys; from asmtp.cli.bench.main import standalone_main;"
+    " sys.exit(standalone_main(sys.argv[1:]))"
 )
 _ORDER = ("min", *(f"p{p:g}" for p in PERCENTILES), "max")
 
@@ -425,9 +426,9 @@ def test_parse_size() -> None:
 def test_the_module_examples_hold() -> None:
     import doctest
 
-    import asmtp.bench
+    import asmtp.cli.bench.main
 
-    result = doctest.testmod(asmtp.bench)
+    result = doctest.testmod(asmtp.cli.bench.main)
     assert result.attempted >= 2 and result.failed == 0
 
 

@@ -79,8 +79,8 @@ def test_a_compiled_wheel_runs_the_hot_path_as_extensions(
         zf.extractall(site)
     server = smtp_server()
     script = f"""
-import asyncio, asmtp, asmtp.session
-assert asmtp.session.__file__.endswith((".so", ".pyd")), asmtp.session.__file__
+import asyncio, asmtp, asmtp._delivery.session
+assert asmtp._delivery.session.__file__.endswith((".so", ".pyd")), asmtp._delivery.session.__file__
 report = asyncio.run(asmtp.sendmail(
     to="a@example.org, b@example.org", from_="s@example.com", subject="compiled",
     body="hello", relay=asmtp.Relay("{server.host}", {server.port}, tls="none")))

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from asmtp.cli import build_parser, main
+from asmtp.cli.main import build_parser, main
 from dnsserver import DNSServer
 from servers import FaultServer, Received, SMTPTestServer, wait_until
 

@@ -187,7 +187,7 @@ def test_without_aiosmtpd_the_outbox_import_names_the_extra(tmp_path: Path) -> N
     done = python("import asmtp.testing", without(tmp_path, {"aiosmtpd"}))
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
-        "ModuleNotFoundError: asmtp's test outbox (asmtp.testing, asmtp.demo) needs"
+        "ModuleNotFoundError: asmtp's test outbox (asmtp.testing, asmtp.testing) needs"
         " aiosmtpd: pip install 'asmtp[testing]'"
     )
 

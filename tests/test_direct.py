@@ -1,7 +1,7 @@
 """Direct delivery (relay=None / asmtp.config.Direct), end to end: a real authoritative
 DNS server on loopback (tests/dnsserver.py) names mail exchangers at 127.0.0.2,
 127.0.0.3, ... and real SMTP servers (aiosmtpd, or the byte-level fault server) listen
-there, all on one port. Also the pure decisions of asmtp.direct, without sockets.
+there, all on one port. Also the pure decisions of asmtp._delivery.direct, without sockets.
 The integration tests run on asyncio and on trio (the ``anyio`` mark; see conftest.py)."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import pytest
 import trustme
 
 import asmtp
+from asmtp._core.message import prepare_message
+from asmtp._delivery.direct import DirectDelivery, next_address_may_help, plan_jobs
+from asmtp._delivery.session import Extras
 from asmtp.config import Direct, Timeouts
-from asmtp.direct import DirectDelivery, next_address_may_help, plan_jobs
-from asmtp.message import prepare_message
 from asmtp.results import RecipientResult
-from asmtp.session import Extras
 from dnsserver import DNSServer
 from servers import (
     FaultServer,

@@ -1,4 +1,4 @@
-"""DKIM signing: signatures made by asmtp.dkim verify with dkimpy's verifier against
+"""DKIM signing: signatures made by asmtp._core.dkim verify with dkimpy's verifier against
 the public key served by a real DNS server on loopback, both on the prepared bytes and
 on what a real SMTP server received; tampering breaks them; bad input is refused."""
 
@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 import asmtp
-from asmtp.dkim import DKIM, dns_txt_record
-from asmtp.mailer import Job
-from asmtp.message import PreparedMessage, build_message, prepare_message
+from asmtp._core.dkim import DKIM, dns_txt_record
+from asmtp._core.message import PreparedMessage, build_message, prepare_message
+from asmtp._delivery.mailer import Job
 from dnsserver import DNSServer
 from servers import SMTPTestServer
 

@@ -28,14 +28,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import asmtp
-from asmtp.cli import main
+from asmtp._delivery.journal import MAX_LINE, Journal, JournalEntry, JournalIdentity, read_journal
+from asmtp.cli.main import main
 from asmtp.errors import (
     JournalFormatError,
     JournalIdentityError,
     JournalLockedError,
     JournalRefusedError,
 )
-from asmtp.journal import MAX_LINE, Journal, JournalEntry, JournalIdentity, read_journal
 from servers import SMTPTestServer
 
 pytestmark = pytest.mark.anyio

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import asmtp
-from asmtp.mailer import Job
-from asmtp.retry import Rate
+from asmtp._delivery.mailer import Job
+from asmtp._delivery.retry import Rate
 from servers import FaultServer, SMTPTestServer
 
 pytestmark = pytest.mark.anyio

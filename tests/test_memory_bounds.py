@@ -1,7 +1,7 @@
 """Memory is bounded by design: one copy of a message, whatever the concurrency.
 
 Sessions sending one message at once write views of the same bytes, a block at a time
-(:data:`asmtp.steps.WRITE_BLOCK`), and QUIT goes as its own small write after the
+(:data:`asmtp._core.steps.WRITE_BLOCK`), and QUIT goes as its own small write after the
 content, still pipelined (RFC 2920): no session joins the message with anything, and
 no transport holds more than about a block of copies. Checked with ``tracemalloc`` in
 this process while a sink in a subprocess (whose allocations do not count) takes the
@@ -35,10 +35,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asmtp
-from asmtp.config import Timeouts
-from asmtp.dispatch import deliver_one
-from asmtp.errors import LocalProtocolError
-from asmtp.message import (
+from asmtp._core.message import (
     _BASE64_BLOCK,
     _BLOCK,
     MessageIdRemover,
@@ -48,11 +45,14 @@ from asmtp.message import (
     prepare_message,
     with_headers,
 )
-from asmtp.protocol import ClientProtocol, State
-from asmtp.reply import Reply
+from asmtp._core.protocol import ClientProtocol, State
+from asmtp._core.reply import Reply
+from asmtp._core.steps import WRITE_BLOCK
+from asmtp._delivery.dispatch import deliver_one
+from asmtp._delivery.session import Endpoint
+from asmtp.config import Timeouts
+from asmtp.errors import LocalProtocolError
 from asmtp.results import RecipientResult
-from asmtp.session import Endpoint
-from asmtp.steps import WRITE_BLOCK
 from servers import client_ssl_context
 
 # A minimal ESMTP sink (PIPELINING, STARTTLS or implicit TLS) run in a subprocess. It

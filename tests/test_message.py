@@ -20,16 +20,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import asmtp.message
+import asmtp._core.message
 from asmtp import __version__
-from asmtp.errors import InputError
-from asmtp.message import (
+from asmtp._core.message import (
     X_MAILER,
     PreparedMessage,
     build_message,
     envelope_of,
     prepare_message,
 )
+from asmtp.errors import InputError
 
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -84,7 +84,7 @@ def simple(**kwargs: object) -> EmailMessage:
 
 
 def test_docstring_examples() -> None:
-    result = doctest.testmod(asmtp.message)
+    result = doctest.testmod(asmtp._core.message)
     assert result.attempted >= 5
     assert result.failed == 0
 

@@ -27,10 +27,10 @@ import dns.resolver
 import pytest
 
 import asmtp
-from asmtp.mailer import Job
-from asmtp.message import MessageIdRemover, build_message, prepare_message, with_headers
-from asmtp.pool import Pool
-from asmtp.retry import Rate
+from asmtp._core.message import MessageIdRemover, build_message, prepare_message, with_headers
+from asmtp._delivery.mailer import Job
+from asmtp._delivery.pool import Pool
+from asmtp._delivery.retry import Rate
 from dnsserver import DNSServer
 from servers import SMTPTestServer
 

@@ -1,7 +1,7 @@
 """Pooled sessions for web backends: reuse counted on the server side, dead sessions
 replaced, limits honoured, concurrent sends kept apart. Sessions age on a clock the
 test moves (:class:`Clock`), never by sleeping; what the pool does with a session is
-:func:`asmtp.pool.verdict`, tested here without sockets too.
+:func:`asmtp._delivery.pool.verdict`, tested here without sockets too.
 
 The integration tests run on asyncio and on trio (the ``anyio`` mark; see conftest.py).
 """
@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asmtp
-from asmtp.message import prepare_message
-from asmtp.pool import SessionPool, Usage, Verdict, verdict
-from asmtp.session import Endpoint
+from asmtp._core.message import prepare_message
+from asmtp._delivery.pool import SessionPool, Usage, Verdict, verdict
+from asmtp._delivery.session import Endpoint
 from servers import FaultServer, SMTPTestServer, free_port
 
 pytestmark = pytest.mark.anyio
@@ -186,8 +186,8 @@ async def test_a_session_whose_pre_dot_hook_fails_is_never_lent_again(
 ) -> None:
     # The journal's pre-dot line could not be written: the session is in DATA with no
     # content to send, so it is closed (the server drops the transaction), not reused.
-    from asmtp.message import prepare_message
-    from asmtp.session import Endpoint, Extras, Session
+    from asmtp._core.message import prepare_message
+    from asmtp._delivery.session import Endpoint, Extras, Session
 
     server = smtp_server()
     endpoint = await Endpoint.for_relay(asmtp.Relay(server.host, server.port, tls="none"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from asmtp.capabilities import Capabilities
+from asmtp._core.capabilities import Capabilities
+from asmtp._core.protocol import ClientProtocol, State
+from asmtp._core.reply import NEED_DATA, Reply, ReplyParser
 from asmtp.errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
-from asmtp.protocol import ClientProtocol, State
-from asmtp.reply import NEED_DATA, Reply, ReplyParser
 
 EHLO_REPLY = (
     b"250-mx.example.org Hello client.example.com\r\n"

@@ -1,4 +1,4 @@
-"""The recipients-file reader (asmtp.recipients): plain lists and CSV, comments, byte
+"""The recipients-file reader (asmtp._core.recipients): plain lists and CSV, comments, byte
 order marks, bad rows by line number, duplicates, and placeholder filling that leaves
 every other brace alone. Pure functions of text: no servers."""
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import asmtp.recipients
+import asmtp._core.recipients
 from asmtp import InputError
-from asmtp.recipients import (
+from asmtp._core.recipients import (
     BadRow,
     Duplicate,
     Placeholders,
@@ -253,5 +253,5 @@ def test_text_without_column_names_is_unchanged(text: str) -> None:
 
 
 def test_docstring_examples() -> None:
-    failures, tried = doctest.testmod(asmtp.recipients)
+    failures, tried = doctest.testmod(asmtp._core.recipients)
     assert tried > 0 and failures == 0

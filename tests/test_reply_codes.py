@@ -18,15 +18,15 @@ from typing import Any, TypeVar
 import pytest
 
 import asmtp
-from asmtp.capabilities import Capabilities
+from asmtp._core.capabilities import Capabilities
+from asmtp._core.message import prepare_message
+from asmtp._core.protocol import SUCCESS_CODES, ClientProtocol, State
+from asmtp._core.reply import NEED_DATA, Reply
+from asmtp._core.steps import Await, Send, Steps
+from asmtp._delivery.session import Endpoint, Session
 from asmtp.config import Timeouts
 from asmtp.errors import LocalProtocolError, RemoteProtocolError, SMTPError
-from asmtp.message import prepare_message
-from asmtp.protocol import SUCCESS_CODES, ClientProtocol, State
-from asmtp.reply import NEED_DATA, Reply
 from asmtp.results import RecipientResult, result_from_error
-from asmtp.session import Endpoint, Session
-from asmtp.steps import Await, Send, Steps
 from servers import FaultServer
 from test_bench import bench_json, target
 
@@ -339,7 +339,7 @@ def endpoint_for(kind: str) -> Endpoint:
 
 def outcome(kind: str, script: dict[str, list[bytes]], *, pipelining: bool) -> RecipientResult:
     """The first recipient's result of a whole session (one message to two recipients)
-    against ``script``, classified as asmtp.dispatch does."""
+    against ``script``, classified as asmtp._delivery.dispatch does."""
     session = Session(endpoint_for(kind), Timeouts())
     rcpts = ["b@example.org", "c@example.org"]
     results: dict[str, RecipientResult] = {}

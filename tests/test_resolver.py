@@ -11,6 +11,7 @@ from collections.abc import Callable
 import anyio
 import pytest
 
+from asmtp._io.resolver import MXHost, MXResolver, _parse_server, resolve_mx
 from asmtp.errors import (
     InputError,
     NoAddressError,
@@ -19,7 +20,6 @@ from asmtp.errors import (
     ResolveError,
     TemporaryResolveError,
 )
-from asmtp.resolver import MXHost, MXResolver, _parse_server, resolve_mx
 from dnsserver import DNSServer, dns_server  # noqa: F401
 
 MakeServer = Callable[..., DNSServer]

@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
+from asmtp._core.sasl import choose_mechanism, make_mechanism
 from asmtp.errors import AuthUnavailableError, RemoteProtocolError
-from asmtp.sasl import choose_mechanism, make_mechanism
 
 
 def b64(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The session's policy (:mod:`asmtp.session`) with no sockets: its steps run against
+"""The session's policy (:mod:`asmtp._delivery.session`) with no sockets: its steps run against
 scripted server bytes, and the tests read the exact bytes it wrote.
 
 The same generators run on the asyncio and anyio drivers (tests/test_steps.py and the
@@ -13,13 +13,13 @@ from typing import Any, TypeVar
 
 import pytest
 
+from asmtp._core.message import prepare_message
+from asmtp._core.reply import NEED_DATA
+from asmtp._core.steps import Await, Command, Send, Steps
+from asmtp._delivery.session import Endpoint, Session
 from asmtp.config import Timeouts
 from asmtp.errors import ReplyError
-from asmtp.message import prepare_message
-from asmtp.reply import NEED_DATA
 from asmtp.results import RecipientResult
-from asmtp.session import Endpoint, Session
-from asmtp.steps import Await, Command, Send, Steps
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""The step contract (:mod:`asmtp.steps`) on both drivers, against real servers on
+"""The step contract (:mod:`asmtp._core.steps`) on both drivers, against real servers on
 loopback: what each step sends back into the session's generator, errors thrown in at
 the ``yield`` where they happened, and a write that never finishes because the server
 stopped reading.
@@ -22,11 +22,11 @@ import pytest
 import trio
 
 import asmtp
+from asmtp._core.protocol import ClientProtocol
+from asmtp._core.reply import Reply
+from asmtp._core.steps import Await, Command, Receive, Send, Steps
+from asmtp._io.anyio_driver import open_best
 from asmtp.errors import SMTPTimeoutError
-from asmtp.protocol import ClientProtocol
-from asmtp.reply import Reply
-from asmtp.steps import Await, Command, Receive, Send, Steps
-from asmtp.transport_anyio import open_best
 from servers import FaultServer, SMTPTestServer
 
 MakeServer = Callable[..., SMTPTestServer]

@@ -1,4 +1,4 @@
-"""asmtp under trio: the anyio driver (:mod:`asmtp.transport_anyio`) against real
+"""asmtp under trio: the anyio driver (:mod:`asmtp._io.anyio_driver`) against real
 servers on loopback, and the public :func:`asmtp.sendmail` run by ``trio.run``.
 
 The tests are plain functions calling ``trio.run`` so that no pytest plugin (this
@@ -17,6 +17,11 @@ import pytest
 import trio
 
 import asmtp
+from asmtp._core.protocol import ClientProtocol
+from asmtp._core.reply import Reply
+from asmtp._core.steps import Receive, Steps
+from asmtp._io.anyio_driver import StreamConnection, open_best, open_stream_connection
+from asmtp._io.asyncio_driver import Connection
 from asmtp.errors import (
     CertificateError,
     ConnectError,
@@ -24,11 +29,6 @@ from asmtp.errors import (
     LocalProtocolError,
     SMTPTimeoutError,
 )
-from asmtp.protocol import ClientProtocol
-from asmtp.reply import Reply
-from asmtp.steps import Receive, Steps
-from asmtp.transport import Connection
-from asmtp.transport_anyio import StreamConnection, open_best, open_stream_connection
 from servers import FaultServer, SMTPTestServer, free_port
 
 MakeServer = Callable[..., SMTPTestServer]

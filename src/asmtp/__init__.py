@@ -15,10 +15,17 @@ recipient::
 
 __version__ = "0.1.0"
 
-from .api import ConnectedSession, connect, send, sendmail
-from .capabilities import Capabilities
+from ._core.capabilities import Capabilities
+from ._core.dkim import DKIM
+from ._core.message import PreparedMessage, build_message, prepare_message
+from ._core.reply import Reply
+from ._delivery.api import ConnectedSession, connect, send, sendmail
+from ._delivery.journal import JournalIdentity
+from ._delivery.mailer import Job, Mailer
+from ._delivery.pool import Pool
+from ._delivery.retry import Rate, Retry
+from ._io.resolver import MXHost, MXResolver, resolve_mx
 from .config import DSN, Direct, Relay, Timeouts
-from .dkim import DKIM
 from .errors import (
     AuthenticationError,
     AuthUnavailableError,
@@ -48,14 +55,7 @@ from .errors import (
     TLSUnavailableError,
     TransportError,
 )
-from .journal import JournalIdentity
-from .mailer import Job, Mailer
-from .message import PreparedMessage, build_message, prepare_message
-from .pool import Pool
-from .reply import Reply
-from .resolver import MXHost, MXResolver, resolve_mx
 from .results import Attempt, RecipientResult, Report
-from .retry import Rate, Retry
 
 __all__ = (
     "DKIM",

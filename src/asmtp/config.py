@@ -165,7 +165,7 @@ class Relay:
             if self.password is None:
                 raise InputError("a username needs a password (or a function returning one)")
         if self.auth_mechanism is not None:
-            from .sasl import MECHANISMS
+            from ._core.sasl import MECHANISMS
 
             if self.auth_mechanism.upper() not in MECHANISMS:
                 raise InputError(

@@ -4,8 +4,10 @@
 
 This module owns :class:`Outbox` (the server: its own thread and event loop, a port
 chosen by the kernel, scripted refusals and transient failures, optional AUTH) and
-:class:`SentMessage` (one accepted message, parsed). Nothing leaves the machine: the
-server listens on loopback only and the relay it hands out speaks plaintext to it.
+:class:`SentMessage` (one accepted message, parsed), and :class:`LocalServer` (an
+outbox that keeps each message as a ``.eml`` file: ``asmtp demo``'s server). Nothing
+leaves the machine: the server listens on loopback only and the relay it hands out
+speaks plaintext to it.
 
 It needs aiosmtpd, which asmtp installs only as an extra (``pip install
 'asmtp[testing]'``). With asmtp installed, pytest finds the fixture by itself: the
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +38,7 @@ from email.headerregistry import AddressHeader
 from email.message import EmailMessage
 from email.parser import BytesParser
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal, Self
 
 import anyio
@@ -42,7 +47,7 @@ try:
     from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 except ModuleNotFoundError as exc:  # an extra, not a dependency of asmtp: say which
     raise ModuleNotFoundError(
-        "asmtp's test outbox (asmtp.testing, asmtp.demo) needs aiosmtpd: "
+        "asmtp's test outbox (asmtp.testing, asmtp.testing) needs aiosmtpd: "
         "pip install 'asmtp[testing]'",
         name=exc.name,
     ) from exc
@@ -50,7 +55,7 @@ except ModuleNotFoundError as exc:  # an extra, not a dependency of asmtp: say w
 from .config import Relay
 from .errors import InputError
 
-__all__ = ["FailureStage", "Outbox", "SentMessage"]
+__all__ = ["FailureStage", "LocalServer", "Outbox", "SentMessage"]
 
 #: Where a scripted failure (:meth:`Outbox.fail_next`) answers: MAIL FROM, each RCPT
 #: TO, or the reply after the end-of-data dot.
@@ -564,6 +569,51 @@ class Outbox:
     def __repr__(self) -> str:
         state = f"{self.host}:{self.port}" if self._thread is not None else "stopped"
         return f"<Outbox {state} messages={len(self)}>"
+
+
+# --------------------------------------------------------------------------- demo
+class LocalServer(Outbox):
+    """An SMTP server on 127.0.0.1; each message lands in ``directory`` (a new
+    temporary folder unless given) as ``NNNNN-recipient.eml``, with its envelope in
+    ``X-Envelope-From``/``X-Envelope-To`` header lines.
+
+    >>> async with LocalServer() as server:
+    ...     relay = asmtp.Relay(server.host, server.port, tls="none")
+    """
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="asmtp-demo-"))
+        _check_folder(self.directory)
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        super().__init__(hostname="demo.asmtp.test", on_message=self._keep)
+
+    @property
+    def received(self) -> int:
+        return len(self)
+
+    def _keep(self, message: SentMessage) -> None:
+        with self._lock:
+            number = next(self._numbers)
+        rcpts = ",".join(message.rcpt_tos)
+        path = self.directory / f"{number:05d}-{rcpts[:60].replace('/', '_')}.eml"
+        envelope = f"X-Envelope-From: <{message.mail_from}>\r\nX-Envelope-To: {rcpts}\r\n"
+        path.write_bytes(envelope.encode() + message.data)
+
+
+def _check_folder(directory: Path) -> None:
+    """Make ``directory`` if needed and try writing in it: a file, a path under a
+    file, or a place that cannot be written (a read-only mount, /proc) is refused now
+    rather than as a failure in the server's thread for every message."""
+    shown = str(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{shown!r} is not a folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot keep messages in {shown!r}: {exc.strerror}") from None
 
 
 # --------------------------------------------------------------------------- pytest

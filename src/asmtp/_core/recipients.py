@@ -20,8 +20,9 @@ Every row is checked before anything is sent: a row whose address does not parse
 whose email cell is empty or whose field count differs from the header's becomes a
 :class:`BadRow` with its line number (1-based, counted in the file as written). An
 address given twice is sent once: the first row is kept, later ones are counted as
-:class:`Duplicate` (not an error). Addresses compare as :func:`~asmtp.address.unique_addresses`
-does: the domain case-insensitively, the local part exactly.
+:class:`Duplicate` (not an error). Addresses compare as
+:func:`~asmtp._core.address.unique_addresses` does: the domain case-insensitively, the
+local part exactly.
 
 Placeholders are a small substitution, never :meth:`str.format` on the user's text: only
 ``{name}`` where *name* is a column is replaced; every other brace is left alone (CSS
@@ -42,8 +43,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from ..errors import InputError
 from .address import parse_address_list, split_mailbox
-from .errors import InputError
 
 __all__ = [
     "BadRow",

@@ -40,7 +40,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, Self, TypeAlias
 
-from . import __version__
+from .._version import __version__
+from ..errors import InputError
 from .address import (
     check_header,
     check_mailbox,
@@ -49,7 +50,6 @@ from .address import (
     split_mailbox,
     unique_addresses,
 )
-from .errors import InputError
 
 __all__ = [
     "X_MAILER",
@@ -67,7 +67,8 @@ __all__ = [
 
 X_MAILER = f"asmtp/{__version__}"
 
-#: What To, Cc, From and ``recipients=`` accept: see :func:`~asmtp.address.parse_address_list`.
+#: What To, Cc, From and ``recipients=`` accept: see
+#: :func:`~asmtp._core.address.parse_address_list`.
 AddressInput: TypeAlias = str | Iterable[str] | None
 #: Extra headers: a mapping or (name, value) pairs; a None value drops that header.
 HeadersInput: TypeAlias = Mapping[str, str | None] | Iterable[tuple[str, str | None]] | None
@@ -272,13 +273,13 @@ def build_message(
     """Build a message from plain arguments; every input is checked before building.
 
     ``to``, ``cc`` and ``from_`` take the forms of
-    :func:`~asmtp.address.parse_address_list` (``from_`` must hold exactly one
+    :func:`~asmtp._core.address.parse_address_list` (``from_`` must hold exactly one
     address); display names are kept, comments dropped, IDN domains converted to
     IDNA. ``mailtype`` is "text" (text/plain) or "html" (text/html; with ``alt_text``,
     multipart/alternative with the plain text first). Bodies are UTF-8 and 7-bit clean
     on the wire (a body holding a NUL is quoted-printable, never raw). Bcc is never a
     header: give Bcc recipients to the sender instead. A control character other than
-    tab in the subject or another header is refused (:func:`~asmtp.address.check_header`).
+    tab in the subject or another header is refused (:func:`~asmtp._core.address.check_header`).
 
     ``headers`` adds headers or replaces defaults (X-Mailer); a None value drops that
     header (``{"X-Mailer": None}``). Sender, Reply-To and Resent-* values are checked

@@ -17,13 +17,13 @@ from typing import Literal, TextIO
 
 import anyio
 
-from .address import parse_address_list
-from .config import Direct, Relay, Timeouts, TimeoutSpec, check_number
+from .._core.address import parse_address_list
+from .._core.message import Attachment, PreparedMessage, build_message, prepare_envelope
+from ..config import Direct, Relay, Timeouts, TimeoutSpec, check_number
+from ..errors import InputError
+from ..results import RecipientResult, Report
 from .direct import DirectDelivery, plan_jobs
 from .dispatch import Job, deliver_one, run_pool
-from .errors import InputError
-from .message import Attachment, PreparedMessage, build_message, prepare_envelope
-from .results import RecipientResult, Report
 from .session import Endpoint, Session, default_helo, enable_debug
 
 __all__ = ["connect", "send", "sendmail"]
@@ -57,7 +57,7 @@ async def sendmail(
     (in input order, a recipient named twice counted once); raises only for bad input,
     before anything is sent.
 
-    ``attachments`` (see :func:`~asmtp.message.build_message`) are read and encoded in
+    ``attachments`` (see :func:`~asmtp._core.message.build_message`) are read and encoded in
     a worker thread, never on the event loop; a path that is not a regular file
     (a device, FIFO, directory, socket) is an :class:`~asmtp.errors.InputError`.
     ``log_file`` is opened (for appending) before anything is sent: a path that cannot

@@ -23,7 +23,7 @@ from email.utils import getaddresses
 
 import idna
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = [
     "check_header",

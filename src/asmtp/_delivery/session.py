@@ -5,9 +5,9 @@ Owns the client's policy over the state machine: which steps to take and in what
 order, when to pipeline, which extension a message needs, how each step's
 failure is classified, and (:class:`AuthCache`) not asking a relay again for
 credentials it refused. The bytes and the rules of the exchange stay in
-:mod:`asmtp.protocol`; the network stays in :mod:`asmtp.transport`.
+:mod:`asmtp._core.protocol`; the network stays in :mod:`asmtp._io.asyncio_driver`.
 
-The policy is written as generators of :mod:`asmtp.steps` (``greet``,
+The policy is written as generators of :mod:`asmtp._core.steps` (``greet``,
 ``transaction_steps``, ``quit_steps``, ``one_shot``...), so the same code runs on both
 drivers: from the asyncio driver's read callback, or step by step over anyio streams.
 The async methods (:meth:`Session.connect`, :meth:`Session.deliver`...) hand such steps
@@ -37,8 +37,15 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
-from .config import DSN, Password, Relay, Timeouts, TLSMode
-from .errors import (
+from .._core.message import PreparedMessage
+from .._core.protocol import AUTH_CONTINUE, SUCCESS_CODES, ClientProtocol, State
+from .._core.reply import Reply
+from .._core.sanitize import printable
+from .._core.sasl import Mechanism, choose_mechanism, make_mechanism
+from .._core.steps import Await, Command, Receive, Send, Steps
+from .._io.anyio_driver import AnyConnection, loop_clock, open_best
+from ..config import DSN, Password, Relay, Timeouts, TLSMode
+from ..errors import (
     AuthenticationError,
     AuthUnavailableError,
     ConnectError,
@@ -49,14 +56,7 @@ from .errors import (
     SMTPError,
     TLSUnavailableError,
 )
-from .message import PreparedMessage
-from .protocol import AUTH_CONTINUE, SUCCESS_CODES, ClientProtocol, State
-from .reply import Reply
-from .results import RecipientResult, Status, TLSState, result_from_error
-from .sanitize import printable
-from .sasl import Mechanism, choose_mechanism, make_mechanism
-from .steps import Await, Command, Receive, Send, Steps
-from .transport_anyio import AnyConnection, loop_clock, open_best
+from ..results import RecipientResult, Status, TLSState, result_from_error
 
 __all__ = [
     "AuthCache",
@@ -75,7 +75,7 @@ _default_context: ssl.SSLContext | None = None
 _fqdn: str | None = None
 _session_ids = 0  # numbers sessions in the transcript, so interleaved ones can be told apart
 
-# Each command's success replies, from the one table in asmtp.protocol.
+# Each command's success replies, from the one table in asmtp._core.protocol.
 _GREETING_OK = SUCCESS_CODES["greeting"]
 _EHLO_OK = SUCCESS_CODES["ehlo"]
 _STARTTLS_OK = SUCCESS_CODES["starttls"]

@@ -35,14 +35,9 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectSendStream
 
-from .address import check_mailbox, domain_of
-from .config import DSN, Direct, Relay, Timeouts, TimeoutSpec, check_number
-from .direct import DirectDelivery
-from .dispatch import run_session
-from .dkim import DKIM
-from .errors import InputError, JournalError, JournalWriteError, SMTPError, SMTPTimeoutError
-from .journal import Journal, JournalEntry, JournalIdentity, journal_key, message_digest
-from .message import (
+from .._core.address import check_mailbox, domain_of
+from .._core.dkim import DKIM
+from .._core.message import (
     MessageIdRemover,
     PreparedMessage,
     envelope_of,
@@ -50,8 +45,13 @@ from .message import (
     prepare_message,
     with_headers,
 )
+from ..config import DSN, Direct, Relay, Timeouts, TimeoutSpec, check_number
+from ..errors import InputError, JournalError, JournalWriteError, SMTPError, SMTPTimeoutError
+from ..results import RecipientResult, Report, result_from_error
+from .direct import DirectDelivery
+from .dispatch import run_session
+from .journal import Journal, JournalEntry, JournalIdentity, journal_key, message_digest
 from .pool import Pool, SessionPool
-from .results import RecipientResult, Report, result_from_error
 from .retry import Rate, Retry, TokenBucket
 from .session import Endpoint, Extras, Session, default_helo, enable_debug
 
@@ -71,7 +71,7 @@ _Prepared: TypeAlias = PreparedMessage | tuple[PreparedMessage, str]
 @dataclass(frozen=True, slots=True)
 class Job:
     """One recipient's delivery: ``message`` is an EmailMessage, ready bytes, a
-    :class:`~asmtp.message.PreparedMessage`, or a function that renders one (called
+    :class:`~asmtp._core.message.PreparedMessage`, or a function that renders one (called
     when the job's turn comes, so a long list never holds every message at once).
     ``sender`` defaults to the message's Sender/From; ``key`` identifies the job in
     results and in the journal (default: the recipient)."""
@@ -97,7 +97,7 @@ class Mailer:
     ``retry``: a :class:`~asmtp.Retry` (default: 3 tries) or None for no retries.
     ``rate``/``rate_per_domain``: "50/s", "1000/h". ``recipient_deadline``: seconds that
     bound all of one recipient's tries. ``journal``: a file that records each
-    recipient's progress (see :mod:`asmtp.journal`); ``resume=True`` continues the run
+    recipient's progress (see :mod:`asmtp._delivery.journal`); ``resume=True`` continues the run
     it holds (delivered and permanently refused recipients are skipped; one whose dot
     went out with no result recorded is reported ``unknown``, not sent again).
     The journal is locked while the Mailer is open (another Mailer or process gets
@@ -106,7 +106,7 @@ class Mailer:
     resume, and the message may change between runs); without one, the run is the
     envelope sender and a digest of the message (Subject, other fixed headers, body
     and attachments; not Date, Message-ID, To, Cc or per-recipient headers) of the
-    first job, or ``identity=`` (a :class:`~asmtp.journal.JournalIdentity`, as the CLI
+    first job, or ``identity=`` (a :class:`~asmtp._delivery.journal.JournalIdentity`, as the CLI
     gives for its template). A resume of another run raises
     :class:`~asmtp.errors.JournalIdentityError` saying what differs (when the identity comes
     from the first job: on leaving ``async with``, with nothing sent);
@@ -160,7 +160,7 @@ class Mailer:
         if campaign is not None and (not isinstance(campaign, str) or not campaign.strip()):
             raise InputError(f"campaign must be a non-empty name: {campaign!r}")
         if identity is not None and not isinstance(identity, JournalIdentity):
-            raise InputError(f"identity must be an asmtp.journal.JournalIdentity: {identity!r}")
+            raise InputError(f"identity must be an asmtp.JournalIdentity: {identity!r}")
         check_number("recipient_deadline (seconds)", recipient_deadline, optional=True)
         if unsubscribe is not None:
             _check_template("unsubscribe", unsubscribe, {"recipient", "token"})

@@ -1,6 +1,6 @@
 """What a session asks of its driver, as data. No I/O.
 
-A session's policy (:mod:`asmtp.session`) is written as generators that yield these
+A session's policy (:mod:`asmtp._delivery.session`) is written as generators that yield these
 steps and are sent each step's outcome, so one policy runs on every driver: the
 asyncio driver runs the steps from its read callback, writing each command the moment
 the reply before it is parsed, with no task wakeup per reply; the anyio driver (trio)
@@ -45,7 +45,7 @@ progress restarts the step's timeout (RFC 5321 4.5.3.2: a timeout per data block
 
 class Command(NamedTuple):
     """Write ``data`` and wait for the next reply (sent back: the
-    :class:`~asmtp.reply.Reply`), both within one new step of ``timeout`` seconds
+    :class:`~asmtp._core.reply.Reply`), both within one new step of ``timeout`` seconds
     (None: no limit)."""
 
     data: Data

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 
-from .errors import RemoteProtocolError
+from ..errors import RemoteProtocolError
 
 __all__ = ["MAX_LINE", "MAX_LINES", "NEED_DATA", "Reply", "ReplyParser"]
 

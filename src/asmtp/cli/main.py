@@ -9,11 +9,11 @@ Every send (``--to``, ``--recipients FILE``, ``asmtp demo``) goes through
 stdout with ``--json``, a line each in ``--log-file``), a progress bar and a summary
 table go to stderr. The CLI keeps counts, not results: the table has a row per status
 and reply with a few sample recipients, so its size does not grow with the list. Server
-text shown on the terminal goes through :func:`asmtp.sanitize.printable`.
+text shown on the terminal goes through :func:`asmtp._core.sanitize.printable`.
 
 Bulk sending (``--recipients FILE``): every recipient gets a message addressed to them
 alone (rendered per recipient when a CSV file's ``{column}`` placeholders are used; see
-:mod:`asmtp.recipients`); the whole file is checked before anything is sent. The first
+:mod:`asmtp._core.recipients`); the whole file is checked before anything is sent. The first
 Ctrl-C takes no new recipients and lets the sessions in flight finish (the journal stays
 complete); a second stops at once.
 
@@ -49,23 +49,8 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
-from . import __version__
-from .address import check_header, check_mailbox, domain_of, parse_address_list
-from .api import format_log_line
-from .argtypes import mail_domain, positive_float, positive_int
-from .bench import add_bench_parser, main_bench
-from .config import DSN, TLS_MODES, Direct, Relay, Timeouts, TLSMode
-from .direct import DirectDelivery, plan_jobs
-from .errors import (
-    InputError,
-    JournalIdentityError,
-    JournalRefusedError,
-    ResolveError,
-    SMTPError,
-)
-from .journal import JournalIdentity, template_digest
-from .mailer import Job, Mailer
-from .message import (
+from .._core.address import check_header, check_mailbox, domain_of, parse_address_list
+from .._core.message import (
     MessageIdRemover,
     PreparedMessage,
     build_message,
@@ -73,15 +58,30 @@ from .message import (
     prepare_message,
     with_headers,
 )
-from .recipients import BadRow, Recipient, RecipientRows, address_key, decode_lines
-from .resolver import MXHost, MXResolver
-from .results import RecipientResult
-from .retry import Rate, Retry
-from .sanitize import printable
-from .session import default_helo, enable_debug
+from .._core.recipients import BadRow, Recipient, RecipientRows, address_key, decode_lines
+from .._core.sanitize import printable
+from .._delivery.api import format_log_line
+from .._delivery.direct import DirectDelivery, plan_jobs
+from .._delivery.journal import JournalIdentity, template_digest
+from .._delivery.mailer import Job, Mailer
+from .._delivery.retry import Rate, Retry
+from .._delivery.session import default_helo, enable_debug
+from .._io.resolver import MXHost, MXResolver
+from .._version import __version__
+from ..config import DSN, TLS_MODES, Direct, Relay, Timeouts, TLSMode
+from ..errors import (
+    InputError,
+    JournalIdentityError,
+    JournalRefusedError,
+    ResolveError,
+    SMTPError,
+)
+from ..results import RecipientResult
+from .bench.main import add_bench_parser, main_bench
+from .options import mail_domain, positive_float, positive_int
 
 if TYPE_CHECKING:
-    from .demo import LocalServer  # imported when used: it brings the SMTP server
+    from ..testing import LocalServer  # imported when used: it brings the SMTP server
 
 __all__ = [
     "EXIT_FAILED",
@@ -1470,7 +1470,7 @@ class _ProgressBar:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import LocalServer
+    from ..testing import LocalServer
 
     try:
         server = LocalServer(args.dir)

@@ -4,8 +4,8 @@
 Every state transition of the client side of an SMTP session lives in this file. The
 driver does three things: hands received bytes to :meth:`ClientProtocol.receive_data`
 (``b""`` at end of stream), writes the bytes each command method returns, and asks
-:meth:`ClientProtocol.next_reply` for the next :class:`~asmtp.reply.Reply` (or
-:data:`~asmtp.reply.NEED_DATA`). A command the protocol forbids in the current state
+:meth:`ClientProtocol.next_reply` for the next :class:`~asmtp._core.reply.Reply` (or
+:data:`~asmtp._core.reply.NEED_DATA`). A command the protocol forbids in the current state
 raises :class:`~asmtp.errors.LocalProtocolError` naming the command and the state;
 a server that breaks the protocol raises :class:`~asmtp.errors.RemoteProtocolError`,
 and so does a reply its command does not allow (:data:`SUCCESS_CODES`: 221 to the
@@ -35,13 +35,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
-from .capabilities import Capabilities
-from .errors import (
+from ..errors import (
     STAGE_TEXT,
     ConnectionLostError,
     LocalProtocolError,
     RemoteProtocolError,
 )
+from .capabilities import Capabilities
 from .reply import NEED_DATA, Reply, ReplyParser, _NeedData
 
 __all__ = ["AUTH_CONTINUE", "SUCCESS_CODES", "ClientProtocol", "State"]
@@ -374,9 +374,9 @@ class ClientProtocol:
         self, data: bytes | tuple[bytes, ...], *, then_quit: bool = False
     ) -> bytes | tuple[bytes, ...]:
         """The message content after DATA's 354: ``data`` (bytes, or the pieces of
-        :attr:`PreparedMessage.parts <asmtp.message.PreparedMessage.parts>`) is already
+        :attr:`PreparedMessage.parts <asmtp._core.message.PreparedMessage.parts>`) is already
         CRLF-normalized, dot-stuffed and ends with ``CRLF . CRLF`` (see
-        :mod:`asmtp.message`). Returned as given: never copied.
+        :mod:`asmtp._core.message`). Returned as given: never copied.
 
         ``then_quit`` adds QUIT, for a session's last transaction on a server that
         offers PIPELINING (RFC 2920 3.1: message content may open a group and QUIT may

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from .address import check_mailbox
-from .errors import InputError
+from .._core.address import check_mailbox
+from ..errors import InputError
 
 __all__ = ["mail_domain", "positive_float", "positive_int"]
 

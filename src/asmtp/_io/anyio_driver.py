@@ -1,5 +1,5 @@
 """The anyio driver: one TCP (and TLS) connection over anyio byte streams feeding a
-sans-IO :class:`~asmtp.protocol.ClientProtocol`, for event loops other than asyncio
+sans-IO :class:`~asmtp._core.protocol.ClientProtocol`, for event loops other than asyncio
 (trio).
 
 Owns, for that driver: connecting (``anyio.connect_tcp``, implicit TLS included),
@@ -7,8 +7,8 @@ STARTTLS (``TLSStream.wrap``), the per-step deadline (one ``anyio.fail_at`` arou
 wait), the buffering that keeps :meth:`StreamConnection.write` synchronous, and the one
 place where anyio, OS and SSL exceptions become :mod:`asmtp.errors`
 (:func:`translate_stream_errors`, which hands OS and SSL errors on to
-:func:`asmtp.transport.translate_errors`). The interface is that of
-:class:`asmtp.transport.Connection` (see :class:`AnyConnection`), so a session cannot
+:func:`asmtp._io.asyncio_driver.translate_errors`). The interface is that of
+:class:`asmtp._io.asyncio_driver.Connection` (see :class:`AnyConnection`), so a session cannot
 tell the two drivers apart; :func:`open_best` picks one for the running async library.
 """
 
@@ -29,17 +29,17 @@ import anyio
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute, TLSStream
 
-from .errors import (
+from .._core.protocol import ClientProtocol
+from .._core.reply import NEED_DATA, Reply
+from .._core.steps import WRITE_BLOCK, Command, Data, Receive, Send, Steps
+from ..errors import (
     ConnectionLostError,
     LocalProtocolError,
     SMTPError,
     SMTPTimeoutError,
     TransportError,
 )
-from .protocol import ClientProtocol
-from .reply import NEED_DATA, Reply
-from .steps import WRITE_BLOCK, Command, Data, Receive, Send, Steps
-from .transport import Connection, open_connection, translate_errors
+from .asyncio_driver import Connection, open_connection, translate_errors
 
 __all__ = [
     "AnyConnection",
@@ -56,7 +56,7 @@ T = TypeVar("T")
 
 
 class AnyConnection(Protocol):
-    """What a session needs from a driver: :class:`~asmtp.transport.Connection` on
+    """What a session needs from a driver: :class:`~asmtp._io.asyncio_driver.Connection` on
     asyncio, :class:`StreamConnection` elsewhere. Sessions talk through steps
     (:meth:`run`) only; a step they await themselves (the TLS handshake) gets its
     deadline from :meth:`step`."""
@@ -81,7 +81,7 @@ class AnyConnection(Protocol):
 
 class StreamConnection:
     """One connection to an SMTP server over an anyio byte stream, with the interface of
-    :class:`~asmtp.transport.Connection` (:class:`AnyConnection`): :meth:`run` awaits a
+    :class:`~asmtp._io.asyncio_driver.Connection` (:class:`AnyConnection`): :meth:`run` awaits a
     session's steps one by one, through :meth:`read_reply`, :meth:`write` and
     :meth:`drain` (this driver's own building blocks, not part of that interface).
 
@@ -89,7 +89,7 @@ class StreamConnection:
     :meth:`drain`, which a session always awaits after writing (a command is written,
     then its reply read; the message is written, then drained). That keeps ``write``
     synchronous, as on asyncio, and sends pipelined commands in one piece. What is
-    queued stays views of the caller's bytes: up to :data:`~asmtp.steps.WRITE_BLOCK`
+    queued stays views of the caller's bytes: up to :data:`~asmtp._core.steps.WRITE_BLOCK`
     octets go in one send, more in sends of a block each, so a session holds at most
     one block of copies (over TLS, one block encrypted) whatever the message's size.
 
@@ -136,7 +136,7 @@ class StreamConnection:
     # -- driving the protocol -----------------------------------------------------
 
     async def run(self, steps: Steps[T]) -> T:
-        """Run ``steps`` (see :mod:`asmtp.steps`) to their end, one awaited step
+        """Run ``steps`` (see :mod:`asmtp._core.steps`) to their end, one awaited step
         after another, and return their value."""
         value: Any = None
         error: SMTPError | None = None
@@ -320,7 +320,7 @@ def translate_stream_errors(
     stage: str, host: str, timeout: float | None, doing: str
 ) -> Iterator[None]:
     """The one place where anyio's exceptions become asmtp errors on this driver; OS
-    and SSL errors go on to :func:`asmtp.transport.translate_errors`. ``doing`` ends
+    and SSL errors go on to :func:`asmtp._io.asyncio_driver.translate_errors`. ``doing`` ends
     the timeout message ("timed out after 1 s awaiting the ehlo reply")."""
     try:
         yield
@@ -388,7 +388,7 @@ async def open_stream_connection(
     timeout: float | None = None,
 ) -> StreamConnection:
     """Connect to ``address`` (an IP; defaults to ``host``) and return the connection,
-    as :func:`asmtp.transport.open_connection` does. With ``ssl_context`` the TLS
+    as :func:`asmtp._io.asyncio_driver.open_connection` does. With ``ssl_context`` the TLS
     handshake runs at once (implicit TLS, RFC 8314), checked against
     ``server_hostname`` (defaults to ``host``). ``timeout`` covers the connect, the
     handshake and, once the caller reads it, the greeting.
@@ -399,7 +399,7 @@ async def open_stream_connection(
     if _asyncio_loop() is not None:
         raise LocalProtocolError(
             "open_stream_connection is the driver for trio; use "
-            "asmtp.transport.open_connection (or open_best) under asyncio"
+            "asmtp._io.asyncio_driver.open_connection (or open_best) under asyncio"
         )
     deadline = math.inf if timeout is None else anyio.current_time() + timeout
     stream: ByteStream

@@ -14,12 +14,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from .config import Timeouts
-from .errors import SMTPError, SMTPTimeoutError
-from .message import PreparedMessage
-from .results import RecipientResult, result_from_error
+from .._core.message import PreparedMessage
+from .._io.anyio_driver import loop_clock
+from ..config import Timeouts
+from ..errors import SMTPError, SMTPTimeoutError
+from ..results import RecipientResult, result_from_error
 from .session import NO_EXTRAS, Endpoint, Extras, Session
-from .transport_anyio import loop_clock
 
 __all__ = ["deliver_one", "run_pool", "run_session"]
 

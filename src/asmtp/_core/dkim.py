@@ -2,7 +2,7 @@
 
 This module owns everything asmtp knows about DKIM (RFC 6376): the signing
 configuration (:class:`DKIM`: domain, selector, key, which header fields to sign),
-adding a ``DKIM-Signature`` header field to a :class:`~asmtp.message.PreparedMessage`
+adding a ``DKIM-Signature`` header field to a :class:`~asmtp._core.message.PreparedMessage`
 (:meth:`DKIM.sign`), and the DNS TXT value that publishes a key
 (:func:`dns_txt_record`). The cryptography and canonicalization are dkimpy's; asmtp
 only decides what is signed and keeps the wire bytes intact.
@@ -32,7 +32,7 @@ from typing import Literal
 
 import idna
 
-from .errors import InputError
+from ..errors import InputError
 from .message import MAX_LINE_LENGTH, PreparedMessage
 
 __all__ = ["DEFAULT_SIGNED_HEADERS", "DKIM", "dns_txt_record"]
@@ -72,7 +72,7 @@ _EXTRA_MISSING = "DKIM signing needs the dkim extra: pip install 'asmtp[dkim]'"
 _CRYPTOGRAPHY_MISSING = "needs the cryptography package: pip install cryptography"
 
 _LINE_BREAKS = re.compile("[\r\n\x00]")
-# RFC 5321 sub-domain labels; underscore tolerated as in asmtp.address.
+# RFC 5321 sub-domain labels; underscore tolerated as in asmtp._core.address.
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 # RFC 5322 2.2 field-name, and a header line as dkimpy reads it (name, then ':').
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")

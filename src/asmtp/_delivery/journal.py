@@ -66,14 +66,14 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from .errors import (
+from ..errors import (
     JournalFormatError,
     JournalIdentityError,
     JournalLockedError,
     JournalRefusedError,
     JournalWriteError,
 )
-from .results import RecipientResult
+from ..results import RecipientResult
 
 __all__ = [
     "FORMAT",
@@ -188,7 +188,7 @@ _BOUNDARY = re.compile(rb'boundary\s*=\s*"?([^";\s]+)', re.IGNORECASE)
 def message_digest(data: bytes, *, prepared: bool = False) -> str:
     """A digest of a message that is the same for every copy and every run of it:
     ``"sha256:<hex>"``. ``data`` is the message as sent (``prepared``: dot-stuffed and
-    ending in ``.\\r\\n``, as :class:`~asmtp.message.PreparedMessage` holds it). Header
+    ending in ``.\\r\\n``, as :class:`~asmtp._core.message.PreparedMessage` holds it). Header
     fields that differ per copy or per run (Date, Message-ID, To, Cc, unsubscribe
     links, DKIM-Signature, X-Mailer) are left out, and MIME boundaries (random each
     time a message is serialized) are replaced by fixed ones."""
@@ -650,7 +650,7 @@ class Journal:
                     )
                 record = {"event": "identity"}
         if record is not None:
-            from . import __version__  # at call time: the package imports this module
+            from .._version import __version__  # at call time: the package imports this module
 
             record.update(version=__version__, **identity.record(), time=_now())
             await self._write(record)

@@ -1,5 +1,5 @@
 """The asyncio driver: one TCP (and TLS) connection feeding a sans-IO
-:class:`~asmtp.protocol.ClientProtocol`.
+:class:`~asmtp._core.protocol.ClientProtocol`.
 
 Owns talking to the network on asyncio (uvloop included): connecting, reading through
 :class:`asyncio.BufferedProtocol` into one buffer shared by all of a thread's
@@ -8,13 +8,13 @@ flow control, STARTTLS through ``loop.start_tls``, the per-step timeout (one tim
 connection, re-armed lazily, never one per step), and the one place where OS, SSL
 and asyncio exceptions become :mod:`asmtp.errors`.
 
-Writing keeps memory bounded: data up to :data:`~asmtp.steps.WRITE_BLOCK` goes to the
+Writing keeps memory bounded: data up to :data:`~asmtp._core.steps.WRITE_BLOCK` goes to the
 transport at once; larger data (a big message) stays views of the caller's bytes in a
 queue of this connection, handed over a block at a time whenever the kernel has taken
 everything before it. A transport copies only what the kernel did not take, so a
 session holds at most about one block of copies, whatever the message's size.
 
-A session's steps (:mod:`asmtp.steps`) run from the read callback: each reply is
+A session's steps (:mod:`asmtp._core.steps`) run from the read callback: each reply is
 parsed in ``buffer_updated`` and the next command written there and then, so a whole
 session wakes its task only when it ends or asks for something awaited. Running steps
 (:meth:`Connection.run`) is the only way to talk over a connection: every user of it
@@ -32,7 +32,10 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any, NamedTuple, TypeVar, cast
 
-from .errors import (
+from .._core.protocol import ClientProtocol
+from .._core.reply import NEED_DATA
+from .._core.steps import WRITE_BLOCK, Await, Command, Data, Receive, Send, Steps
+from ..errors import (
     CertificateError,
     ConnectError,
     ConnectionLostError,
@@ -40,9 +43,6 @@ from .errors import (
     SMTPTimeoutError,
     TLSError,
 )
-from .protocol import ClientProtocol
-from .reply import NEED_DATA
-from .steps import WRITE_BLOCK, Await, Command, Data, Receive, Send, Steps
 
 __all__ = ["Connection", "open_connection"]
 
@@ -311,9 +311,9 @@ class Connection(asyncio.BufferedProtocol):
     # -- running a session's steps from the callbacks ------------------------------
 
     async def run(self, steps: Steps[T]) -> T:
-        """Run ``steps`` (see :mod:`asmtp.steps`) to their end and return their value.
+        """Run ``steps`` (see :mod:`asmtp._core.steps`) to their end and return their value.
         Commands, replies and drains are handled in the protocol callbacks; the task
-        wakes only at the end, or to await an :class:`~asmtp.steps.Await` step."""
+        wakes only at the end, or to await an :class:`~asmtp._core.steps.Await` step."""
         value: Any = None
         error: BaseException | None = None
         while True:

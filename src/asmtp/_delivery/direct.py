@@ -18,19 +18,19 @@ from dataclasses import dataclass, replace
 
 import anyio
 
-from .address import domain_of
-from .config import Direct, Timeouts, TLSMode
-from .dispatch import run_session
-from .errors import (
+from .._core.address import domain_of
+from .._core.message import PreparedMessage
+from .._io.resolver import MXHost, MXResolver
+from ..config import Direct, Timeouts, TLSMode
+from ..errors import (
     CertificateError,
     ResolveError,
     SMTPError,
     SMTPTimeoutError,
     TemporaryResolveError,
 )
-from .message import PreparedMessage
-from .resolver import MXHost, MXResolver
-from .results import Attempt, RecipientResult, result_from_error
+from ..results import Attempt, RecipientResult, result_from_error
+from .dispatch import run_session
 from .session import NO_EXTRAS, Endpoint, Extras, default_ssl_context
 
 __all__ = ["DirectDelivery", "next_address_may_help", "plan_jobs"]

@@ -34,7 +34,7 @@ import dns.rdtypes.ANY.MX
 import dns.resolver
 import dns.rrset
 
-from .errors import (
+from ..errors import (
     InputError,
     NoAddressError,
     NoSuchDomainError,

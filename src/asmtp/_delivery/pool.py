@@ -19,8 +19,8 @@ from typing import Literal
 
 import anyio
 
-from .config import Timeouts, check_number
-from .errors import SMTPError
+from ..config import Timeouts, check_number
+from ..errors import SMTPError
 from .session import Endpoint, Session
 
 __all__ = ["Pool", "PooledSession", "SessionPool", "Usage", "Verdict", "verdict"]

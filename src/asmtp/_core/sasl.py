@@ -21,7 +21,7 @@ import binascii
 import hashlib
 import hmac
 
-from .errors import AuthUnavailableError, RemoteProtocolError
+from ..errors import AuthUnavailableError, RemoteProtocolError
 
 __all__ = ["MECHANISMS", "Mechanism", "choose_mechanism", "make_mechanism"]
 

@@ -1,8 +1,8 @@
 """``asmtp bench``: a load generator for load-testing your own SMTP server.
 
 Owns the benchmark: its options, the workers, the latency statistics, and the report
-as a table, one JSON object or (through :mod:`asmtp.bench_report`) a self-contained
-HTML file. The workers speak SMTP through :class:`~asmtp.session.Session`'s own steps,
+as a table, one JSON object or (through :mod:`asmtp.cli.bench.report`) a self-contained
+HTML file. The workers speak SMTP through :class:`~asmtp._delivery.session.Session`'s own steps,
 the ones every send takes (set-up, transaction, QUIT: the same policy, not a copy of
 it), and time each stage through the session's ``on_stage`` observer, called in the
 read callback as each reply is parsed.
@@ -66,18 +66,18 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import __version__
-from .argtypes import positive_float, positive_int
-from .config import TLS_MODES, Timeouts, TLSMode
-from .errors import InputError, MessageRejectedError, ReplyError, SMTPError
-from .message import PreparedMessage, prepare_message
-from .protocol import SUCCESS_CODES, State
-from .sanitize import printable
-from .session import Endpoint, Session, reply_error
-from .steps import Steps
+from ..._core.message import PreparedMessage, prepare_message
+from ..._core.protocol import SUCCESS_CODES, State
+from ..._core.sanitize import printable
+from ..._core.steps import Steps
+from ..._delivery.session import Endpoint, Session, reply_error
+from ..._version import __version__
+from ...config import TLS_MODES, Timeouts, TLSMode
+from ...errors import InputError, MessageRejectedError, ReplyError, SMTPError
+from ..options import positive_float, positive_int
 
 # The replies the session's steps return rather than raise, judged here as the session
-# judges them (from the one table in asmtp.protocol).
+# judges them (from the one table in asmtp._core.protocol).
 _MESSAGE_OK = SUCCESS_CODES["message"]
 _QUIT_OK = SUCCESS_CODES["quit"]
 
@@ -449,7 +449,7 @@ _WITHIN = {"starttls": ("ehlo",), "mail": ("rcpt", "data")}
 
 class _Watch:
     """One worker's stage times, from its sessions' ``on_stage`` calls
-    (:class:`~asmtp.session.Session`). A stage's time is recorded when the next one
+    (:class:`~asmtp._delivery.session.Session`). A stage's time is recorded when the next one
     begins (it succeeded: the session went on); the stage that ends at ``"idle"`` is
     left in ``ended``/``took`` for the worker, which records it once it knows the
     outcome (a 5xx after the dot also ends the message stage)."""
@@ -1170,7 +1170,7 @@ def main_bench(args: argparse.Namespace) -> int:
         print("asmtp bench: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     if args.report is not None:
-        from .bench_report import render_report
+        from .report import render_report
 
         args.report.write_text(render_report(result.summary, result.histograms), "utf-8")
     try:

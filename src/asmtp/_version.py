@@ -1,0 +1,3 @@
+"""asmtp's version, in a module of its own: any module can import it without the package."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""``asmtp bench``: a load generator for load-testing your own SMTP server (layer 6)."""
