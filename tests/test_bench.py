@@ -18,14 +18,9 @@ from typing import Any
 
 import pytest
 
-from asmtp.cli.bench.main import (
-    PERCENTILES,
-    LatencyRecorder,
-    build_bench_message,
-    numbered,
-    parse_rate,
-    parse_size,
-)
+from asmtp.cli.bench.config import build_bench_message, numbered
+from asmtp.cli.bench.stats import PERCENTILES, LatencyRecorder
+from asmtp.cli.options import rate, rate_per_second, size
 from servers import FaultServer, SMTPTestServer, free_port, wait_until
 
 MakeServer = Callable[..., SMTPTestServer]
@@ -231,7 +226,7 @@ def test_rate_sends_on_schedule(smtp_server: MakeServer) -> None:
     assert summary["settings"]["rate_per_s"] == 50.0
     assert summary["latency_ms"]["queue"]["count"] == 20  # every start measured vs schedule
     assert len(server.messages) == 20
-    assert parse_rate("3000/m") == 50.0
+    assert rate_per_second("3000/m") == 50.0
 
 
 def test_connect_errors_by_class() -> None:
@@ -403,33 +398,39 @@ def test_recorder_exact_and_histogram_agree() -> None:
 
 
 def test_message_size_is_exact() -> None:
-    for size in (400, 401, 479, 480, 2048, 100_000):
-        prepared = build_bench_message(size, "bench@example.test", "example.test")
-        assert prepared.size == size
+    for octets in (400, 401, 479, 480, 2048, 100_000):
+        prepared = build_bench_message(octets, "bench@example.test", "example.test")
+        assert prepared.size == octets
         assert prepared.data.endswith(b"\r\n.\r\n")
         assert max(len(line) for line in prepared.data.split(b"\r\n")) <= 998
 
 
 @pytest.mark.parametrize(
-    ("text", "per_second"), [("50", 50.0), ("50/s", 50.0), ("120/m", 2.0), ("36/h", 0.01)]
+    ("text", "per_second"),
+    [("50", 50.0), ("50/s", 50.0), ("120/m", 2.0), ("36/h", 0.01), (".5", 0.5), ("5.", 5.0)],
 )
-def test_parse_rate(text: str, per_second: float) -> None:
-    assert parse_rate(text) == pytest.approx(per_second)
+def test_rates_are_one_grammar_for_send_and_bench(text: str, per_second: float) -> None:
+    assert rate_per_second(text) == pytest.approx(per_second)
+    if "/" in text:
+        assert rate(text).per_second == pytest.approx(per_second)
 
 
-def test_parse_size() -> None:
-    assert parse_size("2048") == 2048
-    assert parse_size("4k") == 4096
-    assert parse_size("2M") == 2 * 1024 * 1024
+def test_sizes() -> None:
+    assert size("2048") == 2048
+    assert size("4k") == 4096
+    assert size("2M") == 2 * 1024 * 1024
 
 
 def test_the_module_examples_hold() -> None:
     import doctest
 
-    import asmtp.cli.bench.main
+    import asmtp.cli.bench.config
+    import asmtp.cli.bench.stats
+    import asmtp.cli.options
 
-    result = doctest.testmod(asmtp.cli.bench.main)
-    assert result.attempted >= 2 and result.failed == 0
+    for module in (asmtp.cli.bench.config, asmtp.cli.bench.stats, asmtp.cli.options):
+        result = doctest.testmod(module)
+        assert result.attempted >= 2 and result.failed == 0
 
 
 def test_server_text_in_the_error_table_is_shown_as_text(fault_server: MakeFaultServer) -> None:

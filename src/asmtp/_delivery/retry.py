@@ -83,7 +83,7 @@ class Retry:
         return wait
 
 
-_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", re.I)
+_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", re.I)
 _PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 

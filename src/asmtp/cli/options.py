@@ -1,31 +1,95 @@
-"""Argument types shared by the ``asmtp`` commands (``send``, ``mx``, ``demo``,
-``bench``): each turns a command-line word into a value or a clear usage error."""
+"""What every ``asmtp`` command (``send``, ``mx``, ``demo``, ``bench``) shares: the one
+set of argument types (each turns a command-line word into a value or a clear usage
+error), the options written alike in several commands, the exit statuses, the event-loop
+runner and the plumbing of standard output and open files.
+
+A command's own options live in its module; anything two commands would otherwise write
+twice belongs here. Layer 6: may import any layer below.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import math
+import os
+import re
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from typing import IO, Any, TypeVar
 
 from .._core.address import check_mailbox
+from .._delivery.retry import Rate
 from ..errors import InputError
 
-__all__ = ["mail_domain", "positive_float", "positive_int"]
+__all__ = [
+    "DNS_TIMEOUT",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "add_dns_server",
+    "add_dns_timeout",
+    "add_timeout",
+    "discard_stdout",
+    "fit_open_files",
+    "host_port",
+    "host_port_or",
+    "mail_domain",
+    "non_negative_int",
+    "output",
+    "password_from_env",
+    "port",
+    "positive_float",
+    "positive_int",
+    "rate",
+    "rate_per_second",
+    "run_loop",
+    "size",
+]
+
+#: exit statuses: every recipient delivered (every domain resolved, every message
+#: accepted); some not; bad usage or input, nothing sent; interrupted (128 + SIGINT)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_T = TypeVar("_T")
 
 # RFC 1035 2.3.4: 63 octets a label, 253 characters a name written without its last dot
 _LABEL_MAX, _NAME_MAX = 63, 253
+#: the DNS query timeout of ``send`` (direct delivery) and ``mx``
+DNS_TIMEOUT = 5.0
+#: open files the process needs besides its sessions' sockets (the interpreter, the
+#: event loop, DNS queries, the journal and log files)
+_FD_HEADROOM = 32
+_SIZE = re.compile(r"\s*(\d+)\s*([kKmM]?)\s*")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
+
+# ----------------------------------------------------------------------- argument types
 
 
-def positive_int(value: str) -> int:
+def _whole_number(value: str, minimum: int, needs: str) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"must be {needs}: {value!r}")
     return number
 
 
+def positive_int(value: str) -> int:
+    """A whole number from 1: ``--concurrency 10``."""
+    return _whole_number(value, 1, "at least 1")
+
+
+def non_negative_int(value: str) -> int:
+    """A whole number from 0: ``--retries 0``."""
+    return _whole_number(value, 0, "0 or more")
+
+
 def positive_float(value: str) -> float:
+    """A finite number of seconds above zero: ``--timeout 2.5``."""
     try:
         number = float(value)
     except ValueError:
@@ -33,6 +97,86 @@ def positive_float(value: str) -> float:
     if not 0 < number < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {value!r}")
     return number
+
+
+def port(value: str) -> int:
+    """A TCP port, 1-65535, in decimal digits."""
+    if not (value.isascii() and value.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}")
+    number = int(value)
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535: {value!r}")
+    return number
+
+
+def host_port(value: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address; the port is None
+    when not given (``send --relay`` picks it from ``--tls``).
+
+    >>> host_port("mail.example.com:587"), host_port("[::1]:25"), host_port("::1")
+    (('mail.example.com', 587), ('::1', 25), ('::1', None))
+    """
+    host, number = value, None
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise argparse.ArgumentTypeError(f"not HOST[:PORT]: {value!r}")
+            number = port(rest[1:])
+    elif value.count(":") == 1:
+        host, _, text = value.partition(":")
+        number = port(text)
+    if not host:
+        raise argparse.ArgumentTypeError(f"not HOST[:PORT]: {value!r}")
+    return host, number
+
+
+def host_port_or(default: int) -> Callable[[str], tuple[str, int]]:
+    """An argument type: :func:`host_port` with ``default`` for a port not given
+    (``host_port_or(25)`` for ``asmtp bench HOST[:PORT]``)."""
+
+    def host_and_port(value: str) -> tuple[str, int]:
+        host, number = host_port(value)
+        return host, default if number is None else number
+
+    return host_and_port
+
+
+def rate(value: str) -> Rate:
+    """A rate limit: ``50/s``, ``300/m``, ``1000/h`` (``30 / min``, ``2/hour`` too):
+    the grammar of :meth:`asmtp.Rate.parse`, the one grammar of rates in asmtp."""
+    try:
+        return Rate.parse(value)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def rate_per_second(value: str) -> float:
+    """Messages per second, written as :func:`rate` takes them or as a bare number of
+    messages a second (``asmtp bench --rate``).
+
+    >>> rate_per_second("50/s"), rate_per_second("120/m"), rate_per_second("2.5")
+    (50.0, 2.0, 2.5)
+    """
+    unit = "" if "/" in value else "/s"
+    try:
+        return Rate.parse(value + unit).per_second
+    except InputError:
+        raise argparse.ArgumentTypeError(
+            f"a rate looks like 50/s, 300/m, 1000/h or 50 (a second): {value!r}"
+        ) from None
+
+
+def size(value: str) -> int:
+    """Octets from ``N``, ``Nk`` (x1024) or ``NM`` (x1048576).
+
+    >>> size("2048"), size("2k"), size("1M")
+    (2048, 2048, 1048576)
+    """
+    m = _SIZE.fullmatch(value)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size in octets (N, Nk, NM): {value!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
 def mail_domain(value: str) -> str:
@@ -56,3 +200,118 @@ def mail_domain(value: str) -> str:
                 f"not a mail domain: {value!r} (longer than DNS allows, RFC 1035 2.3.4)"
             )
     return domain
+
+
+# ----------------------------------------------------------------------- shared options
+
+
+def add_dns_server(group: Any) -> None:
+    """``--dns-server IP[:PORT]`` (may repeat): the DNS servers to ask."""
+    group.add_argument(
+        "--dns-server",
+        action="append",
+        metavar="IP[:PORT]",
+        help="ask this DNS server (may repeat; default: the system's)",
+    )
+
+
+def add_dns_timeout(group: Any, *, default: float | None) -> None:
+    """``--dns-timeout SECONDS``; ``default`` None leaves it None when not given (``send``
+    refuses it with ``--relay``, and then takes :data:`DNS_TIMEOUT`)."""
+    group.add_argument(
+        "--dns-timeout",
+        type=positive_float,
+        default=default,
+        metavar="SECONDS",
+        help=f"per DNS query (default {DNS_TIMEOUT:g})",
+    )
+
+
+def add_timeout(group: Any, *, default: float = 30.0) -> None:
+    """``--timeout SECONDS``: per network step."""
+    group.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=default,
+        metavar="SECONDS",
+        help=f"per network step (default {default:g})",
+    )
+
+
+def password_from_env(user: str | None, variable: str | None) -> str | None:
+    """The password of ``--user USER --password-env VAR``, read from the environment
+    (a password is never a flag of its own: flags show in ``ps``); None without
+    ``--user``. Each flag needs the other."""
+    if variable is not None and user is None:
+        raise InputError("--password-env goes with --user")
+    if user is None:
+        return None
+    if not variable:
+        raise InputError("--user needs --password-env VAR (the password is never a flag)")
+    password = os.environ.get(variable)
+    if password is None:
+        raise InputError(f"--password-env: environment variable {variable} is not set")
+    return password
+
+
+# ----------------------------------------------------------------------- plumbing
+
+
+def run_loop(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run a coroutine on a new event loop (uvloop when installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    result: _T = uvloop.run(coro)  # typed whether or not uvloop ships its stubs
+    return result
+
+
+def discard_stdout() -> None:
+    """Point standard output at the null device: its reader went away
+    (``asmtp ... | head``), and the interpreter's last flush must not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@contextlib.contextmanager
+def output() -> Iterator[IO[str]]:
+    """Write to stdout; a reader that went away (``asmtp ... | head``) is not an error."""
+    try:
+        yield sys.stdout
+        sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
+
+
+def fit_open_files(concurrency: int, *, per_session: int = 2) -> int:
+    """``concurrency``, or less when the open-file limit cannot hold that many
+    sessions: the soft limit is raised toward the hard one first; else the sessions
+    are capped, with one warning (not one "Too many open files" result each).
+
+    A session holds one socket, but a finished session's socket is released a loop
+    turn after its slot has opened the next one: two files a session, at the peak."""
+    try:
+        import resource
+    except ImportError:  # no such limit to raise here (Windows)
+        return concurrency
+    need = concurrency * per_session + _FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return concurrency
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft >= need:
+        return concurrency
+    fitted = max(1, (soft - _FD_HEADROOM) // per_session)
+    print(
+        f"asmtp: warning: --concurrency {concurrency} needs about {need} open files and "
+        f"the limit is {soft} (ulimit -n); sending with --concurrency {fitted}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return fitted

@@ -14,10 +14,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .stats import PERCENTILES, format_ms, percentile_key
+
 __all__ = ["render_report"]
 
 _OK, _FAILED, _BAR, _MEAN, _MAX = "#2e7d32", "#c62828", "#1565c0", "#1565c0", "#ef6c00"
-_PERCENTILE_KEYS = ("p50", "p90", "p99", "p99.9")
+_PERCENTILE_KEYS = tuple(percentile_key(p) for p in PERCENTILES)
 
 
 def _e(value: object) -> str:
@@ -25,15 +27,7 @@ def _e(value: object) -> str:
 
 
 def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    if value >= 0.1:
-        return f"{value:.2f}"
-    return f"{value:.3f}"
+    return format_ms(value, fine=True)
 
 
 def _nice_step(span: float, ticks: int) -> float:
@@ -148,6 +142,15 @@ class _Plot:
         self.frame()
         return "".join(self.parts) + "</svg>"
 
+    def seconds_axis(self, seconds: int, legend: str) -> str:
+        """Finish a chart over the run: its x axis in seconds since the start, ``legend``
+        saying what the colours are; the SVG."""
+        slot = self.plot_w / max(seconds, 1)
+        for tick in _linear_ticks(seconds, 8, whole=True):
+            self.x_tick(self.left + tick * slot, f"{tick:g}")
+        self.x_label(f"seconds since the start ({legend})")
+        return self.svg()
+
 
 def histogram_svg(
     stage: str,
@@ -233,10 +236,7 @@ def throughput_svg(
                 f'height="{y_ok - y_f:.2f}" fill="{_FAILED}"><title>second {i}: {failed:,} '
                 "failed</title></rect>"
             )
-    for tick in _linear_ticks(seconds, 8, whole=True):
-        plot.x_tick(plot.left + tick * slot, f"{tick:g}")
-    plot.x_label("seconds since the start (accepted green, failed red)")
-    return plot.svg()
+    return plot.seconds_axis(seconds, "accepted green, failed red")
 
 
 def latency_over_time_svg(
@@ -263,10 +263,7 @@ def latency_over_time_svg(
                 f'<polyline class="{key}" fill="none" stroke="{colour}" stroke-width="1.5" '
                 f'points="{" ".join(points)}"/>'
             )
-    for tick in _linear_ticks(seconds, 8, whole=True):
-        plot.x_tick(plot.left + tick * slot, f"{tick:g}")
-    plot.x_label("seconds since the start (mean blue, max orange)")
-    return plot.svg()
+    return plot.seconds_axis(seconds, "mean blue, max orange")
 
 
 _CSS = """
