@@ -9,7 +9,8 @@ environment only when compiling.
 
 The whole test suite passes on both builds. One difference is known: in compiled code
 ``raise X from exc`` keeps ``exc`` as the implicit context (``__context__``), not as
-``__cause__``. The asyncio driver (_io/asyncio_driver.py) stays Python: its error translation relies on ``__cause__``.
+``__cause__``. The drivers' exception map (_io/exceptions.py) stays Python: it relies on
+``__cause__``.
 """
 
 from __future__ import annotations

@@ -4,10 +4,39 @@ Every error asmtp raises derives from :class:`SMTPError`. Each carries ``permane
 (will retrying ever help?) and, where known, ``stage`` (the step of the SMTP exchange
 it ended at), so the dispatcher can turn any failure into a recipient result without
 special cases. Raw ``OSError``, ``ssl.SSLError`` or anyio exceptions never reach callers:
-the transport translates them into the classes below in one place.
+the drivers translate them into the classes below in one place
+(:mod:`asmtp._io.exceptions`).
+
+Also the vocabulary every layer shares: :data:`Stage`, the names of the steps of the
+exchange, and :data:`STAGE_TEXT`, how each is named in messages.
 """
 
 from __future__ import annotations
+
+from typing import Literal
+
+#: Where an SMTP exchange is, or where it ended: in the order a send goes through them.
+#: "input" (the caller's input was refused, before any connection), "dns" (the MX
+#: lookup of direct delivery), "connect" (TCP, and implicit TLS), then one stage per
+#: command whose reply is awaited ("greeting" is the server's opening, "message" the
+#: content and its end-of-data dot). :data:`STAGE_TEXT` names each in messages.
+Stage = Literal[
+    "input",
+    "dns",
+    "connect",
+    "greeting",
+    "ehlo",
+    "helo",
+    "starttls",
+    "auth",
+    "mail",
+    "rcpt",
+    "data",
+    "message",
+    "rset",
+    "noop",
+    "quit",
+]
 
 __all__ = [
     "AuthUnavailableError",
@@ -31,8 +60,10 @@ __all__ = [
     "RemoteProtocolError",
     "ReplyError",
     "ResolveError",
+    "RunningLoopError",
     "SMTPError",
     "SMTPTimeoutError",
+    "Stage",
     "TLSError",
     "TLSUnavailableError",
     "TemporaryResolveError",
@@ -51,15 +82,23 @@ class SMTPError(Exception):
 
     permanent: bool = False
 
-    def __init__(self, message: str, *, stage: str | None = None) -> None:
+    def __init__(self, message: str, *, stage: Stage | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.stage = stage
+        self.stage: Stage | None = stage
 
 
 class InputError(SMTPError, ValueError):
     """Bad input from the caller (an address or header with CR/LF/NUL, an address that
     does not parse, a bad option). Raised before any connection is made."""
+
+    permanent = True
+
+
+class RunningLoopError(SMTPError, RuntimeError):
+    """A blocking call of :mod:`asmtp.sync` (or the Django backend) was made from a
+    thread running an event loop: it would stall every task of that loop. Await the
+    async API there instead (``await asmtp.send(...)``, ``asmtp.Mailer``)."""
 
     permanent = True
 
@@ -99,7 +138,9 @@ class JournalWriteError(JournalError):
     large): the run stops sending; a recipient whose pre-dot line failed was not sent
     (transient). ``errno`` is the operating system's error number."""
 
-    def __init__(self, message: str, *, errno: int | None = None, stage: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, errno: int | None = None, stage: Stage | None = None
+    ) -> None:
         super().__init__(message, stage=stage)
         self.errno = errno
 
@@ -163,12 +204,12 @@ class ReplyError(SMTPError):
         text: str,
         *,
         enhanced_status: str | None = None,
-        stage: str | None = None,
+        stage: Stage | None = None,
     ) -> None:
         self.code = code
         self.text = text
         self.enhanced_status = enhanced_status
-        what = STAGE_TEXT.get(stage or "", "server")
+        what = "server" if stage is None else STAGE_TEXT.get(stage, "server")
         status = f" {enhanced_status}" if enhanced_status else ""
         super().__init__(f"{what} refused: {code}{status} {text}".rstrip(), stage=stage)
         self.permanent = code >= 500
@@ -184,7 +225,7 @@ class AuthenticationError(ReplyError):
         text: str,
         *,
         enhanced_status: str | None = None,
-        stage: str | None = "auth",
+        stage: Stage | None = "auth",
     ) -> None:
         super().__init__(code, text, enhanced_status=enhanced_status, stage=stage)
         self.permanent = False
@@ -251,8 +292,12 @@ class TemporaryResolveError(ResolveError):
     kind = "temporary"
 
 
-#: How each stage's command is named in messages ("RCPT TO refused: ...").
-STAGE_TEXT = {
+#: How each stage is named in messages ("RCPT TO refused: ..."): every :data:`Stage`,
+#: in its order.
+STAGE_TEXT: dict[Stage, str] = {
+    "input": "input",
+    "dns": "DNS",
+    "connect": "connect",
     "greeting": "greeting",
     "ehlo": "EHLO",
     "helo": "HELO",
@@ -266,3 +311,23 @@ STAGE_TEXT = {
     "noop": "NOOP",
     "quit": "QUIT",
 }
+
+
+def deadline_passed(stage: Stage, during: str = "", *, domain: str = "") -> SMTPError:
+    """The error for a recipient whose deadline (``Mailer(recipient_deadline=...)``)
+    passed at ``stage``, ``during`` saying what was under way if the stage does not.
+    Transient, as any timeout: :func:`asmtp.results.result_from_error` makes it
+    "unknown" when the end-of-data dot had been sent. At "dns" it is a temporary DNS
+    failure of ``domain`` (4.4.3, as a DNS timeout is), elsewhere a timeout.
+
+    >>> deadline_passed("mail")
+    SMTPTimeoutError("the recipient's deadline passed")
+    >>> deadline_passed("dns", "during the MX lookup", domain="example.org").message
+    "example.org: the recipient's deadline passed during the MX lookup"
+    """
+    text = f"the recipient's deadline passed {during}".rstrip()
+    if stage == "dns":
+        return TemporaryResolveError(
+            f"{domain}: {text}", domain=domain, permanent=False, enhanced_status="4.4.3"
+        )
+    return SMTPTimeoutError(text, stage=stage)

@@ -1,6 +1,7 @@
 """What a send returns: one :class:`RecipientResult` per recipient, gathered in a
 :class:`Report`. Pure data, no I/O; also how any :class:`~asmtp.errors.SMTPError`
-becomes a result (:func:`result_from_error`), so there is one classification rule.
+becomes a result (:func:`result_from_error`), so there is one classification rule,
+which a bug caught while delivering follows too (:func:`internal_error`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import ReplyError, ResolveError, SMTPError
+from .errors import ReplyError, ResolveError, SMTPError, Stage
 
-__all__ = ["Attempt", "RecipientResult", "Report", "Status", "TLSState", "result_from_error"]
+__all__ = [
+    "Attempt",
+    "RecipientResult",
+    "Report",
+    "Status",
+    "TLSState",
+    "internal_error",
+    "result_from_error",
+]
 
 Status = Literal["delivered", "transient", "permanent", "unknown"]
 TLSState = Literal["verified", "unverified", "none"]
@@ -25,7 +34,7 @@ class Attempt:
 
     host: str
     address: str
-    stage: str
+    stage: Stage
     code: int | None
     message: str
 
@@ -47,7 +56,7 @@ class RecipientResult:
     code: int | None = None
     enhanced_status: str | None = None
     message: str = ""
-    stage: str = "message"
+    stage: Stage = "message"
     host: str | None = None
     tls: TLSState = "none"
     elapsed: float = 0.0
@@ -145,5 +154,40 @@ def result_from_error(
         tls=tls,
         elapsed=elapsed,
         tried=tried,
+        key=key,
+    )
+
+
+def internal_error(
+    recipient: str,
+    exc: BaseException,
+    *,
+    stage: Stage | None = None,
+    dot_sent: bool = False,
+    host: str | None = None,
+    tls: TLSState = "none",
+    elapsed: float = 0.0,
+    key: Any = None,
+) -> RecipientResult:
+    """The result for a recipient whose delivery a bug in asmtp cut short (``exc``,
+    logged where it was caught), classified by the one rule of
+    :func:`result_from_error`: "unknown" when the end-of-data dot had been sent (the
+    message may have arrived, RFC 5321 section 6.1: sending it again could make a
+    duplicate), else "transient" (the recipient is not at fault; a later try may
+    pass). ``stage`` is where the session was; without one (the bug was outside any
+    session) it is "connect", as for any error that names no stage.
+
+    >>> internal_error("a@example.org", KeyError("x"), stage="rcpt").status
+    'transient'
+    >>> internal_error("a@example.org", KeyError("x"), stage="message", dot_sent=True).status
+    'unknown'
+    """
+    return result_from_error(
+        recipient,
+        SMTPError(f"internal error: {exc!r}", stage=stage),
+        host=host,
+        tls=tls,
+        elapsed=elapsed,
+        dot_sent=dot_sent,
         key=key,
     )

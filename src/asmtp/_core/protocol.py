@@ -1,9 +1,11 @@
 """The SMTP client state machine (RFC 5321, with 2920 PIPELINING, 3207 STARTTLS and
 4954 AUTH). Bytes in, replies out; no I/O, no asyncio.
 
-Every state transition of the client side of an SMTP session lives in this file. The
-driver does three things: hands received bytes to :meth:`ClientProtocol.receive_data`
-(``b""`` at end of stream), writes the bytes each command method returns, and asks
+Every state transition of the client side of an SMTP session lives in this file, as
+data: :data:`_SENDABLE_IN` says in which states each command may be sent and
+:data:`_AFTER_REPLY` which state each reply leads to. The driver does three things:
+hands received bytes to :meth:`ClientProtocol.receive_data` (``b""`` at end of
+stream), writes the bytes each command method returns, and asks
 :meth:`ClientProtocol.next_reply` for the next :class:`~asmtp._core.reply.Reply` (or
 :data:`~asmtp._core.reply.NEED_DATA`). A command the protocol forbids in the current state
 raises :class:`~asmtp.errors.LocalProtocolError` naming the command and the state;
@@ -33,13 +35,14 @@ import enum
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final
+from typing import Final, Literal
 
 from ..errors import (
     STAGE_TEXT,
     ConnectionLostError,
     LocalProtocolError,
     RemoteProtocolError,
+    Stage,
 )
 from .capabilities import Capabilities
 from .reply import NEED_DATA, Reply, ReplyParser, _NeedData
@@ -67,7 +70,7 @@ class State(enum.Enum):
 #: is a refusal. Anything else (another 2xx or 3xx, say 354 to RCPT or 221 to the dot)
 #: answers no command sent: the session is closed, since the replies can no longer be
 #: trusted to answer the commands they follow.
-SUCCESS_CODES: Final[Mapping[str, frozenset[int]]] = {
+SUCCESS_CODES: Final[Mapping[Stage, frozenset[int]]] = {
     "greeting": frozenset({220}),
     "ehlo": frozenset({250}),
     "helo": frozenset({250}),
@@ -84,12 +87,58 @@ SUCCESS_CODES: Final[Mapping[str, frozenset[int]]] = {
 #: AUTH's one intermediate reply: the server asks for the next SASL response (RFC 4954 4).
 AUTH_CONTINUE: Final = 334
 
-# How a reply's command is named in an error message.
-_NAMES = {**STAGE_TEXT, "greeting": "the greeting", "message": "the end of data"}
+#: What each reply does to the state: (after a success, after a refusal); None leaves
+#: the state as it is. Back to READY ends the mail transaction (RFC 5321 4.1.1.5: so do
+#: RSET and the end of data; 4.1.1.2: a refused MAIL opens none). Beside the table: a
+#: 421 to any command closes (RFC 5321 3.8), and AUTH's 334 asks for the next response.
+_AFTER_REPLY: Final[Mapping[Stage, tuple[State | None, State | None]]] = {
+    "greeting": (State.CONNECTED, State.REFUSED),  # refused: only QUIT may follow (3.1)
+    "ehlo": (State.READY, None),  # refused: HELO may follow (RFC 5321 3.2)
+    "helo": (State.READY, None),
+    "starttls": (State.TLS_HANDSHAKE, None),  # refused: the client decides (RFC 3207 4)
+    "auth": (State.READY, State.READY),
+    "mail": (State.MAIL, State.READY),
+    "rcpt": (None, None),  # a refused recipient leaves the transaction open
+    "data": (State.DATA, State.READY),
+    "message": (State.READY, State.READY),
+    "rset": (State.READY, None),
+    "noop": (None, None),
+    "quit": (State.CLOSED, State.CLOSED),
+}
 
-# Commands that may be sent while replies to earlier ones are outstanding (RFC 2920
-# section 3.1: DATA, EHLO, STARTTLS, AUTH, NOOP and QUIT each end a group).
-_PIPELINE_AFTER = frozenset({"mail", "rcpt", "rset"})
+#: A command, as :data:`_SENDABLE_IN` knows it: each awaits the reply of the stage of
+#: its name but "auth-response", the answer to AUTH's 334 challenge (an "auth" reply).
+_Command = Stage | Literal["auth-response"]
+
+#: The states each command may be sent in (RFC 5321 4.1.4: EHLO or HELO first, again
+#: after STARTTLS, RFC 3207 4.2; then MAIL, RCPT, DATA in order; RFC 4954 4: AUTH
+#: outside a transaction). RCPT and DATA in READY: pipelined behind MAIL (RFC 2920).
+#: The message content has its own rule (:meth:`ClientProtocol.message`).
+_SENDABLE_IN: Final[Mapping[_Command, tuple[State, ...]]] = {
+    "ehlo": (State.CONNECTED, State.READY),
+    "helo": (State.CONNECTED, State.READY),
+    "starttls": (State.READY,),
+    "auth": (State.READY,),
+    "auth-response": (State.AUTH,),
+    "mail": (State.READY,),
+    "rcpt": (State.READY, State.MAIL),
+    "data": (State.READY, State.MAIL),
+    "rset": (State.READY, State.MAIL),
+    "noop": (State.READY, State.MAIL),
+    "quit": (State.REFUSED, State.CONNECTED, State.READY, State.MAIL, State.AUTH),
+}
+#: The commands that may be sent while replies to earlier ones are outstanding, when
+#: the server offers PIPELINING and those are all replies to :data:`_PIPELINE_AFTER`
+#: commands (RFC 2920 3.1: DATA, EHLO, STARTTLS, AUTH, NOOP and QUIT each end a group).
+_PIPELINABLE: Final = frozenset({"mail", "rcpt", "data", "rset"})
+_PIPELINE_AFTER: Final = frozenset({"mail", "rcpt", "rset"})
+
+# How a reply's command is named in an error message.
+_NAMES: Final[Mapping[Stage, str]] = {
+    **STAGE_TEXT,
+    "greeting": "the greeting",
+    "message": "the end of data",
+}
 _BAD_CHAR = re.compile("[\r\n\0]")
 
 
@@ -116,7 +165,7 @@ class ClientProtocol:
 
     def __init__(self, *, trace: Trace | None = None, tls: bool = False) -> None:
         self._parser = ReplyParser()
-        self._pending: deque[str] = deque(("greeting",))
+        self._pending: deque[Stage] = deque(("greeting",))
         self._txn = False  # a MAIL has been sent and not yet closed (projected state)
         self._rcpts = 0  # RCPTs sent in the open transaction
         self._smtputf8 = False
@@ -139,7 +188,7 @@ class ClientProtocol:
         return self.state is State.CLOSED
 
     @property
-    def awaiting(self) -> str | None:
+    def awaiting(self) -> Stage | None:
         """The command whose reply comes next ("greeting", "ehlo", "rcpt", ...)."""
         return self._pending[0] if self._pending else None
 
@@ -184,84 +233,65 @@ class ClientProtocol:
             raise
         return reply
 
-    def _apply(self, kind: str, reply: Reply) -> None:
+    def _apply(self, kind: Stage, reply: Reply) -> None:
+        """Move on as the reply to ``kind`` says (:data:`_AFTER_REPLY`); one it does not
+        allow raises :class:`~asmtp.errors.RemoteProtocolError`."""
         code = reply.code
-        if code not in SUCCESS_CODES[kind]:
-            if code >= 400:
-                self._refused(kind, code)
-            elif kind == "auth" and code == AUTH_CONTINUE:
-                self.state = State.AUTH
+        if code in SUCCESS_CODES[kind]:
+            after = _AFTER_REPLY[kind][0]
+            if after is None:  # rcpt, noop
+                return
+            if kind == "data":
+                if self._pending:
+                    raise RemoteProtocolError("354 to DATA while replies are outstanding")
+                if self._parser.buffered:
+                    # Nothing may follow 354 before the content: a reply already here
+                    # would be taken as the answer to a dot the server has not seen yet.
+                    raise RemoteProtocolError("the server sent more after 354 to DATA")
+            elif kind == "ehlo":
+                self.capabilities = Capabilities.from_ehlo(reply)
+            elif kind == "helo":
+                self.capabilities = Capabilities.helo()
+            elif kind == "starttls":
+                # RFC 3207 4.2: anything after the 220 came in the clear; drop it
+                # (a man in the middle could have injected replies there).
+                self._parser.clear()
+            elif kind == "auth":
+                self.authenticated = True
+        elif code >= 400:
+            if code == 421:
+                after = State.CLOSED  # RFC 5321 3.8: the server is closing the channel
             else:
-                raise _unexpected(kind, reply)
+                after = _AFTER_REPLY[kind][1]
+                if after is None:
+                    return
+                if kind == "auth":
+                    self.authenticated = False
+        elif code == AUTH_CONTINUE and kind == "auth":
+            self.state = State.AUTH
             return
-        if kind == "rcpt":
-            return
-        if kind == "mail":
-            if self.state is State.READY:
-                self.state = State.MAIL
-        elif kind == "data":
-            if self._pending:
-                raise RemoteProtocolError("354 to DATA while replies are outstanding")
-            if self._parser.buffered:
-                # Nothing may follow 354 before the content: a reply already here would
-                # be taken as the answer to a dot the server has not seen yet.
-                raise RemoteProtocolError("the server sent more after 354 to DATA")
-            self.state = State.DATA
-        elif kind == "message":
-            self._close_transaction()
-        elif kind == "greeting":
-            self.state = State.CONNECTED
-        elif kind == "ehlo":
-            self.capabilities = Capabilities.from_ehlo(reply)
-            self.state = State.READY
-        elif kind == "helo":
-            self.capabilities = Capabilities.helo()
-            self.state = State.READY
-        elif kind == "starttls":
-            # RFC 3207 4.2: anything after the 220 came in the clear; drop it
-            # (a man in the middle could have injected replies there).
-            self._parser.clear()
-            self.state = State.TLS_HANDSHAKE
-        elif kind == "auth":
-            self.authenticated = True
-            self.state = State.READY
-        elif kind == "rset":
-            self._close_transaction()
-        elif kind == "quit":
-            self.state = State.CLOSED
-            self._pending.clear()
+        else:
+            raise _unexpected(kind, reply)
+        self._enter(after)
 
-    def _refused(self, kind: str, code: int) -> None:
-        """A 4xx or 5xx reply to ``kind``."""
-        if code == 421 or kind == "quit":
-            # RFC 5321 3.8: the server is closing the channel.
-            self._close_transaction()
-            self.state = State.CLOSED
-            self._pending.clear()
-        elif kind in ("mail", "data", "message"):
-            self._close_transaction()
-        elif kind == "greeting":
-            self.state = State.REFUSED
-        elif kind == "auth":
-            self.authenticated = False
-            self.state = State.READY
+    def _enter(self, state: State) -> None:
+        """Move to ``state``: back to READY, or CLOSED, ends the mail transaction;
+        CLOSED also forgets the replies still awaited."""
+        if state is State.READY or state is State.CLOSED:
+            self._txn = False
+            self._rcpts = 0
+            self._smtputf8 = False
+            if state is State.CLOSED:
+                self._pending.clear()
+        self.state = state
 
     def _abandon(self) -> None:
         """The server broke the protocol: nothing more can be trusted on this session."""
-        self._close_transaction()
-        self.state = State.CLOSED
-        self._pending.clear()
-
-    def _close_transaction(self) -> None:
-        self._txn = False
-        self._rcpts = 0
-        self._smtputf8 = False
-        if self.state in (State.MAIL, State.DATA):
-            self.state = State.READY
+        self._enter(State.CLOSED)
 
     # -- bytes out ----------------------------------------------------------------
 
-    def _command(self, kind: str, line: str, shown: str | None = None) -> bytes:
+    def _command(self, kind: Stage, line: str, shown: str | None = None) -> bytes:
         if self.trace is not None:
             self.trace(f"> {shown if shown is not None else line}")
         self._pending.append(kind)
@@ -273,21 +303,24 @@ class ClientProtocol:
                 f"{kind.upper()} needs SMTPUTF8 for non-ASCII text: {line!r}"
             ) from exc
 
-    def _check(self, kind: str, states: tuple[State, ...], *, pipelinable: bool = False) -> None:
-        if self.state not in states:
-            raise LocalProtocolError(f"cannot send {kind.upper()} in state {self.state.value}")
-        if self._pending and not (
-            pipelinable
+    def _check(self, command: _Command) -> None:
+        """The one check before a command is sent: the state allows it
+        (:data:`_SENDABLE_IN`), and so do the replies still awaited (PIPELINING)."""
+        if self.state not in _SENDABLE_IN[command]:
+            why = f"in state {self.state.value}"
+        elif self._pending and not (
+            command in _PIPELINABLE
             and self.capabilities.pipelining
             and _PIPELINE_AFTER.issuperset(self._pending)
         ):
-            raise LocalProtocolError(
-                f"cannot send {kind.upper()} while awaiting the "
-                f"{self._pending[0]} reply (no PIPELINING)"
-            )
+            why = f"while awaiting the {self._pending[0]} reply (no PIPELINING)"
+        else:
+            return
+        name = command.partition("-")[0].upper()  # "auth-response" is an AUTH line
+        raise LocalProtocolError(f"cannot send {name} {why}")
 
     @staticmethod
-    def _clean(kind: str, *values: str) -> None:
+    def _clean(kind: Stage, *values: str) -> None:
         for value in values:
             if (bad := _BAD_CHAR.search(value)) is not None:
                 raise LocalProtocolError(
@@ -295,17 +328,17 @@ class ClientProtocol:
                 )
 
     def ehlo(self, name: str) -> bytes:
-        self._check("ehlo", (State.CONNECTED, State.READY))
+        self._check("ehlo")
         self._clean("ehlo", name)
         return self._command("ehlo", f"EHLO {name}")
 
     def helo(self, name: str) -> bytes:
-        self._check("helo", (State.CONNECTED, State.READY))
+        self._check("helo")
         self._clean("helo", name)
         return self._command("helo", f"HELO {name}")
 
     def starttls(self) -> bytes:
-        self._check("starttls", (State.READY,))
+        self._check("starttls")
         if self.tls:
             raise LocalProtocolError("STARTTLS on a connection that is already encrypted")
         return self._command("starttls", "STARTTLS")
@@ -321,7 +354,7 @@ class ClientProtocol:
 
     def auth(self, mechanism: str, initial_response: str | None = None) -> bytes:
         """``AUTH MECH [initial-response]``; the response is masked in the transcript."""
-        self._check("auth", (State.READY,))
+        self._check("auth")
         self._clean("auth", mechanism, initial_response or "")
         line = f"AUTH {mechanism}"
         if initial_response is not None:
@@ -331,14 +364,14 @@ class ClientProtocol:
 
     def auth_response(self, response: str) -> bytes:
         """Answer a 334 challenge (masked in the transcript)."""
-        self._check("auth", (State.AUTH,))
+        self._check("auth-response")
         self._clean("auth", response)
         return self._command("auth", response, "****")
 
     def mail(self, sender: str, params: Iterable[str] = (), *, smtputf8: bool = False) -> bytes:
         """``MAIL FROM:<sender> PARAMS``. ``smtputf8`` opens a transaction in which
         addresses may be UTF-8 (RFC 6531)."""
-        self._check("mail", (State.READY,), pipelinable=True)
+        self._check("mail")
         if self._txn:
             raise LocalProtocolError("MAIL while a mail transaction is open")
         params = tuple(params)
@@ -355,7 +388,7 @@ class ClientProtocol:
         return data
 
     def rcpt(self, recipient: str, params: Iterable[str] = ()) -> bytes:
-        self._check("rcpt", (State.READY, State.MAIL), pipelinable=True)
+        self._check("rcpt")
         if not self._txn:
             raise LocalProtocolError("RCPT without MAIL")
         params = tuple(params)
@@ -365,7 +398,7 @@ class ClientProtocol:
         return self._command("rcpt", f"RCPT TO:<{recipient}>{tail}")
 
     def data(self) -> bytes:
-        self._check("data", (State.READY, State.MAIL), pipelinable=True)
+        self._check("data")
         if not self._txn or not self._rcpts:
             raise LocalProtocolError("DATA without MAIL and RCPT")
         return self._command("data", "DATA")
@@ -410,28 +443,25 @@ class ClientProtocol:
         return data
 
     def rset(self) -> bytes:
-        self._check("rset", (State.READY, State.MAIL), pipelinable=True)
+        self._check("rset")
         self._txn = False
         self._rcpts = 0
         return self._command("rset", "RSET")
 
     def noop(self) -> bytes:
-        self._check("noop", (State.READY, State.MAIL))
+        self._check("noop")
         return self._command("noop", "NOOP")
 
     def quit(self) -> bytes:
-        self._check(
-            "quit",
-            (State.REFUSED, State.CONNECTED, State.READY, State.MAIL, State.AUTH),
-        )
+        self._check("quit")
         return self._command("quit", "QUIT")
 
 
-def _awaited(kind: str) -> str:
+def _awaited(kind: Stage) -> str:
     return "the greeting" if kind == "greeting" else f"the reply to {_NAMES[kind]}"
 
 
-def _unexpected(kind: str, reply: Reply) -> RemoteProtocolError:
+def _unexpected(kind: Stage, reply: Reply) -> RemoteProtocolError:
     """The error for a reply that is neither success nor refusal for ``kind``."""
     code = reply.code
     text = " ".join(reply.lines).strip()

@@ -22,13 +22,7 @@ from .._core.address import domain_of
 from .._core.message import PreparedMessage
 from .._io.resolver import MXHost, MXResolver
 from ..config import Direct, Timeouts, TLSMode
-from ..errors import (
-    CertificateError,
-    ResolveError,
-    SMTPError,
-    SMTPTimeoutError,
-    TemporaryResolveError,
-)
+from ..errors import CertificateError, ResolveError, SMTPError, Stage, deadline_passed
 from ..results import Attempt, RecipientResult, result_from_error
 from .dispatch import run_session
 from .session import NO_EXTRAS, Endpoint, Extras, default_ssl_context
@@ -37,8 +31,10 @@ __all__ = ["DirectDelivery", "next_address_may_help", "plan_jobs"]
 
 # Stages before the recipient was accepted: a failure there says nothing about the
 # recipient, so another exchanger may take the mail.
-_BEFORE_TRANSACTION = frozenset({"connect", "greeting", "ehlo", "starttls", "auth"})
-_TRANSIENT_RETRYABLE = _BEFORE_TRANSACTION | {"mail", "rcpt"}
+_BEFORE_TRANSACTION: frozenset[Stage] = frozenset(
+    {"connect", "greeting", "ehlo", "starttls", "auth"}
+)
+_TRANSIENT_RETRYABLE: frozenset[Stage] = _BEFORE_TRANSACTION | {"mail", "rcpt"}
 
 
 def next_address_may_help(result: RecipientResult) -> bool:
@@ -139,23 +135,15 @@ class DirectDelivery:
         except ResolveError as exc:
             return job.failed(recipients, exc, host=None)
         except TimeoutError:
-            late = TemporaryResolveError(
-                f"{domain}: the recipient's deadline passed during the MX lookup",
-                domain=domain,
-                permanent=False,
-                enhanced_status="4.4.3",
-            )
+            late = deadline_passed("dns", "during the MX lookup", domain=domain)
             return job.failed(recipients, late, host=None)
         limit = self._limit(domain)
         try:
             with _until(deadline):
                 await limit.acquire()
         except TimeoutError:
-            waited = SMTPTimeoutError(
-                f"the recipient's deadline passed waiting for a session to {domain} "
-                f"(per_domain={self.settings.per_domain})",
-                stage="connect",
-            )
+            cap = f"(per_domain={self.settings.per_domain})"
+            waited = deadline_passed("connect", f"waiting for a session to {domain} {cap}")
             return job.failed(recipients, waited, host=hosts[0].name)
         try:
             return await self._walk(hosts, recipients, job)

@@ -9,6 +9,7 @@ every session in flight and re-raises, with no result made up.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -17,8 +18,8 @@ import anyio
 from .._core.message import PreparedMessage
 from .._io.anyio_driver import loop_clock
 from ..config import Timeouts
-from ..errors import SMTPError, SMTPTimeoutError
-from ..results import RecipientResult, result_from_error
+from ..errors import SMTPError, deadline_passed
+from ..results import RecipientResult, internal_error, result_from_error
 from .session import NO_EXTRAS, Endpoint, Extras, Session
 
 __all__ = ["deliver_one", "run_pool", "run_session"]
@@ -93,44 +94,29 @@ async def run_session(
         else:
             with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                 await body()
-    except (SMTPError, TimeoutError) as exc:
+    except Exception as exc:
         session.abort()
-        error = (
-            exc
-            if isinstance(exc, SMTPError)
-            else SMTPTimeoutError("the recipient's deadline passed", stage=session.stage)
-        )
+        error: SMTPError | None = None
+        if isinstance(exc, SMTPError):
+            error = exc
+        elif isinstance(exc, TimeoutError):
+            error = deadline_passed(session.stage)
+        if error is not None:
+            failed = functools.partial(result_from_error, error=error)
+        else:  # a bug in asmtp must not cost other recipients theirs
+            logger.exception("asmtp internal error while delivering to %s", ", ".join(recipients))
+            failed = functools.partial(internal_error, exc=exc, stage=session.stage)
         elapsed = clock() - t0
         for rcpt in recipients:
             if rcpt not in final:
-                final[rcpt] = result_from_error(
+                final[rcpt] = failed(
                     rcpt,
-                    error,
                     host=endpoint.host,
                     tls=session.tls,
                     elapsed=elapsed,
                     dot_sent=session.dot_sent,
                 )
         return [final[rcpt] for rcpt in recipients], error
-    except Exception as exc:  # a bug in asmtp must not cost other recipients theirs
-        session.abort()
-        logger.exception("asmtp internal error while delivering to %s", ", ".join(recipients))
-        elapsed = clock() - t0
-        status = "unknown" if session.dot_sent else "transient"
-        for rcpt in recipients:
-            final.setdefault(
-                rcpt,
-                RecipientResult(
-                    recipient=rcpt,
-                    status=status,  # type: ignore[arg-type]
-                    message=f"internal error: {exc!r}",
-                    stage=session.stage,
-                    host=endpoint.host,
-                    tls=session.tls,
-                    elapsed=elapsed,
-                ),
-            )
-        return [final[rcpt] for rcpt in recipients], None
     except BaseException:
         session.abort()
         raise

@@ -6,80 +6,49 @@ Owns bulk sending: a bounded pool of workers pulling jobs lazily (a million jobs
 generator never become a million tasks or queued results), retries of transient
 failures with backoff, rate limits, the journal and resuming from it, and stopping
 gracefully. Each job ends in exactly one result.
+
+It orchestrates decisions taken elsewhere, without I/O where they can be: what the
+journal means for a job (:mod:`~asmtp._delivery.resume`), each recipient's envelope
+and copy (:mod:`~asmtp._delivery.personalise`), when to retry
+(:mod:`~asmtp._delivery.retry`), and a send on a pooled session
+(:meth:`~asmtp._delivery.pool.SessionPool.deliver`); jobs reach the workers through
+:mod:`~asmtp._delivery.jobs`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-import string
 import time
 import types
-import urllib.parse
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Callable,
-    Iterable,
-    Iterator,
-    Sequence,
-)
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from dataclasses import replace
 from email.message import EmailMessage
-from email.utils import make_msgid
-from typing import Any, TypeAlias
+from typing import Any
 
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectSendStream
 
-from .._core.address import check_mailbox, domain_of
+from .._core.address import domain_of
 from .._core.dkim import DKIM
-from .._core.message import (
-    MessageIdRemover,
-    PreparedMessage,
-    envelope_of,
-    prepare_envelope,
-    prepare_message,
-    with_headers,
-)
+from .._core.message import PreparedMessage, prepare_envelope
 from ..config import DSN, Direct, Relay, Timeouts, TimeoutSpec, check_number
-from ..errors import InputError, JournalError, JournalWriteError, SMTPError, SMTPTimeoutError
-from ..results import RecipientResult, Report, result_from_error
+from ..errors import InputError, JournalError, JournalWriteError
+from ..results import RecipientResult, Report, internal_error
 from .direct import DirectDelivery
 from .dispatch import run_session
-from .journal import Journal, JournalEntry, JournalIdentity, journal_key, message_digest
+from .jobs import Job, JobSource, Run
+from .journal import Journal, JournalEntry, JournalIdentity, journal_key
+from .personalise import Personaliser, check_personalisation
 from .pool import Pool, SessionPool
+from .resume import identity_of, resume_action, unknown_from_earlier_run
 from .retry import Rate, Retry, TokenBucket
-from .session import Endpoint, Extras, Session, default_helo, enable_debug
+from .session import Endpoint, Extras, default_helo, enable_debug
 
 __all__ = ["Job", "Mailer"]
 
 logger = logging.getLogger("asmtp")
-
-MessageSource: TypeAlias = (
-    EmailMessage | bytes | PreparedMessage | Callable[[], EmailMessage | bytes]
-)
-MessageInput: TypeAlias = EmailMessage | bytes | PreparedMessage
-# A message as jobs that share it need it: whole (and signed), or the base of
-# personalised copies with the domain for their Message-IDs.
-_Prepared: TypeAlias = PreparedMessage | tuple[PreparedMessage, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One recipient's delivery: ``message`` is an EmailMessage, ready bytes, a
-    :class:`~asmtp._core.message.PreparedMessage`, or a function that renders one (called
-    when the job's turn comes, so a long list never holds every message at once).
-    ``sender`` defaults to the message's Sender/From; ``key`` identifies the job in
-    results and in the journal (default: the recipient)."""
-
-    recipient: str
-    message: MessageSource
-    sender: str | None = None
-    key: Any = None
 
 
 class Mailer:
@@ -162,12 +131,7 @@ class Mailer:
         if identity is not None and not isinstance(identity, JournalIdentity):
             raise InputError(f"identity must be an asmtp.JournalIdentity: {identity!r}")
         check_number("recipient_deadline (seconds)", recipient_deadline, optional=True)
-        if unsubscribe is not None:
-            _check_template("unsubscribe", unsubscribe, {"recipient", "token"})
-        if verp is not None:
-            _check_template("verp", verp, {"token"})
-        if verp is not None and "{token}" not in verp:
-            raise InputError("verp must contain {token}, e.g. bounces+{token}@example.com")
+        check_personalisation(unsubscribe, verp)
         self.relay: Relay | Direct = relay if relay is not None else Direct()
         self.pool = Pool() if pool is True else (pool or None)
         if self.pool is not None and not isinstance(self.relay, Relay):
@@ -202,7 +166,7 @@ class Mailer:
         self.skipped = 0
         self._stopping = False
         self._tg: anyio.abc.TaskGroup | None = None
-        self._runs: set[_Run] = set()
+        self._runs: set[Run] = set()
         self._endpoint: Endpoint | None = None
         self._direct: DirectDelivery | None = None
         self._journal: Journal | None = None
@@ -213,9 +177,7 @@ class Mailer:
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._bucket: TokenBucket | None = None
         self._domain_buckets: dict[str, TokenBucket] = {}
-        self._last_prepared: tuple[object, bool | None, _Prepared] | None = None
-        self._remove_message_id = MessageIdRemover()
-        self._last_sender: tuple[object, str] | None = None
+        self._personalise = Personaliser(unsubscribe=unsubscribe, verp=verp, dkim=dkim)
         self._pool: SessionPool | None = None
         self._reaper = anyio.CancelScope()
 
@@ -335,9 +297,9 @@ class Mailer:
         wait for the consumer (at most ``concurrency`` of them are buffered)."""
         if self._tg is None:
             raise InputError("use the Mailer as `async with asmtp.Mailer(...) as mailer:`")
-        source = _JobSource(jobs, self)
+        source = JobSource(jobs, lambda: self._stopping)
         send, receive = anyio.create_memory_object_stream[RecipientResult](self.concurrency)
-        run = _Run()
+        run = Run()
         self._runs.add(run)
         # While some workers sleep before a retry, others keep the sessions busy.
         workers = self.concurrency * (2 if self.retry.attempts > 1 else 1)
@@ -386,25 +348,20 @@ class Mailer:
         if self._journal is not None and not await self._journal_ready(job):
             return None  # of another run, or it cannot be written: not attempted
         prior = self._done.get(journal_key(key)) if self._done else None
-        if prior is not None:
-            if prior.event == "result" and prior.status in ("delivered", "permanent"):
-                self.skipped += 1  # done in an earlier run
-                return None
-            if (prior.event == "dot" or prior.status == "unknown") and not self.retry.retry_unknown:
-                result = RecipientResult(
-                    recipient=job.recipient,
-                    status="unknown",
-                    stage="message",
-                    message="the end-of-data dot was sent in an earlier run and no reply "
-                    "was recorded: the message may have been delivered",
-                    host=prior.host,
-                    key=job.key,
-                )
-                await self._record(result)
-                return result
+        action = resume_action(prior, retry_unknown=self.retry.retry_unknown)
+        if action == "skip":
+            self.skipped += 1  # done in an earlier run
+            return None
+        if action == "unknown":
+            assert prior is not None
+            result = unknown_from_earlier_run(job.recipient, prior, job.key)
+            await self._record(result)
+            return result
         try:
             try:
-                sender, recipient, prepared = self._prepare(job)
+                sender, recipient, prepared = self._personalise.prepare(
+                    job.recipient, job.message, job.sender
+                )
             except InputError as exc:
                 result = RecipientResult(
                     recipient=job.recipient,
@@ -420,13 +377,7 @@ class Mailer:
                 result = tried
         except Exception as exc:  # a bug must not cost the other jobs their results
             logger.exception("asmtp internal error on job %r", key)
-            result = RecipientResult(
-                recipient=job.recipient,
-                status="transient",
-                message=f"internal error: {exc!r}",
-                stage="connect",
-                key=job.key,
-            )
+            result = internal_error(job.recipient, exc, key=job.key)  # no session: "connect"
         await self._record(result)
         return result
 
@@ -454,107 +405,15 @@ class Mailer:
                     assert self._journal is not None
                     try:
                         await self._journal.claim(
-                            self._identity_of(job), ignore_identity=self.ignore_identity
+                            identity_of(
+                                job.message, job.sender, sender_of=self._personalise.sender_of
+                            ),
+                            ignore_identity=self.ignore_identity,
                         )
                     except JournalError as exc:
                         self._journal_failed(exc)
                     self._claimed = True
         return self._journal_error is None
-
-    def _identity_of(self, job: Job) -> JournalIdentity:
-        sender, digest = job.sender, None
-        try:
-            message = job.message() if callable(job.message) else job.message
-            if sender is None and isinstance(message, EmailMessage):
-                sender = self._sender_of(message)
-            if isinstance(message, PreparedMessage):
-                digest = message_digest(message.data, prepared=True)
-            elif isinstance(message, EmailMessage):
-                digest = message_digest(prepare_message(message).data, prepared=True)
-            else:
-                digest = message_digest(bytes(message))
-        except Exception:  # this job fails on its own; only what is known is compared
-            pass
-        return JournalIdentity(sender=sender, message=digest)
-
-    def _prepare(self, job: Job) -> tuple[str, str, PreparedMessage]:
-        recipient = check_mailbox(job.recipient, field="recipient")
-        message = job.message
-        rendered = callable(message)
-        if callable(message):
-            message = message()  # rendered for this job alone
-        sender = job.sender
-        if sender is None:
-            if not isinstance(message, EmailMessage):
-                raise InputError("a message given as bytes needs the job's sender")
-            sender = self._sender_of(message)
-        sender = check_mailbox(sender, field="sender", allow_empty=True)
-        if self.unsubscribe is None and self.verp is None:
-            return sender, recipient, self._prepare_cached(message, sender)
-        # A copy personalised for one recipient gets its own Message-ID, so that replies
-        # and bounces name the recipient; one rendered for this job keeps its own.
-        prepared, domain = self._personal_base(message, sender, keep_id=rendered)
-        headers = [] if rendered else [("Message-ID", make_msgid(domain=domain))]
-        if self.unsubscribe is not None:
-            url = self.unsubscribe.format(
-                recipient=urllib.parse.quote(recipient, safe="@"),
-                token=urllib.parse.quote(_token(recipient), safe="@="),
-            )
-            headers.append(("List-Unsubscribe", f"<{url}>"))
-            headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
-        if headers:
-            prepared = with_headers(prepared, headers)
-        if self.dkim is not None:
-            prepared = self.dkim.sign(prepared)  # over exactly these bytes, Message-ID too
-        if self.verp is not None:
-            sender = check_mailbox(self.verp.format(token=_token(recipient)), field="verp")
-        return sender, recipient, prepared
-
-    def _sender_of(self, message: EmailMessage) -> str:
-        # Jobs that share one message object share its parsed Sender/From too.
-        last = self._last_sender
-        if last is not None and last[0] is message:
-            return last[1]
-        sender, _ = envelope_of(message, recipients=["placeholder@example.invalid"])
-        self._last_sender = (message, sender)
-        return sender
-
-    def _prepare_cached(self, message: MessageInput, sender: str) -> PreparedMessage:
-        # Jobs that share one message object share its serialization (and signature).
-        last = self._last_prepared
-        if last is not None and last[0] is message and isinstance(last[2], PreparedMessage):
-            return last[2]
-        if isinstance(message, PreparedMessage):
-            if self.dkim is None:
-                return message
-            prepared = message
-        else:
-            prepared = prepare_message(message, domain=domain_of(sender) if sender else None)
-        if self.dkim is not None:
-            prepared = self.dkim.sign(prepared)  # once for all who share the message
-        self._last_prepared = (message, None, prepared)
-        return prepared
-
-    def _personal_base(
-        self, message: MessageInput, sender: str, *, keep_id: bool
-    ) -> tuple[PreparedMessage, str]:
-        """The base of personalised copies: serialized, unsigned, and without its
-        Message-ID unless ``keep_id`` (each copy gets a fresh one, on the returned
-        domain: the old ID's, else the sender's). Shared by jobs that share the message."""
-        last = self._last_prepared
-        if last is not None and last[0] is message and last[1] is keep_id:
-            assert isinstance(last[2], tuple)
-            return last[2]
-        sender_domain = domain_of(sender) if sender else "localhost"
-        prepared = message
-        if not isinstance(prepared, PreparedMessage):
-            prepared = prepare_message(prepared, domain=sender_domain)
-        domain = None
-        if not keep_id:
-            prepared, domain = self._remove_message_id(prepared)
-        base = (prepared, domain or sender_domain)
-        self._last_prepared = (message, keep_id, base)
-        return base
 
     async def _with_retries(
         self, job: Job, key: Any, sender: str, recipient: str, prepared: PreparedMessage
@@ -630,8 +489,8 @@ class Mailer:
             )
             return result
         if self._pool is not None:
-            return await self._pooled_attempt(
-                self._pool, sender, recipient, prepared, extras, deadline
+            return await self._pool.deliver(
+                sender, recipient, prepared, extras=extras, deadline=deadline
             )
         assert self._endpoint is not None
         results, _ = await run_session(
@@ -646,51 +505,6 @@ class Mailer:
         )
         return results[0]
 
-    async def _pooled_attempt(
-        self,
-        pool: SessionPool,
-        sender: str,
-        recipient: str,
-        prepared: PreparedMessage,
-        extras: Extras,
-        deadline: float | None,
-    ) -> RecipientResult:
-        """One send on a pooled session; a reused session that turns out to be dead
-        before the dot is replaced by a fresh one, once. ``deadline`` (event loop time)
-        bounds the wait for a session and the send."""
-        fresh = False
-        session: Session | None = None
-        with anyio.move_on_at(math.inf if deadline is None else deadline):
-            while True:
-                try:
-                    pooled = await pool.acquire(fresh=fresh)
-                except SMTPError as exc:
-                    return result_from_error(recipient, exc, host=pool.endpoint.host)
-                session = pooled.session
-                try:
-                    [result] = await session.deliver(sender, [recipient], prepared, extras=extras)
-                except BaseException:
-                    await pool.discard(pooled)  # its state is unknown: never reused
-                    raise
-                dead = not session.is_open and result.status == "transient"
-                if dead and pooled.reused and not fresh:
-                    await pool.discard(pooled)
-                    fresh = True
-                    continue
-                await pool.release(pooled)
-                return result
-        # The deadline passed, waiting for a session or during the send.
-        return result_from_error(
-            recipient,
-            SMTPTimeoutError(
-                "the recipient's deadline passed",
-                stage=session.stage if session is not None else "connect",
-            ),
-            host=pool.endpoint.host,
-            tls=session.tls if session is not None else "none",
-            dot_sent=session.dot_sent if session is not None else False,
-        )
-
     async def _throttle(self, recipient: str) -> None:
         if self._bucket is not None:
             await self._bucket.take()
@@ -700,76 +514,3 @@ class Mailer:
             if bucket is None:
                 bucket = self._domain_buckets[domain] = TokenBucket(self.rate_per_domain)
             await bucket.take()
-
-
-class _Run:
-    """The workers of one deliver() call, so that they can be cancelled together
-    (the consumer stopped iterating, or the mailer is closing)."""
-
-    def __init__(self) -> None:
-        self._scopes: set[anyio.CancelScope] = set()
-        self._cancelled = False
-
-    @contextlib.contextmanager
-    def scope(self) -> Iterator[None]:
-        with anyio.CancelScope() as scope:
-            if self._cancelled:
-                scope.cancel()
-            self._scopes.add(scope)
-            try:
-                yield
-            finally:
-                self._scopes.discard(scope)
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        for scope in list(self._scopes):
-            scope.cancel()
-
-
-class _JobSource:
-    """Pulls jobs one at a time for many workers, from a sync or async iterable; ends
-    early once the mailer stops."""
-
-    def __init__(self, jobs: Iterable[Job] | AsyncIterable[Job], mailer: Mailer) -> None:
-        self._mailer = mailer
-        self._lock = anyio.Lock()
-        self._sync = iter(jobs) if isinstance(jobs, Iterable) else None
-        self._async = aiter(jobs) if isinstance(jobs, AsyncIterable) else None
-        self._done = False
-
-    async def next(self) -> Job | None:
-        if self._done or self._mailer.stopping:
-            return None
-        if self._sync is not None:
-            job = next(self._sync, None)
-        else:
-            assert self._async is not None
-            async with self._lock:
-                if self._done:
-                    return None
-                try:
-                    job = await anext(self._async)
-                except StopAsyncIteration:
-                    job = None
-        if job is None:
-            self._done = True
-        elif not isinstance(job, Job):
-            raise InputError(f"deliver() takes asmtp.Job items, not {type(job).__name__}")
-        return job
-
-
-def _check_template(what: str, template: str, allowed: set[str]) -> None:
-    try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as exc:
-        raise InputError(f"{what} template {template!r}: {exc}") from exc
-    if not fields <= allowed:
-        names = ", ".join("{" + n + "}" for n in sorted(allowed))
-        raise InputError(f"{what} template {template!r} may only use {names}")
-
-
-def _token(recipient: str) -> str:
-    """VERP's encoding of a recipient in a sender's local part: local=domain."""
-    local, _, domain = recipient.rpartition("@")
-    return f"{local}={domain}"

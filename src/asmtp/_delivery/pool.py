@@ -8,22 +8,37 @@ slow server does not attract all the traffic); one idle longer than ``check_afte
 is checked with RSET before reuse, and one idle longer than ``idle_timeout`` is closed.
 Time is a parameter: what to do with a session is :func:`verdict`, a pure function of
 its :class:`Usage`, the settings and the time, which the pool reads from its ``clock``.
+
+Also owns one send on a pooled session (:meth:`SessionPool.deliver`): borrow a session,
+send, give it back; a reused session the server had closed is replaced once (that is
+:func:`worth_a_fresh_session`, pure too), and the recipient's deadline bounds it all.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import anyio
 
+from .._core.message import PreparedMessage
 from ..config import Timeouts, check_number
-from ..errors import SMTPError
-from .session import Endpoint, Session
+from ..errors import SMTPError, deadline_passed
+from ..results import RecipientResult, result_from_error
+from .session import NO_EXTRAS, Endpoint, Extras, Session
 
-__all__ = ["Pool", "PooledSession", "SessionPool", "Usage", "Verdict", "verdict"]
+__all__ = [
+    "Pool",
+    "PooledSession",
+    "SessionPool",
+    "Usage",
+    "Verdict",
+    "verdict",
+    "worth_a_fresh_session",
+]
 
 logger = logging.getLogger("asmtp")
 
@@ -72,6 +87,16 @@ def verdict(usage: Usage, settings: Pool, now: float) -> Verdict:
     ):
         return "retire"
     return "check" if idle >= settings.check_after else "reuse"
+
+
+def worth_a_fresh_session(
+    result: RecipientResult, *, still_open: bool, reused: bool, fresh: bool
+) -> bool:
+    """Whether a send that ended in ``result`` is tried again on a new session: only
+    when it failed transiently on a ``reused`` session that is no longer open (the
+    server closed it while it idled in the pool, which says nothing of the message),
+    and not when that try was already on a ``fresh`` session."""
+    return result.status == "transient" and not still_open and reused and not fresh
 
 
 class PooledSession:
@@ -153,6 +178,49 @@ class SessionPool:
             raise
         self.opened += 1
         return PooledSession(session, self.clock())
+
+    async def deliver(
+        self,
+        sender: str,
+        recipient: str,
+        prepared: PreparedMessage,
+        *,
+        extras: Extras = NO_EXTRAS,
+        deadline: float | None = None,
+    ) -> RecipientResult:
+        """One send on a pooled session; a reused session that turns out to be dead
+        before the dot is replaced by a fresh one, once. ``deadline`` (event loop time)
+        bounds the wait for a session and the send."""
+        fresh = False
+        session: Session | None = None
+        with anyio.move_on_at(math.inf if deadline is None else deadline):
+            while True:
+                try:
+                    pooled = await self.acquire(fresh=fresh)
+                except SMTPError as exc:
+                    return result_from_error(recipient, exc, host=self.endpoint.host)
+                session = pooled.session
+                try:
+                    [result] = await session.deliver(sender, [recipient], prepared, extras=extras)
+                except BaseException:
+                    await self.discard(pooled)  # its state is unknown: never reused
+                    raise
+                if worth_a_fresh_session(
+                    result, still_open=session.is_open, reused=pooled.reused, fresh=fresh
+                ):
+                    await self.discard(pooled)
+                    fresh = True
+                    continue
+                await self.release(pooled)
+                return result
+        # The deadline passed, waiting for a session or during the send.
+        return result_from_error(
+            recipient,
+            deadline_passed(session.stage if session is not None else "connect"),
+            host=self.endpoint.host,
+            tls=session.tls if session is not None else "none",
+            dot_sent=session.dot_sent if session is not None else False,
+        )
 
     async def release(self, pooled: PooledSession) -> None:
         """Give a session back after a send: kept for reuse while it is healthy and

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -54,6 +54,7 @@ from ..errors import (
     MessageRejectedError,
     ReplyError,
     SMTPError,
+    Stage,
     TLSUnavailableError,
 )
 from ..results import RecipientResult, Status, TLSState, result_from_error
@@ -89,7 +90,7 @@ _NOOP_OK = SUCCESS_CODES["noop"]
 
 T = TypeVar("T")
 
-StageObserver = Callable[[str, float], None]
+StageObserver = Callable[[Stage | Literal["idle"], float], None]
 """``on_stage(stage, at)``: called by a :class:`Session` as a stage begins, with the
 session's clock; ``"idle"`` ends the stage before it (see :class:`Session`)."""
 
@@ -372,7 +373,7 @@ class Session:
         self._clock = clock if clock is not None or on_stage is None else loop_clock()
         self.dot_sent = False
         self.tls: TLSState = "none"
-        self.stage = "connect"
+        self.stage: Stage = "connect"
         self._needs_rset = False
         self._conn: AnyConnection | None = None
         trace = None
@@ -392,7 +393,7 @@ class Session:
         conn = self._conn
         return conn is not None and not conn.closed and not self.proto.closed
 
-    def _mark(self, stage: str) -> None:
+    def _mark(self, stage: Stage | Literal["idle"]) -> None:
         """Tell the observer ``stage`` begins (callers check there is one first)."""
         on_stage, clock = self.on_stage, self._clock
         assert on_stage is not None and clock is not None
@@ -604,7 +605,7 @@ class Session:
         conn = self._live("mail")
         return await conn.run(self.transaction_steps(sender, recipients, message, extras, last))
 
-    def _live(self, stage: str) -> AnyConnection:
+    def _live(self, stage: Stage) -> AnyConnection:
         conn = self._conn
         if conn is None or self.proto.closed:
             raise ConnectionLostError("the session is closed", stage=stage)
@@ -896,7 +897,7 @@ class Session:
 _NO_DATA = Reply(554, ("5.5.1 no valid recipients",))
 
 
-def reply_error(reply: Reply, stage: str) -> ReplyError:
+def reply_error(reply: Reply, stage: Stage) -> ReplyError:
     """The error for an error reply to the ``stage`` command."""
     return ReplyError(reply.code, reply.message, enhanced_status=reply.enhanced_status, stage=stage)
 
@@ -936,7 +937,7 @@ def authenticate(
 
 
 def _result_of(
-    rcpt: str, reply: Reply, stage: str, host: str, tls: TLSState, elapsed: float
+    rcpt: str, reply: Reply, stage: Stage, host: str, tls: TLSState, elapsed: float
 ) -> RecipientResult:
     code = reply.code
     enhanced, text = reply.status_and_message()

@@ -4,10 +4,9 @@ sans-IO :class:`~asmtp._core.protocol.ClientProtocol`, for event loops other tha
 
 Owns, for that driver: connecting (``anyio.connect_tcp``, implicit TLS included),
 STARTTLS (``TLSStream.wrap``), the per-step deadline (one ``anyio.fail_at`` around each
-wait), the buffering that keeps :meth:`StreamConnection.write` synchronous, and the one
-place where anyio, OS and SSL exceptions become :mod:`asmtp.errors`
-(:func:`translate_stream_errors`, which hands OS and SSL errors on to
-:func:`asmtp._io.asyncio_driver.translate_errors`). The interface is that of
+wait), and the buffering that keeps :meth:`StreamConnection.write` synchronous. anyio,
+OS and SSL exceptions become :mod:`asmtp.errors` through the map both drivers share,
+:mod:`asmtp._io.exceptions`. The interface is that of
 :class:`asmtp._io.asyncio_driver.Connection` (see :class:`AnyConnection`), so a session cannot
 tell the two drivers apart; :func:`open_best` picks one for the running async library.
 """
@@ -32,14 +31,9 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 from .._core.protocol import ClientProtocol
 from .._core.reply import NEED_DATA, Reply
 from .._core.steps import WRITE_BLOCK, Command, Data, Receive, Send, Steps
-from ..errors import (
-    ConnectionLostError,
-    LocalProtocolError,
-    SMTPError,
-    SMTPTimeoutError,
-    TransportError,
-)
-from .asyncio_driver import Connection, open_connection, translate_errors
+from ..errors import LocalProtocolError, SMTPError, SMTPTimeoutError, Stage, TransportError
+from .asyncio_driver import Connection, open_connection
+from .exceptions import connection_closed, lost_while_sending, translate_errors
 
 __all__ = [
     "AnyConnection",
@@ -47,7 +41,6 @@ __all__ = [
     "loop_clock",
     "open_best",
     "open_stream_connection",
-    "translate_stream_errors",
 ]
 
 _READ_SIZE = 16384  # replies are small
@@ -117,13 +110,13 @@ class StreamConnection:
         self._deadline = math.inf if timeout is None else anyio.current_time() + timeout
 
     @contextlib.contextmanager
-    def _io(self, stage: str, doing: str) -> Iterator[anyio.CancelScope]:
+    def _io(self, stage: Stage, doing: str) -> Iterator[anyio.CancelScope]:
         """One wait within the step's deadline (the scope's, which sending a block of a
         large message moves on); a transport failure or a timeout closes the
         connection (nothing more can be read or sent in order)."""
         try:
             with (
-                translate_stream_errors(stage, self.host, self._timeout, doing),
+                translate_errors(stage, self.host, timeout=self._timeout, doing=doing),
                 anyio.fail_at(self._deadline) as scope,
             ):
                 yield scope
@@ -185,9 +178,7 @@ class StreamConnection:
         """Queue ``data`` (pieces: in order, as if joined) for the next
         :meth:`read_reply` or :meth:`drain` to send."""
         if self._closed:
-            raise ConnectionLostError(
-                "the connection is closed", stage=self.proto.awaiting or "connect"
-            )
+            raise connection_closed(self.proto.awaiting or "connect")
         if isinstance(data, bytes):
             self._outgoing.append(data)
             self._queued += len(data)
@@ -199,7 +190,7 @@ class StreamConnection:
         """Send everything written so far; returns once the kernel has taken it all."""
         stage = self.proto.awaiting or "message"
         if self._closed:
-            raise ConnectionLostError("the connection was lost while sending", stage=stage)
+            raise lost_while_sending(stage)
         with self._io(stage, "sending") as scope:
             await self._send_queued(scope)
 
@@ -315,38 +306,6 @@ class StreamConnection:
             raw.close()
 
 
-@contextlib.contextmanager
-def translate_stream_errors(
-    stage: str, host: str, timeout: float | None, doing: str
-) -> Iterator[None]:
-    """The one place where anyio's exceptions become asmtp errors on this driver; OS
-    and SSL errors go on to :func:`asmtp._io.asyncio_driver.translate_errors`. ``doing`` ends
-    the timeout message ("timed out after 1 s awaiting the ehlo reply")."""
-    try:
-        yield
-    except SMTPError:
-        raise
-    except TimeoutError as exc:
-        if exc.errno is not None or timeout is None:  # the kernel's ETIMEDOUT, not ours
-            with translate_errors(stage, host):
-                raise
-        raise SMTPTimeoutError(f"timed out after {timeout:g} s {doing}", stage=stage) from None
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream) as exc:
-        raise ConnectionLostError(
-            f"connection to {host} lost during {stage}: {_loss_reason(exc)}", stage=stage
-        ) from exc
-    except OSError as exc:
-        # connect_tcp raises "All connection attempts failed" chained to each attempt's
-        # own error (refused, unreachable, ...): report the first attempt's.
-        cause: BaseException | None = exc.__cause__
-        if isinstance(cause, BaseExceptionGroup):
-            cause = cause.exceptions[0]
-        if not isinstance(cause, OSError):
-            cause = exc
-        with translate_errors(stage, host):
-            raise cause from None
-
-
 def _peer_gone(sock: socket.socket) -> bool:
     """Has the server closed or reset ``sock``? A zero-wait poll for POLLRDHUP (Linux)
     sees its FIN even behind unread bytes (a 421 before closing); elsewhere a peek sees
@@ -363,17 +322,6 @@ def _peer_gone(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
-
-
-def _loss_reason(exc: BaseException) -> str:
-    if isinstance(exc, anyio.EndOfStream):
-        return "the server closed the connection"
-    if isinstance(exc, anyio.ClosedResourceError):
-        return "the connection is closed"
-    cause = exc.__cause__
-    if isinstance(cause, ConnectionResetError):
-        return "the server reset the connection"
-    return str(cause) if cause is not None else "the connection broke"
 
 
 async def open_stream_connection(
@@ -404,7 +352,7 @@ async def open_stream_connection(
     deadline = math.inf if timeout is None else anyio.current_time() + timeout
     stream: ByteStream
     with (
-        translate_stream_errors("connect", host, timeout, f"connecting to {host}"),
+        translate_errors("connect", host, timeout=timeout, doing=f"connecting to {host}"),
         anyio.fail_at(deadline),
     ):
         if ssl_context is None:

@@ -4,9 +4,9 @@
 Owns talking to the network on asyncio (uvloop included): connecting, reading through
 :class:`asyncio.BufferedProtocol` into one buffer shared by all of a thread's
 connections (the fast path: no fresh buffer per read or per connection), writing with
-flow control, STARTTLS through ``loop.start_tls``, the per-step timeout (one timer per
-connection, re-armed lazily, never one per step), and the one place where OS, SSL
-and asyncio exceptions become :mod:`asmtp.errors`.
+flow control, STARTTLS through ``loop.start_tls``, and the per-step timeout (one timer
+per connection, re-armed lazily, never one per step). OS and SSL exceptions become
+:mod:`asmtp.errors` through the map both drivers share, :mod:`asmtp._io.exceptions`.
 
 Writing keeps memory bounded: data up to :data:`~asmtp._core.steps.WRITE_BLOCK` goes to the
 transport at once; larger data (a big message) stays views of the caller's bytes in a
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 import threading
 from collections import deque
@@ -35,13 +34,13 @@ from typing import Any, NamedTuple, TypeVar, cast
 from .._core.protocol import ClientProtocol
 from .._core.reply import NEED_DATA
 from .._core.steps import WRITE_BLOCK, Await, Command, Data, Receive, Send, Steps
-from ..errors import (
-    CertificateError,
-    ConnectError,
-    ConnectionLostError,
-    SMTPError,
-    SMTPTimeoutError,
-    TLSError,
+from ..errors import ConnectionLostError, SMTPError, SMTPTimeoutError, Stage
+from .exceptions import (
+    connection_closed,
+    lost_while_sending,
+    step_timed_out,
+    translate,
+    translate_errors,
 )
 
 __all__ = ["Connection", "open_connection"]
@@ -283,7 +282,7 @@ class Connection(asyncio.BufferedProtocol):
             doing = "sending (the server stopped reading)"
         else:
             doing = f"awaiting the {stage} reply"
-        return SMTPTimeoutError(f"timed out after {self._timeout:g} s {doing}", stage=stage)
+        return step_timed_out(self._timeout, doing, stage)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -291,7 +290,7 @@ class Connection(asyncio.BufferedProtocol):
             self._timer = None
 
     @contextlib.contextmanager
-    def _cancellable(self, stage: str) -> Iterator[None]:
+    def _cancellable(self, stage: Stage) -> Iterator[None]:
         """Let the timer cancel the current task (for connect and the TLS handshake,
         which are coroutines, not replies to wait for)."""
         task = asyncio.current_task()
@@ -301,9 +300,7 @@ class Connection(asyncio.BufferedProtocol):
             yield
         except asyncio.CancelledError:
             if self._timed_out and task.uncancel() == 0:
-                raise SMTPTimeoutError(
-                    f"timed out after {self._timeout:g} s during {stage}", stage=stage
-                ) from None
+                raise step_timed_out(self._timeout, f"during {stage}", stage) from None
             raise
         finally:
             self._task = None
@@ -406,9 +403,7 @@ class Connection(asyncio.BufferedProtocol):
             self._advance(reply, None)
 
     def _lost_while_sending(self) -> ConnectionLostError:
-        return ConnectionLostError(
-            "the connection was lost while sending", stage=self.proto.awaiting or "message"
-        )
+        return lost_while_sending(self.proto.awaiting or "message")
 
     # -- writing ------------------------------------------------------------------
 
@@ -418,9 +413,7 @@ class Connection(asyncio.BufferedProtocol):
         at a time as the kernel takes it (resume_writing)."""
         transport = self._transport
         if transport is None or self._lost or transport.is_closing():
-            raise ConnectionLostError(
-                "the connection is closed", stage=self.proto.awaiting or "connect"
-            )
+            raise connection_closed(self.proto.awaiting or "connect")
         queue = self._queue
         if isinstance(data, bytes):
             if len(data) <= WRITE_BLOCK and not queue:
@@ -528,35 +521,6 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.abort()
 
 
-@contextlib.contextmanager
-def translate_errors(stage: str, host: str) -> Iterator[None]:
-    """The one place where OS, SSL and asyncio exceptions become asmtp errors."""
-    try:
-        yield
-    except SMTPError:
-        raise
-    except ssl.SSLCertVerificationError as exc:
-        raise CertificateError(
-            f"certificate of {host} not trusted: {exc.verify_message or exc}", stage=stage
-        ) from exc
-    except ssl.CertificateError as exc:  # pragma: no cover - alias of the above on 3.7+
-        raise CertificateError(f"certificate of {host}: {exc}", stage=stage) from exc
-    except ssl.SSLError as exc:
-        raise TLSError(f"TLS with {host} failed: {exc.reason or exc}", stage=stage) from exc
-    except socket.gaierror as exc:
-        raise ConnectError(f"cannot resolve {host}: {exc.strerror}", stage=stage) from exc
-    except ConnectionRefusedError as exc:
-        raise ConnectError(f"connection to {host} refused", stage=stage) from exc
-    except TimeoutError as exc:
-        raise SMTPTimeoutError(f"timed out during {stage} with {host}", stage=stage) from exc
-    except (ConnectionError, EOFError) as exc:
-        raise ConnectionLostError(
-            f"connection to {host} lost during {stage}: {exc}", stage=stage
-        ) from exc
-    except OSError as exc:
-        raise ConnectError(f"cannot connect to {host}: {exc.strerror or exc}", stage=stage) from exc
-
-
 async def open_connection(
     proto: ClientProtocol,
     host: str,
@@ -583,18 +547,17 @@ async def open_connection(
         if ssl_context is not None:
             await conn._handshake(ssl_context, server_hostname or host)
     except BaseException as exc:
-        # Inline rather than the context managers: this runs once per connection.
+        # Inline rather than _cancellable and translate_errors: once per connection.
         conn.abort()
         if isinstance(exc, asyncio.CancelledError):
             task = conn._task
             if conn._timed_out and task is not None and task.uncancel() == 0:
-                raise SMTPTimeoutError(
-                    f"timed out after {timeout:g} s connecting to {host}", stage="connect"
-                ) from None
+                raise step_timed_out(timeout, f"connecting to {host}", "connect") from None
             raise
-        with translate_errors("connect", host):
+        error = translate(exc, "connect", host)
+        if error is None:
             raise
-        raise  # pragma: no cover - translate_errors always raises
+        raise error from error.__cause__
     finally:
         conn._task = None
     return conn
