@@ -6,7 +6,9 @@ deriving the SMTP envelope from a message (:func:`envelope_of`), and turning a m
 into the exact bytes sent after DATA's 354 reply (:func:`prepare_message`): CRLF line
 endings, dot-stuffing, the terminating ``.``, and the flags a session needs for
 ``SIZE=``, ``BODY=8BITMIME`` and ``SMTPUTF8``. MIME itself is left to the
-:mod:`email` package; nothing here writes MIME by hand.
+:mod:`email` package; nothing here writes MIME by hand. What goes around the body
+(attachments, inline images, calendar invites, List-* and priority fields) is checked
+in :mod:`~asmtp._core.parts` and put into the tree here.
 
 Line endings: a bare CR and a bare LF each count as one line break, as a CRLF does.
 They all leave as CRLF, so no server can be made to see a different end of data than
@@ -20,14 +22,10 @@ it takes about its own size and a few blocks more.
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import datetime
-import mimetypes
-import os
 import quopri
 import re
-import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email import policy as email_policy
@@ -37,7 +35,6 @@ from email.headerregistry import Address, AddressHeader
 from email.message import EmailMessage, Message
 from email.utils import format_datetime, formatdate, make_msgid, parsedate_to_datetime
 from io import BytesIO
-from pathlib import Path
 from typing import Any, Self, TypeAlias
 
 from .._version import __version__
@@ -50,14 +47,29 @@ from .address import (
     split_mailbox,
     unique_addresses,
 )
+from .parts import (
+    Attachment,
+    InlineInput,
+    ListHeadersInput,
+    Priority,
+    calendar_invite,
+    inline_parts,
+    link_inline_parts,
+    list_fields,
+    load_attachment,
+    priority_fields,
+)
 
 __all__ = [
     "X_MAILER",
     "AddressInput",
     "Attachment",
     "HeadersInput",
+    "InlineInput",
+    "ListHeadersInput",
     "MessageIdRemover",
     "PreparedMessage",
+    "Priority",
     "build_message",
     "envelope_of",
     "prepare_envelope",
@@ -72,8 +84,6 @@ X_MAILER = f"asmtp/{__version__}"
 AddressInput: TypeAlias = str | Iterable[str] | None
 #: Extra headers: a mapping or (name, value) pairs; a None value drops that header.
 HeadersInput: TypeAlias = Mapping[str, str | None] | Iterable[tuple[str, str | None]] | None
-#: A file path, or (filename, data, content type).
-Attachment: TypeAlias = str | os.PathLike[str] | tuple[str, bytes, str]
 
 # RFC 5321 4.5.3.1.6: at most 998 octets per line before the CRLF.
 MAX_LINE_LENGTH = 998
@@ -100,8 +110,6 @@ _ADDRESS_HEADERS = frozenset(
     | {"resent-from", "resent-to", "resent-cc", "resent-bcc", "resent-sender"}
 )
 _MESSAGE_ID = re.compile(r"<[^<>\s@]+@[^<>\s@]+>")
-# RFC 6838 4.2 restricted-name, for type and subtype.
-_CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
 _QUOTED_PAIR = re.compile(r"\\(.)")
 # Octets base64-encoded at once: whole lines of 76 characters (57 octets each), ~1 MiB.
 _BASE64_BLOCK = 57 * 18_000
@@ -169,91 +177,25 @@ def _message_id_value(message_id: str | None, sender: str) -> str:
     return value
 
 
-def _file_kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of a regular file, or InputError: a device (/dev/zero never ends), a
-    FIFO (blocks until a writer comes), a directory or a socket is refused.
-
-    Opened with O_NONBLOCK so that opening a FIFO returns at once, then checked on the
-    open descriptor (no window for the path to be swapped between check and read), and
-    read for exactly the size fstat reported: a file growing meanwhile is refused."""
-    where = str(path)
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
-    except OSError as exc:
-        # A socket cannot be opened at all (ENXIO): say what it is rather than why.
-        with contextlib.suppress(OSError):
-            mode = os.stat(path).st_mode
-            if not stat.S_ISREG(mode):
-                raise InputError(
-                    f"attachments: {where!r} is {_file_kind(mode)}, not a regular file"
-                ) from None
-        raise InputError(f"attachments: cannot read {where!r}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(
-                f"attachments: {where!r} is {_file_kind(info.st_mode)}, not a regular file"
-            )
-        with os.fdopen(fd, "rb") as file:
-            fd = -1  # the file object owns it now
-            data = file.read(info.st_size)
-            more = file.read(1)
-    except OSError as exc:
-        raise InputError(f"attachments: cannot read {where!r}: {exc.strerror}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if more and info.st_size == 0:
-        # /proc and /sys files report size 0 and make up their content as it is read.
-        raise InputError(
-            f"attachments: {where!r} reports a size of 0 but has content; attach its"
-            " bytes as (filename, data, content_type)"
-        )
-    if len(data) != info.st_size or more:
-        raise InputError(f"attachments: {where!r} changed size while it was read")
-    return data
-
-
-def _load_attachment(item: Attachment) -> tuple[str, bytes, str]:
-    """Return (filename, data, content type) for one attachment, reading a file."""
-    if isinstance(item, tuple):
-        if len(item) != 3:
-            raise InputError(f"attachments: {item!r} is not (filename, data, content_type)")
-        filename, data, content_type = item
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InputError(f"attachments: data for {filename!r} must be bytes")
-        data = bytes(data)
-    elif isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        data = _read_regular_file(path)
-        filename = path.name
-        guessed, encoding = mimetypes.guess_type(filename)
-        # Unknown, or compressed (.tar.gz): the bytes are opaque to the reader.
-        content_type = guessed if guessed and encoding is None else "application/octet-stream"
-    else:
-        raise InputError(
-            f"attachments: {item!r} is neither a path nor (filename, data, content_type)"
-        )
-    if not isinstance(filename, str) or not filename:
-        raise InputError(f"attachments: filename {filename!r} must be a non-empty string")
-    check_header("Content-Disposition", filename)
-    if not isinstance(content_type, str) or not _CONTENT_TYPE.fullmatch(content_type):
-        raise InputError(f"attachments: {content_type!r} is not a type/subtype content type")
-    return filename, data, content_type.lower()
+def _field_arguments(
+    header_items: list[tuple[str, str | list[Address] | None]],
+    reply_to: AddressInput,
+    list_headers: ListHeadersInput,
+    priority: Priority | None,
+) -> list[tuple[str, str | list[Address]]]:
+    """The fields of ``reply_to=``, ``list_headers=`` and ``priority=``, checked; a
+    field that ``headers=`` names too is refused: it is given in one place."""
+    fields: list[tuple[str, str | list[Address], str]] = []
+    reply_to_pairs = parse_address_list(reply_to, field="reply_to")
+    if reply_to_pairs:
+        fields.append(("Reply-To", _address_objects(reply_to_pairs), "reply_to="))
+    fields += [(name, value, "list_headers=") for name, value in list_fields(list_headers)]
+    fields += [(name, value, "priority=") for name, value in priority_fields(priority)]
+    given = {name.lower() for name, _ in header_items}
+    for name, _, argument in fields:
+        if name.lower() in given:
+            raise InputError(f"headers: {name!r} is also set by {argument}: give it in one place")
+    return [(name, value) for name, value, _ in fields]
 
 
 def build_message(
@@ -269,10 +211,15 @@ def build_message(
     attachments: Iterable[Attachment] = (),
     date: datetime.datetime | str | None = None,
     message_id: str | None = None,
+    reply_to: AddressInput = None,
+    priority: Priority | None = None,
+    list_headers: ListHeadersInput = None,
+    inline: InlineInput = None,
+    calendar: str | bytes | None = None,
 ) -> EmailMessage:
     """Build a message from plain arguments; every input is checked before building.
 
-    ``to``, ``cc`` and ``from_`` take the forms of
+    ``to``, ``cc``, ``reply_to`` and ``from_`` take the forms of
     :func:`~asmtp._core.address.parse_address_list` (``from_`` must hold exactly one
     address); display names are kept, comments dropped, IDN domains converted to
     IDNA. ``mailtype`` is "text" (text/plain) or "html" (text/html; with ``alt_text``,
@@ -288,6 +235,34 @@ def build_message(
     A path must name a regular file: a device, FIFO, directory or socket is refused.
     Files are read here, synchronously; :func:`asmtp.sendmail` calls this in a worker
     thread, so an event loop never waits for a large attachment.
+
+    ``priority`` ("high", "normal" or "low") writes X-Priority, Importance and
+    Priority; ``list_headers`` writes List-Id, List-Unsubscribe and the other List-*
+    fields (:func:`~asmtp._core.parts.list_fields`). A field set by ``reply_to``,
+    ``priority`` or ``list_headers`` cannot be in ``headers`` too.
+
+    ``inline`` (with ``mailtype="html"``) maps the names the HTML refers to as
+    ``cid:NAME`` to images: a path, the image's bytes (PNG, JPEG, GIF, WebP) or a
+    (filename, data, content_type) tuple. Each gets a Content-ID made on the sender's
+    domain and the HTML's ``cid:NAME`` is rewritten to it; a name of the form
+    ``left@right`` is the Content-ID itself and left as it is. A ``cid:`` that names
+    no image, or an image the HTML never refers to, is refused. The HTML and its images
+    go into multipart/related (RFC 2387), inside the alternative when there is one.
+
+    ``calendar`` is an iCalendar object (str, or UTF-8 bytes; checked by
+    :func:`~asmtp._core.parts.calendar_invite`), sent as mail clients expect an invite
+    (RFC 6047): a ``text/calendar; method=...`` alternative after the body, and the
+    same text as an ``invite.ics`` attachment. With everything, the tree is::
+
+        multipart/mixed
+          multipart/alternative
+            text/plain                       alt_text
+            multipart/related
+              text/html                      body
+              image/png                      inline, Content-ID <...>
+            text/calendar; method=REQUEST    calendar
+          application/ics                    invite.ics
+          ...                                attachments
 
     >>> msg = build_message(to="Ann <ann@example.net>", from_="jack@example.org",
     ...                     subject="Hello", body="Hi Ann.\\n")
@@ -313,9 +288,16 @@ def build_message(
         if not isinstance(alt_text, str):
             raise InputError(f"alt_text: must be a str, not {type(alt_text).__name__}")
     header_items = _header_items(headers)
+    more_fields = _field_arguments(header_items, reply_to, list_headers, priority)
     date_value = _date_value(date)
     message_id_value = _message_id_value(message_id, from_pairs[0][1])
-    loaded = [_load_attachment(item) for item in attachments]
+    if inline and mailtype != "html":
+        raise InputError("inline: only used with mailtype='html' (the HTML refers to cid:NAME)")
+    images = inline_parts(inline, domain_of(from_pairs[0][1]))
+    if images:
+        body = link_inline_parts(body, images)
+    invite = calendar_invite(calendar) if calendar is not None else None
+    loaded = [load_attachment(item) for item in attachments]
 
     msg = EmailMessage(policy=_BUILD_POLICY)
     try:
@@ -328,6 +310,8 @@ def build_message(
         msg["Date"] = date_value
         msg["Message-ID"] = message_id_value
         msg["X-Mailer"] = X_MAILER
+        for name, field_value in more_fields:
+            msg[name] = field_value
         replaced: set[str] = set()
         for name, value in header_items:
             key = name.lower()
@@ -354,6 +338,32 @@ def build_message(
             msg.add_alternative(body, subtype="html", charset="utf-8", cte=cte(body))
     except UnicodeEncodeError as exc:  # a lone surrogate
         raise InputError(f"body: not encodable as UTF-8: {exc}") from None
+    if images:
+        # The HTML part becomes multipart/related holding it, then each image.
+        html = msg if alt_text is None else list(msg.iter_parts())[-1]
+        for image in images:
+            maintype, _, subtype = image.content_type.partition("/")
+            html.add_related(
+                image.data,
+                maintype=maintype,
+                subtype=subtype,
+                cid=image.content_id,
+                disposition="inline",
+                filename=image.filename,
+            )
+    if invite is not None:
+        msg.add_alternative(invite.text, subtype="calendar", charset="utf-8")
+        *_, calendar_part = msg.iter_parts()
+        calendar_part.replace_header("Content-Type", invite.content_type)
+        # The same object as a file, as mail clients send it: application/ics, so that
+        # a reader does not take it for a second invite (RFC 5545 8.1: CRLF lines).
+        msg.add_attachment(
+            invite.text.replace("\n", "\r\n").encode("utf-8"),
+            maintype="application",
+            subtype="ics",
+            filename="invite.ics",
+            params={"name": "invite.ics"},
+        )
     loaded.reverse()
     while loaded:  # taken off the list, so that each one's bytes go once encoded
         filename, data, content_type = loaded.pop()

@@ -18,7 +18,15 @@ from typing import Literal, TextIO
 import anyio
 
 from .._core.address import parse_address_list
-from .._core.message import Attachment, PreparedMessage, build_message, prepare_envelope
+from .._core.message import (
+    Attachment,
+    InlineInput,
+    ListHeadersInput,
+    PreparedMessage,
+    Priority,
+    build_message,
+    prepare_envelope,
+)
 from ..config import Direct, Relay, Timeouts, TimeoutSpec, check_number
 from ..errors import InputError
 from ..results import RecipientResult, Report
@@ -46,6 +54,11 @@ async def sendmail(
     bcc: AddressList = None,
     headers: Headers = None,
     attachments: Iterable[Attachment] = (),
+    reply_to: AddressList = None,
+    priority: Priority | None = None,
+    list_headers: ListHeadersInput = None,
+    inline: InlineInput = None,
+    calendar: str | bytes | None = None,
     relay: Relay | Direct | None,
     concurrency: int = 100,
     timeout: TimeoutSpec = 30.0,
@@ -57,7 +70,8 @@ async def sendmail(
     (in input order, a recipient named twice counted once); raises only for bad input,
     before anything is sent.
 
-    ``attachments`` (see :func:`~asmtp._core.message.build_message`) are read and encoded in
+    ``attachments`` and ``inline`` images (see :func:`~asmtp._core.message.build_message`,
+    like ``reply_to``, ``priority``, ``list_headers`` and ``calendar``) are read and encoded in
     a worker thread, never on the event loop; a path that is not a regular file
     (a device, FIFO, directory, socket) is an :class:`~asmtp.errors.InputError`.
     ``log_file`` is opened (for appending) before anything is sent: a path that cannot
@@ -91,10 +105,15 @@ async def sendmail(
         cc=cc,
         headers=headers,
         attachments=attachments,
+        reply_to=reply_to,
+        priority=priority,
+        list_headers=list_headers,
+        inline=inline,
+        calendar=calendar,
     )
     # Reading and encoding files blocks: a web backend's event loop keeps serving
     # while a worker thread does it.
-    message = await anyio.to_thread.run_sync(build) if attachments else build()
+    message = await anyio.to_thread.run_sync(build) if attachments or inline else build()
     return await send(
         message,
         sender=senders[0][1],
