@@ -9,14 +9,20 @@ markdown report.
 
 The work is the same for every client: S sends (default 1000) of one 2 KB message to one
 recipient each, from T tasks (default 50) that share one sender object and each loop
-"send, wait for the result, send the next" until S sends are done.
+"send, wait for the result, send the next" until S sends are done. The two Django rows
+send the same S messages as a Django project does, from plain threads (default 20, each
+sending its S/20 one after another with ``EmailMessage(...).send()``): through
+``EMAIL_BACKEND = "asmtp.django.EmailBackend"`` (pooled sessions shared by every send),
+and through Django's own ``django.core.mail.backends.smtp.EmailBackend`` (smtplib, a
+session per send).
 
     python benchmarks/pool.py                        # 1000 sends, 50 tasks, 3 rounds
     python benchmarks/pool.py --sends 2000 --tasks 100 --rounds 5
     python benchmarks/pool.py --only asmtp-pool,aiosmtplib --rounds 1 --out /tmp/pool.md
+    python benchmarks/pool.py --only django-asmtp,django-smtplib --threads 20
 
-Documented peers: aiosmtplib (one connection per send), aiosmtpd (the relay), trustme
-(the certificates) and uvloop.
+Documented peers: aiosmtplib (one connection per send), Django's SMTP backend (smtplib,
+one connection per send), aiosmtpd (the relay), trustme (the certificates) and uvloop.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import email
+import email.policy
 import json
 import logging
 import os
@@ -71,6 +79,7 @@ POOL_CONNECTIONS = 10
 MAX_SENDS = 100_000
 MAX_TASKS = 1_000
 PEER = "aiosmtplib"
+DJANGO_PEER = "django-smtplib"  # the Django rows' own comparison
 TARGET = 5.0  # the goal: pooled asmtp at least this many times aiosmtplib's sends/s
 
 # name -> (event loop, what it is)
@@ -82,6 +91,21 @@ CLIENTS: dict[str, tuple[str, str]] = {
     "asmtp-pool-uvloop": ("uvloop", "the same on uvloop"),
     "asmtp-nopool": ("asyncio", "asmtp.Mailer(relay) without a pool: one session per send"),
     "aiosmtplib": ("asyncio", "aiosmtplib.send(...) per send: one session per send"),
+    "django-asmtp": (
+        "threads",
+        'Django\'s EmailMessage(...).send() with EMAIL_BACKEND = "asmtp.django.EmailBackend"'
+        f" (one pooled asmtp.sync.Mailer, at most {POOL_CONNECTIONS} sessions)",
+    ),
+    "django-smtplib": (
+        "threads",
+        "the same with Django's django.core.mail.backends.smtp.EmailBackend (smtplib):"
+        " one session per send",
+    ),
+}
+#: the Django rows' EMAIL_BACKEND
+DJANGO_BACKENDS = {
+    "django-asmtp": "asmtp.django.EmailBackend",
+    "django-smtplib": "django.core.mail.backends.smtp.EmailBackend",
 }
 
 
@@ -384,12 +408,117 @@ async def aiosmtplib_sender(
     yield send_one
 
 
+def run_django_worker(
+    client: str, port: int, ca_file: str, sends: int, threads: int, deadline: float
+) -> dict[str, Any]:
+    """One Django row, from plain threads (a Django view's, a Celery task's): thread k of
+    ``threads`` sends messages k, k + threads, ... one after another, each with
+    ``EmailMessage(...).send()``, which makes a backend per send as ``send_mail`` does.
+    The same ready / go / result lines as :func:`run_worker`, the same result keys."""
+    # Both backends verify the relay's certificate with ssl.create_default_context(),
+    # which trusts the benchmark's CA through SSL_CERT_FILE (OpenSSL's default paths).
+    os.environ["SSL_CERT_FILE"] = ca_file
+    import django
+    from django.conf import settings
+
+    settings.configure(
+        EMAIL_BACKEND=DJANGO_BACKENDS[client],
+        EMAIL_HOST=HOST,
+        EMAIL_PORT=port,
+        EMAIL_HOST_USER=USERNAME,
+        EMAIL_HOST_PASSWORD=PASSWORD,
+        EMAIL_USE_TLS=True,
+        EMAIL_TIMEOUT=SEND_TIMEOUT,
+        DEFAULT_FROM_EMAIL=SENDER,
+        ASMTP_MAILER_OPTIONS={"retry": None},  # no retries, as in every client
+    )
+    django.setup()
+    from django.core.mail import EmailMessage, get_connection
+    from django.core.mail.utils import DNS_NAME
+
+    # The text of the other clients' message; Django builds the MIME message per send.
+    parsed: Any = email.message_from_bytes(build_message(), policy=email.policy.default)
+    subject, body = str(parsed["Subject"]), parsed.get_content()
+    DNS_NAME.get_fqdn()  # Django's HELO name, looked up once per process: not timed
+    stats: dict[str, Any] = {}
+    if client == "django-asmtp":
+        # The shared pooled Mailer entered (no session yet), as run_worker enters its own.
+        get_connection().open()
+    emit({"ready": True, "cpu": cpu_self(), "version": version_of(client)})
+    if sys.stdin.readline().strip() != "go":
+        return {"result": False}
+    started = time.perf_counter()
+    stop_at = time.monotonic() + deadline
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    counts = {"started": 0, "cut": 0}
+
+    def send_share(first: int) -> None:
+        for index in range(first, sends, threads):  # bounded: this thread's share
+            if time.monotonic() >= stop_at:
+                with lock:
+                    counts["cut"] += 1
+                return
+            with lock:
+                counts["started"] += 1
+            start = time.perf_counter()
+            try:
+                sent = EmailMessage(subject, body, None, [recipient(index)]).send()
+                error = "" if sent == 1 else f"send() returned {sent}"
+            except Exception as exc:  # a failed send is counted, as in every client
+                error = f"{type(exc).__name__}: {exc}"
+            elapsed = time.perf_counter() - start
+            with lock:
+                if error:
+                    errors[error] += 1
+                else:
+                    latencies.append(elapsed)
+
+    workers = [
+        threading.Thread(target=send_share, args=(k,), name=f"sender-{k}", daemon=True)
+        for k in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:  # a send under way at the deadline has its timeout to end
+        worker.join(max(0.0, stop_at + SEND_TIMEOUT - time.monotonic()))
+    work = time.perf_counter() - started
+    work_cpu = cpu_self()
+    with lock:
+        timed_out = bool(counts["cut"]) or any(worker.is_alive() for worker in workers)
+        delivered, failed = list(latencies), sum(errors.values())
+        top = dict(errors.most_common(5))
+    if client == "django-asmtp":
+        import asmtp.sync
+
+        stats["sessions_opened"] = get_connection().mailer.sessions_opened
+        asmtp.sync.shutdown()  # QUIT to the pooled sessions, as the Mailer's close
+    return {
+        "result": True,
+        "work": work,
+        "work_cpu": work_cpu,
+        "delivered": len(delivered),
+        "failed": failed,
+        "started": counts["started"],
+        "timed_out": timed_out,
+        "errors": top,
+        "latencies": [round(x, 6) for x in delivered],
+        **stats,
+    }
+
+
 def check_available(client: str) -> str | None:
     """None when the client can run in this interpreter, else why not."""
     try:
         if CLIENTS[client][0] == "uvloop":
             import uvloop  # noqa: F401
-        if client.startswith("asmtp"):
+        if client.startswith("django"):
+            import django  # noqa: F401
+
+            if client == "django-asmtp":
+                import asmtp.django
+        elif client.startswith("asmtp"):
             import asmtp
 
             missing = [n for n in ("Mailer", "Pool", "Relay") if not hasattr(asmtp, n)]
@@ -403,6 +532,16 @@ def check_available(client: str) -> str | None:
 
 
 def version_of(client: str) -> str:
+    """The client's library and version ("; " between several)."""
+    if client.startswith("django"):
+        import django
+
+        version = f"Django {django.__version__}"
+        if client == "django-asmtp":
+            import asmtp
+
+            version = f"asmtp {getattr(asmtp, '__version__', '?')}; {version}"
+        return version
     if client.startswith("asmtp"):
         import asmtp
 
@@ -468,16 +607,21 @@ async def run_worker(
 
 
 def worker_main(
-    client: str, port: int, ca_file: str, sends: int, tasks: int, deadline: float
+    client: str, port: int, ca_file: str, sends: int, tasks: int, threads: int, deadline: float
 ) -> int:
     """Run one client once. One JSON line each way on stdout/stdin: ``{"ready"...}`` after
     setup; wait for ``go``; ``{"result"...}`` (written after the Mailer has closed), with
     the wall and CPU time of the sends alone."""
-    if client.startswith("asmtp"):
+    if client.startswith(("asmtp", "django-asmtp")):
         ensure_asmtp_importable()
     why = check_available(client)
     if why is not None:
         emit({"unavailable": why})
+        return 0
+    if CLIENTS[client][0] == "threads":
+        result = run_django_worker(client, port, ca_file, sends, threads, deadline)
+        if result.get("result"):
+            emit(result)
         return 0
     coro = run_worker(client, port, ca_file, sends, tasks, deadline)
     if CLIENTS[client][0] == "uvloop":
@@ -531,7 +675,7 @@ def run_client(
     deadline = max(1.0, args.hard_timeout - min(30.0, args.hard_timeout / 4))
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", client]
     argv += ["--port", str(relay.port), "--ca", str(ca_file), "--deadline", f"{deadline:g}"]
-    argv += ["--sends", str(args.sends), "--tasks", str(args.tasks)]
+    argv += ["--sends", str(args.sends), "--tasks", str(args.tasks), "--threads", str(args.threads)]
 
     def before_go() -> tuple[dict[str, int], float]:
         relay.reset_peak()
@@ -551,7 +695,11 @@ def run_client(
     run.cpu = float(result["work_cpu"]) - float(worker.ready["cpu"])
     run.delivered = int(result["delivered"])
     run.latencies = [float(x) for x in result["latencies"]]
-    if "sessions_opened" in result and client.startswith("asmtp-pool"):
+    if "sessions_opened" in result and client in (
+        "asmtp-pool",
+        "asmtp-pool-uvloop",
+        "django-asmtp",
+    ):
         run.pool_opened = int(result["sessions_opened"])
     # The relay may count the last message or closed session a moment after the
     # client has moved on.
@@ -586,6 +734,24 @@ def run_client(
     return run
 
 
+def django_work_lines(rows: dict[str, Row], args: argparse.Namespace) -> list[str]:
+    """The report's line on the Django rows' work, when the table has them."""
+    if not any(client.startswith("django") for client in rows):
+        return []
+    return [
+        f"- Django rows: the same {args.sends} sends from {args.threads} plain threads (thread"
+        f" k sends messages k, k+{args.threads}, ... one after another), each"
+        " `EmailMessage(subject, body, None, [one]).send()` with the same subject and text"
+        " (Django builds the MIME message and makes a backend per send, as `send_mail`"
+        " does), EMAIL_USE_TLS and EMAIL_HOST_USER/PASSWORD, the relay's certificate"
+        " verified by both (`ssl.create_default_context()`, the benchmark's CA through"
+        " SSL_CERT_FILE); `django-asmtp`: `asmtp.django.EmailBackend`, every backend sharing"
+        f" one pooled asmtp.sync.Mailer (at most {POOL_CONNECTIONS} sessions);"
+        " `django-smtplib`: `django.core.mail.backends.smtp.EmailBackend`, a session per"
+        " send (connect, EHLO, STARTTLS, EHLO, AUTH, the transaction, QUIT)",
+    ]
+
+
 def rate(run: Run) -> float:
     """Delivered sends per second (a run that failed or was cut short counts what it did)."""
     return run.delivered / run.wall if run.wall > 0 else 0.0
@@ -611,11 +777,13 @@ def render(
         f" {args.rounds} round(s), clients interleaved, order rotated each round;"
         f" pooled clients: at most {POOL_CONNECTIONS} sessions, each reused for up to 100"
         " sends (asmtp.Pool's default max_messages); no retries in any client",
+        *django_work_lines(rows, args),
         "- sends/s: delivered sends / wall time from the go signal to the last send's result"
         " (timed in the client; interpreter start, imports and setup excluded, and the"
         " Mailer's closing QUITs too); median (min-max) over rounds",
-        "- latency: each `await mailer.send(...)` / `await aiosmtplib.send(...)`, timed in the"
-        " client around the call (so pooled rows include the wait for a free session),"
+        "- latency: each `await mailer.send(...)` / `await aiosmtplib.send(...)` /"
+        " `EmailMessage.send()`, timed in the client around the call (so pooled rows include"
+        " the wait for a free session),"
         " delivered sends of all rounds pooled",
         "- CPU: the client process's user+system seconds over the same window, per 1000"
         " delivered sends, median over rounds",
@@ -689,6 +857,14 @@ def render(
             f"Target (asmtp-pool at least {TARGET:g}x {PEER}'s sends/s): {verdict}"
             f" ({pooled / peer:.2f}x).",
         ]
+    ours, django = medians.get("django-asmtp"), medians.get(DJANGO_PEER)
+    if ours is not None and django:
+        lines += [
+            "",
+            f"Django backend, {args.threads} threads: asmtp.django.EmailBackend"
+            f" {fmt(ours, 0)} sends/s, Django's smtp backend {fmt(django, 0)} sends/s:"
+            f" {ours / django:.2f}x.",
+        ]
     problems = []
     for client, row in rows.items():
         for i, run in enumerate(row.runs):
@@ -713,6 +889,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--sends", type=int, default=1000, help="sends per run (default 1000)")
     parser.add_argument("--tasks", type=int, default=50, help="concurrent tasks (default 50)")
+    parser.add_argument(
+        "--threads", type=int, default=20, help="the Django rows' sending threads (default 20)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument(
         "--only", action="append", help="clients to run, comma-separated; repeatable"
@@ -731,6 +910,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--sends must be between 1 and {MAX_SENDS}")
     if not 1 <= args.tasks <= MAX_TASKS:
         parser.error(f"--tasks must be between 1 and {MAX_TASKS}")
+    if not 1 <= args.threads <= MAX_TASKS:
+        parser.error(f"--threads must be between 1 and {MAX_TASKS}")
     if not 1 <= args.rounds <= 20:
         parser.error("--rounds must be between 1 and 20")
     if not 1 <= args.hard_timeout <= 3600:
@@ -742,7 +923,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return worker_main(args.worker, args.port, args.ca, args.sends, args.tasks, args.deadline)
+        return worker_main(
+            args.worker, args.port, args.ca, args.sends, args.tasks, args.threads, args.deadline
+        )
     if args.server_worker:
         return server_main(args.cert, args.key)
 
@@ -794,10 +977,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             relay.stop()
     versions = {
-        client.split("-")[0]: run.version
-        for client, row in rows.items()
+        version: version
+        for row in rows.values()
         for run in row.runs
-        if run.version
+        for version in run.version.split("; ")
+        if version
     }
     report = render(rows, args=args, size=size, placement=placement, info=info, versions=versions)
     print(report)

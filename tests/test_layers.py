@@ -24,7 +24,18 @@ LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (2, "settings and results", ("asmtp.config", "asmtp.results")),
     (3, "I/O drivers and the resolver", ("asmtp._io",)),
     (4, "sessions and delivery", ("asmtp._delivery",)),
-    (5, "the public API and the test outbox", ("asmtp", "asmtp.testing", "asmtp._pytest_plugin")),
+    (
+        5,
+        "the public API, sync callers, Django and the test outbox",
+        (
+            "asmtp",
+            "asmtp.sync",
+            "asmtp.django",
+            "asmtp.otel",
+            "asmtp.testing",
+            "asmtp._pytest_plugin",
+        ),
+    ),
     (6, "the command line", ("asmtp.cli", "asmtp.__main__")),
 )
 

@@ -20,6 +20,7 @@ from asmtp._delivery.personalise import (
     check_personalisation,
     check_template,
     envelope_sender,
+    has_field,
     unsubscribe_headers,
     verp_sender,
     verp_token,
@@ -352,3 +353,22 @@ def test_a_transient_refusal_on_an_open_session_is_the_result() -> None:
 def test_only_a_transient_failure_is_tried_again(status: Status) -> None:
     # an unknown one may have arrived: never sent twice
     assert not worth_a_fresh_session(outcome(status), still_open=False, reused=True, fresh=False)
+
+
+def test_a_message_with_its_own_list_unsubscribe_is_refused_by_an_unsubscribe_mailer() -> None:
+    """Mailer(unsubscribe=...) adds List-Unsubscribe per recipient; a message that has
+    one already (build_message(list_headers=...)) would carry two: refused, not sent."""
+    message = build_message(
+        to="ann@example.org",
+        from_="news@example.com",
+        subject="s",
+        body="b",
+        list_headers={"List-Unsubscribe": "https://example.com/u"},
+    )
+    personaliser = Personaliser(unsubscribe="https://example.com/u/{token}", verp=None, dkim=None)
+    with pytest.raises(InputError, match="List-Unsubscribe field of its own"):
+        personaliser.prepare("ann@example.org", message, None)
+    plain = Personaliser(unsubscribe=None, verp=None, dkim=None)
+    _, _, prepared = plain.prepare("ann@example.org", message, None)
+    assert has_field(prepared, b"list-unsubscribe")
+    assert not has_field(prepared, b"list-unsubscribe-post")

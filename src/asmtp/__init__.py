@@ -19,13 +19,14 @@ from ._core.capabilities import Capabilities
 from ._core.dkim import DKIM
 from ._core.message import PreparedMessage, build_message, prepare_message
 from ._core.reply import Reply
+from ._core.template import Template
 from ._delivery.api import ConnectedSession, connect, send, sendmail
 from ._delivery.journal import JournalIdentity
 from ._delivery.mailer import Job, Mailer
 from ._delivery.pool import Pool
 from ._delivery.retry import Rate, Retry
 from ._io.resolver import MXHost, MXResolver, resolve_mx
-from .config import DSN, Direct, Relay, Timeouts
+from .config import DSN, Direct, Proxy, Relay, Timeouts
 from .errors import (
     AuthenticationError,
     AuthUnavailableError,
@@ -91,6 +92,7 @@ __all__ = (
     "Pool",
     "PreparedMessage",
     "ProtocolError",
+    "Proxy",
     "Rate",
     "RecipientResult",
     "Relay",
@@ -106,6 +108,7 @@ __all__ = (
     "Stage",
     "TLSError",
     "TLSUnavailableError",
+    "Template",
     "TemporaryResolveError",
     "Timeouts",
     "TransportError",

@@ -18,8 +18,9 @@ from typing import Literal
 #: Where an SMTP exchange is, or where it ended: in the order a send goes through them.
 #: "input" (the caller's input was refused, before any connection), "dns" (the MX
 #: lookup of direct delivery), "connect" (TCP, and implicit TLS), then one stage per
-#: command whose reply is awaited ("greeting" is the server's opening, "message" the
-#: content and its end-of-data dot). :data:`STAGE_TEXT` names each in messages.
+#: command whose reply is awaited ("greeting" is the server's opening, "bdat" a chunk of
+#: content that is not the last (RFC 3030 CHUNKING), "message" the content and its
+#: end-of-data dot, or its last chunk). :data:`STAGE_TEXT` names each in messages.
 Stage = Literal[
     "input",
     "dns",
@@ -32,6 +33,7 @@ Stage = Literal[
     "mail",
     "rcpt",
     "data",
+    "bdat",
     "message",
     "rset",
     "noop",
@@ -306,6 +308,7 @@ STAGE_TEXT: dict[Stage, str] = {
     "mail": "MAIL FROM",
     "rcpt": "RCPT TO",
     "data": "DATA",
+    "bdat": "BDAT",
     "message": "message",
     "rset": "RSET",
     "noop": "NOOP",

@@ -340,14 +340,18 @@ class Outbox:
         hostname: str = "outbox.asmtp.test",
         data_size_limit: int | None = 32 * 1024 * 1024,
         on_message: Callable[[SentMessage], None] | None = None,
+        port: int = 0,
     ) -> None:
+        if not isinstance(port, int) or not 0 <= port < 65536:
+            raise InputError(f"port must be 0 (any free port) or 1-65535: {port!r}")
         self._script = _Script(
             users=dict(auth) if auth is not None else None, on_message=on_message
         )
         for address, reply in (refuse or {}).items():
             self.refuse(address, reply)
         self.host = _HOST
-        self.port = 0
+        #: the port listened on; before :meth:`start`, the one asked for (0: any free one)
+        self.port = port
         self.hostname = hostname
         self._data_size_limit = data_size_limit
         self._connections = _Connections()
@@ -384,8 +388,9 @@ class Outbox:
     # ----------------------------------------------------------------- life cycle
 
     def start(self) -> Self:
-        """Listen on a free port of 127.0.0.1 (chosen by the kernel, so parallel test
-        runs never race for one) and serve from a new thread."""
+        """Listen on 127.0.0.1, on a free port chosen by the kernel (so parallel test
+        runs never race for one) unless a ``port`` was given, and serve from a new
+        thread. A port in use is an :class:`~asmtp.errors.InputError`."""
         if self._thread is not None:
             raise RuntimeError("the outbox is already running")
         loop = asyncio.new_event_loop()
@@ -394,6 +399,9 @@ class Outbox:
         self._loop, self._thread = loop, thread
         try:
             self._server = asyncio.run_coroutine_threadsafe(self._listen(), loop).result(10.0)
+        except OSError as exc:
+            self._end_thread()
+            raise InputError(f"cannot listen on {_HOST}:{self.port}: {exc.strerror}") from None
         except BaseException:
             self._end_thread()
             raise
@@ -416,7 +424,7 @@ class Outbox:
             options["auth_require_tls"] = False
             options["authenticator"] = handler.authenticate
         return await loop.create_server(
-            lambda: _Protocol(handler, self._connections, **options), _HOST, 0
+            lambda: _Protocol(handler, self._connections, **options), _HOST, self.port
         )
 
     def stop(self) -> None:
@@ -581,12 +589,12 @@ class LocalServer(Outbox):
     ...     relay = asmtp.Relay(server.host, server.port, tls="none")
     """
 
-    def __init__(self, directory: str | Path | None = None) -> None:
+    def __init__(self, directory: str | Path | None = None, *, port: int = 0) -> None:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="asmtp-demo-"))
         _check_folder(self.directory)
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
-        super().__init__(hostname="demo.asmtp.test", on_message=self._keep)
+        super().__init__(hostname="demo.asmtp.test", on_message=self._keep, port=port)
 
     @property
     def received(self) -> int:

@@ -483,12 +483,21 @@ class PreparedMessage:
     bulk run's per-recipient copies of a large message cost their headers only).
     ``data`` joins them into one bytes object when there are several: a copy, for
     looking at the message, not for sending it.
+
+    BDAT (RFC 3030 CHUNKING) sends the content without dot-stuffing and without the
+    final ``.``: :meth:`chunks`.
     """
 
     parts: tuple[bytes, ...]
     size: int
     eight_bit: bool
     smtputf8: bool
+    # The parts with dot-stuffing undone (still ending with the final ".\r\n"), for BDAT:
+    # the parts themselves when no line starts with a dot (known when prepared here),
+    # else found on first use and kept, so every session sending this message shares them.
+    _unstuffed: tuple[bytes, ...] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __init__(
         self, data: bytes | tuple[bytes, ...], size: int, eight_bit: bool, smtputf8: bool
@@ -497,11 +506,41 @@ class PreparedMessage:
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "eight_bit", eight_bit)
         object.__setattr__(self, "smtputf8", smtputf8)
+        object.__setattr__(self, "_unstuffed", None)
 
     @property
     def data(self) -> bytes:
         parts = self.parts
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def chunks(self, size: int | None = None) -> tuple[tuple[bytes | memoryview, ...], ...]:
+        """The content as BDAT sends it (RFC 3030 2): CRLF line endings, no dot-stuffing,
+        no final ``.``; in chunks of at most ``size`` octets (default
+        :data:`BDAT_CHUNK`), each the pieces to write one after the other. Pieces are
+        :attr:`parts` or views of them, never copies, except that a part holding a line
+        that starts with a dot is copied once without the dot stuffing added, and kept
+        for the next call (every session sending this message shares that copy).
+
+        >>> prepared = prepare_message(b"Subject: hi\\n\\n.hidden\\n")
+        >>> prepared.data
+        b'Subject: hi\\r\\n\\r\\n..hidden\\r\\n.\\r\\n'
+        >>> [b"".join(chunk) for chunk in prepared.chunks()]
+        [b'Subject: hi\\r\\n\\r\\n.hidden\\r\\n']
+        >>> [bytes(piece) for chunk in prepared.chunks(10) for piece in chunk]
+        [b'Subject: h', b'i\\r\\n\\r\\n.hidd', b'en\\r\\n']
+        """
+        limit = BDAT_CHUNK if size is None else size
+        if limit < 1:
+            raise InputError(f"a BDAT chunk holds at least one octet: {size!r}")
+        pieces = self._unstuffed
+        if pieces is None:
+            _check_end_of_data(self.parts)
+            pieces = _unstuff(self.parts)
+            object.__setattr__(self, "_unstuffed", pieces)
+        last = pieces[-1]
+        if len(pieces) == 1 and len(last) - 3 <= limit:  # a small message: one chunk
+            return ((memoryview(last)[:-3],),)
+        return _split(_without_end(pieces), limit)
 
 
 def with_headers(prepared: PreparedMessage, headers: Sequence[tuple[str, str]]) -> PreparedMessage:
@@ -518,12 +557,18 @@ def with_headers(prepared: PreparedMessage, headers: Sequence[tuple[str, str]]) 
         lines.append(line)
     extra = b"".join(lines)
     raw_utf8 = not extra.isascii()
-    return PreparedMessage(
+    copy = PreparedMessage(
         data=(extra, *prepared.parts) if extra else prepared.parts,
         size=prepared.size + len(extra),
         eight_bit=prepared.eight_bit or raw_utf8,
         smtputf8=prepared.smtputf8 or raw_utf8,
     )
+    unstuffed = prepared._unstuffed  # the fields go as they are; the rest is shared
+    if unstuffed is None:
+        return copy
+    if unstuffed is prepared.parts:  # no line starts with a dot: still none
+        return _unstuffed_as(copy, copy.parts)
+    return _unstuffed_as(copy, (extra, *unstuffed) if extra else unstuffed)
 
 
 # A Message-ID field in a prepared header section, with its folded continuation lines.
@@ -569,7 +614,10 @@ class MessageIdRemover:
         if len(kept) == len(parts) and all(a is b for a, b in zip(kept, parts, strict=True)):
             return prepared, None
         size = prepared.size - (sum(map(len, parts)) - sum(map(len, kept)))
-        return PreparedMessage(tuple(kept), size, prepared.eight_bit, prepared.smtputf8), domain
+        base = PreparedMessage(tuple(kept), size, prepared.eight_bit, prepared.smtputf8)
+        if prepared._unstuffed is parts:  # no line starts with a dot: still none
+            base = _unstuffed_as(base, base.parts)
+        return base, domain
 
     def _split(self, part: bytes, end: int) -> tuple[tuple[bytes, ...], str | None]:
         last = self._last
@@ -610,6 +658,11 @@ def _long_line(content: bytes) -> int | None:
 # A large message is written, normalized and dot-stuffed a block of whole lines at a
 # time: preparing it holds the result and about a block more, never a second copy.
 _BLOCK = 1 << 20
+
+#: The most octets one BDAT command carries (RFC 3030), unless told otherwise
+#: (:meth:`PreparedMessage.chunks`): a message up to this size goes in one
+#: ``BDAT n LAST``; a larger one in chunks of this size, views of its blocks.
+BDAT_CHUNK = _BLOCK
 
 
 def _line_blocks(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
@@ -670,6 +723,7 @@ class _Wire:
     long_line: int | None = None  # the number of the first line over 998 octets
     nul_line: int | None = None  # the number of the first line holding a NUL
     head_error: str | None = None  # a control character in the header section
+    dot_lines: bool = False  # a line starts with a dot (dot-stuffing doubled it)
 
     def lines_so_far(self) -> int:
         return sum(part.count(b"\n") for part in self.parts)
@@ -695,12 +749,85 @@ def _wire(chunks: Iterable[bytes], size: int = _BLOCK) -> _Wire:
             wire.head_ascii = wire.head_ascii and head.isascii()
             wire.head_error = wire.head_error or _header_error(head)
             in_head = end < 0
+        length = len(block)
         if block.startswith(b"."):
             block = b"." + block
         block = block.replace(b"\r\n.", b"\r\n..")
+        wire.dot_lines = wire.dot_lines or len(block) != length
         wire.eight_bit = wire.eight_bit or not block.isascii()
         wire.parts.append(block)
     return wire
+
+
+def _check_end_of_data(parts: Sequence[bytes]) -> None:
+    """Content made ready for DATA ends with CRLF . CRLF, across pieces."""
+    tail = b""
+    for part in reversed(parts):  # the last five octets
+        tail = part[len(tail) - 5 :] + tail
+        if len(tail) >= 5:
+            break
+    if tail != b"\r\n.\r\n":
+        raise InputError("message content must end with CRLF . CRLF")
+
+
+def _unstuff(parts: Sequence[bytes]) -> tuple[bytes, ...]:
+    """``parts`` (content made ready for DATA) with the dot-stuffing undone: the dot
+    RFC 5321 4.5.2 added to each line that starts with one, whose stuffed form starts
+    with two (``CRLF ..``). A part without such a line is kept, not copied; one with
+    them is copied once without the added dots. A line may run across parts."""
+    out: list[bytes] = []
+    before = b"\r\n"  # the last octets of the parts so far: the content starts a line
+    for part in parts:
+        # A stuffed line start that runs across the boundary: its second dot is in
+        # this part, at most the third octet.
+        at = (before + part[:3]).find(b"\r\n..")
+        drop = at + 3 - len(before) if 0 <= at < len(before) else -1
+        if drop >= 0:
+            unstuffed = part[:drop] + part[drop + 1 :]
+            out.append(unstuffed.replace(b"\r\n..", b"\r\n."))
+        elif b"\r\n.." in part:
+            out.append(part.replace(b"\r\n..", b"\r\n."))
+        else:
+            out.append(part)
+        before = (before + part[-3:])[-3:]
+    return tuple(out)
+
+
+def _without_end(pieces: Sequence[bytes]) -> list[bytes | memoryview]:
+    """``pieces`` without their last three octets (the final ``.`` line): the last
+    piece a view, not a copy."""
+    out: list[bytes | memoryview] = list(pieces)
+    cut = 3
+    while cut:
+        last = out.pop()
+        if len(last) > cut:
+            out.append(memoryview(last)[:-cut])
+            break
+        cut -= len(last)
+    return out
+
+
+def _split(
+    pieces: Sequence[bytes | memoryview], limit: int
+) -> tuple[tuple[bytes | memoryview, ...], ...]:
+    """``pieces`` in chunks of ``limit`` octets (the last one up to it), each the
+    pieces or views of them that make it up: never a copy."""
+    chunks: list[tuple[bytes | memoryview, ...]] = []
+    chunk: list[bytes | memoryview] = []
+    room = limit
+    for piece in pieces:
+        while len(piece) > room:
+            view = memoryview(piece)
+            if room:
+                chunk.append(view[:room])
+            chunks.append(tuple(chunk))
+            chunk, piece, room = [], view[room:], limit
+        if piece:
+            chunk.append(piece)
+            room -= len(piece)
+    if chunk or not chunks:
+        chunks.append(tuple(chunk))
+    return tuple(chunks)
 
 
 def _taken(pieces: list[bytes]) -> Iterator[bytes]:
@@ -946,12 +1073,20 @@ def _prepared(wire: _Wire, fields: bytes, smtputf8: bool) -> PreparedMessage:
         parts[0] = fields + parts[0]
     last = parts[-1]
     parts[-1] = last + (b".\r\n" if last.endswith(b"\r\n") else b"\r\n.\r\n")
-    return PreparedMessage(
+    prepared = PreparedMessage(
         data=tuple(parts),
         size=sum(map(len, parts)) - 3,
         eight_bit=wire.eight_bit,
         smtputf8=smtputf8,
     )
+    # No line starts with a dot: BDAT sends the parts as they are (no pass over them).
+    return prepared if wire.dot_lines else _unstuffed_as(prepared, prepared.parts)
+
+
+def _unstuffed_as(prepared: PreparedMessage, parts: tuple[bytes, ...] | None) -> PreparedMessage:
+    """``prepared``, told its content without dot-stuffing when that is known."""
+    object.__setattr__(prepared, "_unstuffed", parts)
+    return prepared
 
 
 def prepare_message(message: EmailMessage | bytes, *, domain: str | None = None) -> PreparedMessage:

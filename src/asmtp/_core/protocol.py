@@ -1,5 +1,5 @@
-"""The SMTP client state machine (RFC 5321, with 2920 PIPELINING, 3207 STARTTLS and
-4954 AUTH). Bytes in, replies out; no I/O, no asyncio.
+"""The SMTP client state machine (RFC 5321, with 2920 PIPELINING, 3207 STARTTLS,
+4954 AUTH and 3030 CHUNKING). Bytes in, replies out; no I/O, no asyncio.
 
 Every state transition of the client side of an SMTP session lives in this file, as
 data: :data:`_SENDABLE_IN` says in which states each command may be sent and
@@ -27,6 +27,15 @@ A session, as the bytes go (``C:`` what the methods return, ``S:`` what is fed i
     S: 250 2.0.0 queued
     C: QUIT                                     proto.quit()
     S: 221 bye
+
+With CHUNKING (RFC 3030) the content goes with its size instead, not dot-stuffed and
+without waiting for a 354, so the whole transaction is one write::
+
+    C: MAIL FROM:<a@example.com>                proto.mail("a@example.com")
+    C: RCPT TO:<b@example.org>                  proto.rcpt("b@example.org")
+    C: BDAT 1234 LAST                           proto.bdat(chunk, last=True)
+    C: <1234 octets of content>                 (the same write: pipelined)
+    S: 250 OK / 250 OK / 250 2.0.0 queued
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, Literal
 
 from ..errors import (
@@ -65,11 +74,11 @@ class State(enum.Enum):
 
 
 #: The replies that mean success, for each command whose reply the client awaits
-#: (RFC 5321 4.3.2; "greeting" is the server's opening, "message" the end-of-data dot;
-#: RFC 3207 for STARTTLS, RFC 4954 for AUTH; BDAT, RFC 3030, is not used). A 4xx or 5xx
-#: is a refusal. Anything else (another 2xx or 3xx, say 354 to RCPT or 221 to the dot)
-#: answers no command sent: the session is closed, since the replies can no longer be
-#: trusted to answer the commands they follow.
+#: (RFC 5321 4.3.2; "greeting" is the server's opening, "message" the end-of-data dot
+#: or the last BDAT chunk, "bdat" any other chunk (RFC 3030 2); RFC 3207 for STARTTLS,
+#: RFC 4954 for AUTH). A 4xx or 5xx is a refusal. Anything else (another 2xx or 3xx,
+#: say 354 to RCPT or 221 to the dot) answers no command sent: the session is closed,
+#: since the replies can no longer be trusted to answer the commands they follow.
 SUCCESS_CODES: Final[Mapping[Stage, frozenset[int]]] = {
     "greeting": frozenset({220}),
     "ehlo": frozenset({250}),
@@ -79,6 +88,7 @@ SUCCESS_CODES: Final[Mapping[Stage, frozenset[int]]] = {
     "mail": frozenset({250}),
     "rcpt": frozenset({250, 251}),  # 251: not local, will forward (RFC 5321 3.4)
     "data": frozenset({354}),
+    "bdat": frozenset({250}),
     "message": frozenset({250}),
     "rset": frozenset({250}),
     "noop": frozenset({250}),
@@ -89,7 +99,8 @@ AUTH_CONTINUE: Final = 334
 
 #: What each reply does to the state: (after a success, after a refusal); None leaves
 #: the state as it is. Back to READY ends the mail transaction (RFC 5321 4.1.1.5: so do
-#: RSET and the end of data; 4.1.1.2: a refused MAIL opens none). Beside the table: a
+#: RSET and the end of data; 4.1.1.2: a refused MAIL opens none; RFC 3030 2: so does a
+#: refused BDAT chunk, and the last chunk's reply, as the dot's). Beside the table: a
 #: 421 to any command closes (RFC 5321 3.8), and AUTH's 334 asks for the next response.
 _AFTER_REPLY: Final[Mapping[Stage, tuple[State | None, State | None]]] = {
     "greeting": (State.CONNECTED, State.REFUSED),  # refused: only QUIT may follow (3.1)
@@ -100,6 +111,7 @@ _AFTER_REPLY: Final[Mapping[Stage, tuple[State | None, State | None]]] = {
     "mail": (State.MAIL, State.READY),
     "rcpt": (None, None),  # a refused recipient leaves the transaction open
     "data": (State.DATA, State.READY),
+    "bdat": (None, State.READY),  # accepted: more chunks follow
     "message": (State.READY, State.READY),
     "rset": (State.READY, None),
     "noop": (None, None),
@@ -111,9 +123,10 @@ _AFTER_REPLY: Final[Mapping[Stage, tuple[State | None, State | None]]] = {
 _Command = Stage | Literal["auth-response"]
 
 #: The states each command may be sent in (RFC 5321 4.1.4: EHLO or HELO first, again
-#: after STARTTLS, RFC 3207 4.2; then MAIL, RCPT, DATA in order; RFC 4954 4: AUTH
-#: outside a transaction). RCPT and DATA in READY: pipelined behind MAIL (RFC 2920).
-#: The message content has its own rule (:meth:`ClientProtocol.message`).
+#: after STARTTLS, RFC 3207 4.2; then MAIL, RCPT, DATA or BDAT in order; RFC 4954 4:
+#: AUTH outside a transaction). RCPT, DATA and BDAT in READY: pipelined behind MAIL
+#: (RFC 2920). The message content after DATA has its own rule
+#: (:meth:`ClientProtocol.message`).
 _SENDABLE_IN: Final[Mapping[_Command, tuple[State, ...]]] = {
     "ehlo": (State.CONNECTED, State.READY),
     "helo": (State.CONNECTED, State.READY),
@@ -123,15 +136,17 @@ _SENDABLE_IN: Final[Mapping[_Command, tuple[State, ...]]] = {
     "mail": (State.READY,),
     "rcpt": (State.READY, State.MAIL),
     "data": (State.READY, State.MAIL),
+    "bdat": (State.READY, State.MAIL),
     "rset": (State.READY, State.MAIL),
     "noop": (State.READY, State.MAIL),
     "quit": (State.REFUSED, State.CONNECTED, State.READY, State.MAIL, State.AUTH),
 }
 #: The commands that may be sent while replies to earlier ones are outstanding, when
 #: the server offers PIPELINING and those are all replies to :data:`_PIPELINE_AFTER`
-#: commands (RFC 2920 3.1: DATA, EHLO, STARTTLS, AUTH, NOOP and QUIT each end a group).
-_PIPELINABLE: Final = frozenset({"mail", "rcpt", "data", "rset"})
-_PIPELINE_AFTER: Final = frozenset({"mail", "rcpt", "rset"})
+#: commands (RFC 2920 3.1: DATA, EHLO, STARTTLS, AUTH, NOOP and QUIT each end a group;
+#: RFC 3030 4.2: BDAT chunks may be pipelined, behind RCPT and one another).
+_PIPELINABLE: Final = frozenset({"mail", "rcpt", "data", "bdat", "rset"})
+_PIPELINE_AFTER: Final = frozenset({"mail", "rcpt", "bdat", "rset"})
 
 # How a reply's command is named in an error message.
 _NAMES: Final[Mapping[Stage, str]] = {
@@ -151,6 +166,7 @@ class ClientProtocol:
     """
 
     __slots__ = (
+        "_chunked",
         "_parser",
         "_pending",
         "_rcpts",
@@ -168,6 +184,7 @@ class ClientProtocol:
         self._pending: deque[Stage] = deque(("greeting",))
         self._txn = False  # a MAIL has been sent and not yet closed (projected state)
         self._rcpts = 0  # RCPTs sent in the open transaction
+        self._chunked = False  # a BDAT has been sent in it: no DATA (RFC 3030 2)
         self._smtputf8 = False
         self.capabilities = Capabilities.helo()
         self.state = State.GREETING
@@ -280,6 +297,7 @@ class ClientProtocol:
         if state is State.READY or state is State.CLOSED:
             self._txn = False
             self._rcpts = 0
+            self._chunked = False
             self._smtputf8 = False
             if state is State.CLOSED:
                 self._pending.clear()
@@ -401,7 +419,46 @@ class ClientProtocol:
         self._check("data")
         if not self._txn or not self._rcpts:
             raise LocalProtocolError("DATA without MAIL and RCPT")
+        if self._chunked:
+            raise LocalProtocolError("DATA after BDAT in one transaction (RFC 3030 2)")
         return self._command("data", "DATA")
+
+    def bdat(
+        self,
+        chunk: Sequence[bytes | memoryview],
+        *,
+        last: bool = False,
+        then_quit: bool = False,
+    ) -> tuple[bytes | memoryview, ...]:
+        """``BDAT <size> [LAST]`` and the chunk (RFC 3030 2): the command line followed
+        by the chunk's pieces as given (the content as it is, not dot-stuffed, never
+        copied: see :meth:`PreparedMessage.chunks
+        <asmtp._core.message.PreparedMessage.chunks>`), to be written one after the
+        other. The reply to the ``last`` chunk is the end of data's ("message"), to
+        any other chunk a "bdat" reply; a refused chunk ends the transaction.
+
+        ``then_quit`` (``last`` only, with PIPELINING) adds QUIT, as after the content
+        of :meth:`message`."""
+        self._check("bdat")
+        if "CHUNKING" not in self.capabilities.extensions:
+            raise LocalProtocolError("cannot send BDAT: the server does not offer CHUNKING")
+        if not self._txn or not self._rcpts:
+            raise LocalProtocolError("BDAT without MAIL and RCPT")
+        if then_quit and not (last and self.capabilities.pipelining):
+            raise LocalProtocolError("QUIT after BDAT needs the last chunk and PIPELINING")
+        size = sum(map(len, chunk))
+        line = self._command(
+            "message" if last else "bdat", f"BDAT {size} LAST" if last else f"BDAT {size}"
+        )
+        self._chunked = True
+        if last:
+            self._txn = False  # nothing more in this transaction: no RCPT, DATA or BDAT
+        if not then_quit:
+            return (line, *chunk)
+        self._pending.append("quit")
+        if self.trace is not None:
+            self.trace("> QUIT")
+        return (line, *chunk, b"QUIT\r\n")
 
     def message(
         self, data: bytes | tuple[bytes, ...], *, then_quit: bool = False
@@ -446,6 +503,7 @@ class ClientProtocol:
         self._check("rset")
         self._txn = False
         self._rcpts = 0
+        self._chunked = False
         return self._command("rset", "RSET")
 
     def noop(self) -> bytes:

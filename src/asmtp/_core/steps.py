@@ -16,10 +16,11 @@ the policy can handle it where it happened.
         return (yield Command(proto.ehlo("client.example"), 30.0))
 
 What a step writes is :data:`Data`: bytes, or pieces written in order as if joined (the
-message content and a pipelined QUIT), so that no step copies a message to add a
-command to it. A driver writes at most :data:`WRITE_BLOCK` octets at a time and the
-next block only once the kernel has taken the one before, so however many sessions
-send one message at once, each holds views of the same bytes, not copies of them.
+message content and a pipelined QUIT; BDAT commands and their chunks, views of the
+message's blocks), so that no step copies a message to add a command to it. A driver
+writes at most :data:`WRITE_BLOCK` octets at a time and the next block only once the
+kernel has taken the one before, so however many sessions send one message at once,
+each holds views of the same bytes, not copies of them.
 """
 
 from __future__ import annotations

@@ -9,15 +9,18 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 import anyio
 
-from .._core.address import parse_address_list
+from .._core.address import check_mailbox, parse_address_list
 from .._core.message import (
     Attachment,
     InlineInput,
@@ -27,6 +30,9 @@ from .._core.message import (
     build_message,
     prepare_envelope,
 )
+from .._core.parts import load_attachment
+from .._core.recipients import address_key
+from .._core.template import MessageOptions, Template
 from ..config import Direct, Relay, Timeouts, TimeoutSpec, check_number
 from ..errors import InputError
 from ..results import RecipientResult, Report
@@ -59,6 +65,9 @@ async def sendmail(
     list_headers: ListHeadersInput = None,
     inline: InlineInput = None,
     calendar: str | bytes | None = None,
+    template: Template | None = None,
+    data: Mapping[str, Any] | None = None,
+    per_recipient: Mapping[str, Mapping[str, Any]] | None = None,
     relay: Relay | Direct | None,
     concurrency: int = 100,
     timeout: TimeoutSpec = 30.0,
@@ -78,6 +87,15 @@ async def sendmail(
     be opened is an :class:`~asmtp.errors.InputError`; a line per recipient is
     written once all are done.
 
+    ``template`` (an :class:`~asmtp.Template`; the ``jinja`` extra) gives the subject
+    and bodies instead of ``subject``, ``body``, ``mailtype`` and ``alt_text``, rendered
+    with ``data``: one message for all. With ``per_recipient`` (each ``to`` address's
+    own values, looked up before ``data``'s), each recipient gets a message rendered for
+    them and addressed to them alone (no ``cc`` or ``bcc``). Every message is rendered
+    before any connection: a value missing for one recipient is an
+    :class:`~asmtp.errors.InputError` naming it and the recipient, and nothing is sent.
+    For long lists, give :class:`~asmtp.Mailer` jobs made with :meth:`~asmtp.Template.bind`.
+
     >>> import asyncio, asmtp
     >>> async def main() -> None:
     ...     report = await asmtp.sendmail(
@@ -93,24 +111,49 @@ async def sendmail(
     senders = parse_address_list(from_, field="from_")
     if len(senders) != 1:
         raise InputError(f"from_ must be exactly one address: {from_!r}")
+    _check_template(template, data, per_recipient, subject, body, mailtype, alt_text)
     attachments = list(attachments)
-    build = functools.partial(
-        build_message,
-        to=to,
-        from_=from_,
-        subject=subject,
-        body=body,
-        mailtype=mailtype,
-        alt_text=alt_text,
-        cc=cc,
-        headers=headers,
-        attachments=attachments,
-        reply_to=reply_to,
-        priority=priority,
-        list_headers=list_headers,
-        inline=inline,
-        calendar=calendar,
-    )
+    options: MessageOptions = {
+        "to": to,
+        "from_": from_,
+        "cc": cc,
+        "headers": headers,
+        "attachments": attachments,
+        "reply_to": reply_to,
+        "priority": priority,
+        "list_headers": list_headers,
+        "inline": inline,
+        "calendar": calendar,
+    }
+    build: Callable[[], EmailMessage]
+    if template is not None and per_recipient is not None:
+        if cc is not None or bcc is not None:
+            raise InputError(
+                "cc= and bcc= do not go with per_recipient=: each message is addressed "
+                "to its recipient alone"
+            )
+        sender = senders[0][1]
+        named = _named_recipients(to, per_recipient)
+        each = functools.partial(_render_each, template, named, data or {}, options)
+        # Reading and encoding files blocks: a worker thread does it (as below).
+        messages = await anyio.to_thread.run_sync(each) if attachments or inline else each()
+        prepared = [
+            prepare_envelope(m, sender, [a])[2]
+            for (_, a, _), m in zip(named, messages, strict=True)
+        ]
+        rcpts = [address for _, address, _ in named]
+        return await _deliver(sender, rcpts, prepared, relay, concurrency, timeout, debug, log_file)
+    if template is not None:
+        build = functools.partial(template.message, data or {}, **options)
+    else:
+        build = functools.partial(
+            build_message,
+            subject=subject,
+            body=body,
+            mailtype=mailtype,
+            alt_text=alt_text,
+            **options,
+        )
     # Reading and encoding files blocks: a web backend's event loop keeps serving
     # while a worker thread does it.
     message = await anyio.to_thread.run_sync(build) if attachments or inline else build()
@@ -124,6 +167,86 @@ async def sendmail(
         debug=debug,
         log_file=log_file,
     )
+
+
+def _check_template(
+    template: Template | None,
+    data: Mapping[str, Any] | None,
+    per_recipient: Mapping[str, Mapping[str, Any]] | None,
+    subject: str,
+    body: str,
+    mailtype: str,
+    alt_text: str | None,
+) -> None:
+    """Refuse texts given twice (a template and subject=/body=), values without a
+    template, and values that are not mappings."""
+    if template is None:
+        if data is not None or per_recipient is not None:
+            raise InputError("data= and per_recipient= are a template's values: give template=")
+        return
+    if not isinstance(template, Template):
+        raise InputError(f"template must be an asmtp.Template: {template!r}")
+    if subject or body or mailtype != "text" or alt_text is not None:
+        raise InputError(
+            "template= gives the subject and the bodies: leave out subject=, body=, "
+            "mailtype= and alt_text="
+        )
+    if data is not None and not isinstance(data, Mapping):
+        raise InputError(f"data must be a mapping of names to values: {type(data).__name__}")
+    if per_recipient is not None and not isinstance(per_recipient, Mapping):
+        raise InputError(
+            f"per_recipient must map addresses to their values: {type(per_recipient).__name__}"
+        )
+
+
+def _named_recipients(
+    to: AddressList, per_recipient: Mapping[str, Mapping[str, Any]]
+) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """(display name, address, values) for each ``to`` recipient (one named twice
+    counted once); an InputError names the recipients ``per_recipient`` has no values
+    for. Addresses match as duplicates do: the domain case-insensitively."""
+    values: dict[str, Mapping[str, Any]] = {}
+    for key, fields in per_recipient.items():
+        address = check_mailbox(key, field="per_recipient")
+        if not isinstance(fields, Mapping):
+            raise InputError(f"per_recipient[{key!r}] must be a mapping: {type(fields).__name__}")
+        values[address_key(address)] = fields
+    named: list[tuple[str, str, Mapping[str, Any]]] = []
+    seen: set[str] = set()
+    missing: list[str] = []
+    for name, address in parse_address_list(to, field="to"):
+        key = address_key(address)
+        if key in seen:
+            continue
+        seen.add(key)
+        if key not in values:
+            missing.append(address)
+        else:
+            named.append((name, address, values[key]))
+    if missing:
+        raise InputError(f"per_recipient has no values for {', '.join(missing)}")
+    if not named:
+        raise InputError("no recipients")
+    return named
+
+
+def _render_each(
+    template: Template,
+    named: Sequence[tuple[str, str, Mapping[str, Any]]],
+    data: Mapping[str, Any],
+    options: MessageOptions,
+) -> list[EmailMessage]:
+    """A message rendered for each recipient, addressed to them alone; attachments
+    are read once for all."""
+    loaded: MessageOptions = {
+        **options,
+        "attachments": [load_attachment(a) for a in options.get("attachments", ())],
+    }
+    messages = []
+    for name, address, fields in named:
+        alone: MessageOptions = {**loaded, "to": str(Address(display_name=name, addr_spec=address))}
+        messages.append(template.message({**data, **fields}, **alone))
+    return messages
 
 
 async def send(
@@ -145,6 +268,20 @@ async def send(
     ``timeout`` is seconds per network step (a finite positive number), None for no
     limit, or a :class:`~asmtp.Timeouts`."""
     sender, rcpts, prepared = prepare_envelope(message, sender, recipients)
+    return await _deliver(sender, rcpts, prepared, relay, concurrency, timeout, debug, log_file)
+
+
+async def _deliver(
+    sender: str,
+    rcpts: list[str],
+    prepared: PreparedMessage | Sequence[PreparedMessage],
+    relay: Relay | Direct | None,
+    concurrency: int,
+    timeout: TimeoutSpec,
+    debug: bool,
+    log_file: str | os.PathLike[str] | None,
+) -> Report:
+    """The rest of :func:`send`, for one message or one per recipient (in order)."""
     concurrency = _check_concurrency(concurrency)
     timeouts = Timeouts.of(timeout)
     if relay is None:
@@ -167,29 +304,37 @@ async def send(
 async def _fan_out(
     sender: str,
     rcpts: list[str],
-    prepared: PreparedMessage,
+    prepared: PreparedMessage | Sequence[PreparedMessage],
     relay: Relay | Direct,
     concurrency: int,
     timeouts: Timeouts,
     debug: bool,
 ) -> Report:
+    """``prepared``: one message for every recipient, or one each (in ``rcpts``
+    order; then no two recipients share a transaction)."""
     if debug:
         enable_debug()
+
+    def message_of(job: Job) -> PreparedMessage:
+        return prepared if isinstance(prepared, PreparedMessage) else prepared[job[0]]
+
     if isinstance(relay, Direct):
         direct = DirectDelivery(
             relay, timeouts, helo=relay.helo or await default_helo(), debug=debug
         )
 
         async def run(job: Job) -> list[RecipientResult]:
-            return await direct.deliver(sender, [rcpts[i] for i in job], prepared)
+            return await direct.deliver(sender, [rcpts[i] for i in job], message_of(job))
 
+        if not isinstance(prepared, PreparedMessage):
+            relay = replace(relay, batch_per_domain=False)
         jobs = plan_jobs(rcpts, relay)
     elif isinstance(relay, Relay):
         endpoint = await Endpoint.for_relay(relay)
 
         async def run(job: Job) -> list[RecipientResult]:
             return await deliver_one(
-                endpoint, timeouts, sender, [rcpts[i] for i in job], prepared, debug=debug
+                endpoint, timeouts, sender, [rcpts[i] for i in job], message_of(job), debug=debug
             )
 
         jobs = [[i] for i in range(len(rcpts))]
@@ -208,8 +353,15 @@ async def connect(
     *,
     timeout: TimeoutSpec = 30.0,
     debug: bool = False,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[ConnectedSession]:
     """One session the caller drives: several transactions over one connection.
+
+    ``sock``: a stream socket the caller has connected to the server already (through a
+    tunnel of its own, say): the session runs on it instead of connecting, and closes
+    it when it ends. One socket serves one session. ``relay`` still says who the server
+    is (TLS is verified against ``relay.host``) and how to talk to it; its port and
+    proxy play no part.
 
     >>> async def main() -> None:
     ...     async with asmtp.connect(asmtp.Relay("smtp.example.com")) as session:
@@ -217,17 +369,32 @@ async def connect(
     """
     if not isinstance(relay, Relay):
         raise InputError(f"relay must be an asmtp.Relay: {relay!r}")
+    if sock is not None:
+        _check_socket(sock, relay)
     if debug:
         enable_debug()
-    endpoint = await Endpoint.for_relay(relay)
+    endpoint = await Endpoint.for_relay(relay, resolve=sock is None)
     session = Session(endpoint, Timeouts.of(timeout), debug=debug)
     try:
-        await session.connect()
+        await session.connect(sock)
         yield ConnectedSession(session)
     except BaseException:
         session.abort()
         raise
     await session.quit()
+
+
+def _check_socket(sock: object, relay: Relay) -> None:
+    """``sock=`` must be a connected stream socket, and the relay must not name a
+    proxy too (the socket is connected already)."""
+    if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+        raise InputError(f"sock must be a connected stream socket (socket.socket): {sock!r}")
+    if relay.proxy is not None:
+        raise InputError("give sock= or a relay with a proxy, not both")
+    try:
+        sock.getpeername()
+    except OSError:
+        raise InputError(f"sock must be connected already: {sock!r}") from None
 
 
 class ConnectedSession:

@@ -21,9 +21,10 @@ import anyio
 from .._core.address import domain_of
 from .._core.message import PreparedMessage
 from .._io.resolver import MXHost, MXResolver
-from ..config import Direct, Timeouts, TLSMode
+from ..config import Direct, Timeouts, TLSMode, as_proxy
 from ..errors import CertificateError, ResolveError, SMTPError, Stage, deadline_passed
 from ..results import Attempt, RecipientResult, result_from_error
+from . import telemetry
 from .dispatch import run_session
 from .session import NO_EXTRAS, Endpoint, Extras, default_ssl_context
 
@@ -226,6 +227,8 @@ class DirectDelivery:
             ssl_context=context,
             addresses=(address,),
             source_address=settings.source_address,
+            proxy=as_proxy(settings.proxy),
+            chunking=settings.chunking,
         )
         return await run_session(
             endpoint,
@@ -255,7 +258,10 @@ class _Job:
         self, recipients: Sequence[str], error: SMTPError, *, host: str | None
     ) -> list[RecipientResult]:
         elapsed = anyio.current_time() - self.started
-        return [result_from_error(r, error, host=host, elapsed=elapsed) for r in recipients]
+        results = [result_from_error(r, error, host=host, elapsed=elapsed) for r in recipients]
+        if telemetry.hooks is not None:
+            telemetry.hooks.unsent(results, error)
+        return results
 
 
 def _until(deadline: float | None) -> contextlib.AbstractContextManager[object]:

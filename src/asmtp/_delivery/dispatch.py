@@ -20,6 +20,7 @@ from .._io.anyio_driver import loop_clock
 from ..config import Timeouts
 from ..errors import SMTPError, deadline_passed
 from ..results import RecipientResult, internal_error, result_from_error
+from . import telemetry
 from .session import NO_EXTRAS, Endpoint, Extras, Session
 
 __all__ = ["deliver_one", "run_pool", "run_session"]
@@ -51,6 +52,8 @@ async def run_pool(
             tg.start_soon(worker)
     done = [r for r in results if r is not None]
     assert len(done) == count, "every recipient gets exactly one result"
+    if telemetry.hooks is not None:
+        telemetry.hooks.outcomes(done)
     return done
 
 
@@ -76,8 +79,15 @@ async def run_session(
     refused = endpoint.auth_cache.refusal()
     if refused is not None:
         # The relay refused these credentials earlier in the run: no connection, no AUTH.
-        return [result_from_error(r, refused, host=endpoint.host) for r in recipients], refused
-    session = Session(endpoint, timeouts, debug=debug)
+        results = [result_from_error(r, refused, host=endpoint.host) for r in recipients]
+        if telemetry.hooks is not None:
+            telemetry.hooks.unsent(results, refused)
+        return results, refused
+    hooks = telemetry.hooks  # None: no telemetry (the default)
+    watch = None if hooks is None else hooks.session(endpoint, recipients, clock)
+    session = Session(
+        endpoint, timeouts, debug=debug, on_stage=None if watch is None else watch.observer
+    )
     final: dict[str, RecipientResult] = {}
 
     async def body() -> None:
@@ -116,12 +126,20 @@ async def run_session(
                     elapsed=elapsed,
                     dot_sent=session.dot_sent,
                 )
-        return [final[rcpt] for rcpt in recipients], error
-    except BaseException:
+        results = [final[rcpt] for rcpt in recipients]
+        if watch is not None:
+            watch.end(session, results, exc if error is None else error)
+        return results, error
+    except BaseException as cut:
         session.abort()
+        if watch is not None:
+            watch.end(session, (), cut)
         raise
     await session.close()
-    return [final[rcpt] for rcpt in recipients], None
+    results = [final[rcpt] for rcpt in recipients]
+    if watch is not None:
+        watch.end(session, results, None)
+    return results, None
 
 
 async def deliver_one(

@@ -36,6 +36,7 @@ from .._core.message import PreparedMessage, prepare_envelope
 from ..config import DSN, Direct, Relay, Timeouts, TimeoutSpec, check_number
 from ..errors import InputError, JournalError, JournalWriteError
 from ..results import RecipientResult, Report, internal_error
+from . import telemetry
 from .direct import DirectDelivery
 from .dispatch import run_session
 from .jobs import Job, JobSource, Run
@@ -382,6 +383,9 @@ class Mailer:
         return result
 
     async def _record(self, result: RecipientResult) -> None:
+        """Every job's result passes here: to the journal, and to telemetry."""
+        if telemetry.hooks is not None:
+            telemetry.hooks.outcomes((result,))
         if self._journal is not None and self._journal_error is None:
             try:
                 await self._journal.result(result)
@@ -470,6 +474,8 @@ class Mailer:
             if wait is None or self._stopping:
                 break
             logger.info("retrying %s in %.1f s after: %s", recipient, wait, result.message)
+            if telemetry.hooks is not None:
+                telemetry.hooks.retry(result)
             await anyio.sleep(wait)
         if result is None:
             return None
@@ -489,9 +495,12 @@ class Mailer:
             )
             return result
         if self._pool is not None:
-            return await self._pool.deliver(
+            sending = self._pool.deliver(
                 sender, recipient, prepared, extras=extras, deadline=deadline
             )
+            if telemetry.hooks is not None:
+                return await telemetry.hooks.pooled_send(self._pool.endpoint, sending)
+            return await sending
         assert self._endpoint is not None
         results, _ = await run_session(
             self._endpoint,

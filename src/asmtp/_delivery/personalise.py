@@ -37,6 +37,7 @@ __all__ = [
     "check_personalisation",
     "check_template",
     "envelope_sender",
+    "has_field",
     "unsubscribe_headers",
     "verp_sender",
     "verp_token",
@@ -106,6 +107,15 @@ def unsubscribe_headers(template: str, recipient: str) -> list[tuple[str, str]]:
         ("List-Unsubscribe", f"<{url}>"),
         ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
     ]
+
+
+def has_field(prepared: PreparedMessage, name: bytes) -> bool:
+    """Whether the header section of ``prepared`` has a field called ``name``
+    (lowercase, without the colon). The header section is in the first of the parts."""
+    first = prepared.parts[0]
+    end = first.find(b"\r\n\r\n")
+    head = first[: end + 2 if end >= 0 else len(first)].lower()
+    return head.startswith(name + b":") or b"\r\n" + name + b":" in head
 
 
 def envelope_sender(message: EmailMessage) -> str:
@@ -200,6 +210,11 @@ class Personaliser:
         prepared = message
         if not isinstance(prepared, PreparedMessage):
             prepared = prepare_message(prepared, domain=sender_domain)
+        if self.unsubscribe is not None and has_field(prepared, b"list-unsubscribe"):
+            raise InputError(
+                "the message has a List-Unsubscribe field of its own and Mailer(unsubscribe=...)"
+                " would add a second one: give one or the other"
+            )
         domain = None
         if not keep_id:
             prepared, domain = self._remove_message_id(prepared)

@@ -28,6 +28,7 @@ from .._core.message import PreparedMessage
 from ..config import Timeouts, check_number
 from ..errors import SMTPError, deadline_passed
 from ..results import RecipientResult, result_from_error
+from . import telemetry
 from .session import NO_EXTRAS, Endpoint, Extras, Session
 
 __all__ = [
@@ -167,7 +168,9 @@ class SessionPool:
             refused = self.endpoint.auth_cache.refusal()
             if refused is not None:
                 raise refused  # the relay refused these credentials: no new session asks
-            session = Session(self.endpoint, self.timeouts, debug=self.debug)
+            hooks = telemetry.hooks
+            observer = None if hooks is None else hooks.pooled_session(self.endpoint)
+            session = Session(self.endpoint, self.timeouts, debug=self.debug, on_stage=observer)
             try:
                 await session.connect()
             except BaseException:
@@ -177,6 +180,8 @@ class SessionPool:
             self._slots.release()
             raise
         self.opened += 1
+        if telemetry.hooks is not None:
+            telemetry.hooks.pool_size(self.endpoint, session, 1)
         return PooledSession(session, self.clock())
 
     async def deliver(
@@ -248,6 +253,8 @@ class SessionPool:
             self._slots.release()
 
     async def _close(self, pooled: PooledSession, *, polite: bool) -> None:
+        if telemetry.hooks is not None:
+            telemetry.hooks.pool_size(self.endpoint, pooled.session, -1)
         if polite:
             with anyio.move_on_after(self.timeouts.command or 5.0, shield=True):
                 await pooled.session.quit()

@@ -30,7 +30,7 @@ import ssl
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -44,7 +44,7 @@ from .._core.sanitize import printable
 from .._core.sasl import Mechanism, choose_mechanism, make_mechanism
 from .._core.steps import Await, Command, Receive, Send, Steps
 from .._io.anyio_driver import AnyConnection, loop_clock, open_best
-from ..config import DSN, Password, Relay, Timeouts, TLSMode
+from ..config import DSN, Password, Proxy, Relay, Timeouts, TLSMode, as_proxy
 from ..errors import (
     AuthenticationError,
     AuthUnavailableError,
@@ -84,6 +84,7 @@ _AUTH_OK = SUCCESS_CODES["auth"]
 _MAIL_OK = SUCCESS_CODES["mail"]
 _RCPT_OK = SUCCESS_CODES["rcpt"]
 _DATA_OK = SUCCESS_CODES["data"]
+_BDAT_OK = SUCCESS_CODES["bdat"]
 _MESSAGE_OK = SUCCESS_CODES["message"]
 _RSET_OK = SUCCESS_CODES["rset"]
 _NOOP_OK = SUCCESS_CODES["noop"]
@@ -282,11 +283,19 @@ class Endpoint:
     auth_mechanism: str | None = None
     allow_plaintext_auth: bool = False
     source_address: str | None = None
+    #: connect through this proxy (which resolves ``host``: no local lookup then)
+    proxy: Proxy | None = None
+    #: BDAT (RFC 3030) when the server offers CHUNKING (``Relay(chunking=...)``)
+    chunking: bool = True
     #: the relay's verdict on the credentials, shared by every session to this endpoint
     auth_cache: AuthCache = field(default_factory=AuthCache, repr=False, compare=False)
 
     @classmethod
-    async def for_relay(cls, relay: Relay, *, helo: str | None = None) -> Endpoint:
+    async def for_relay(
+        cls, relay: Relay, *, helo: str | None = None, resolve: bool = True
+    ) -> Endpoint:
+        """The endpoint of ``relay``; ``resolve=False`` skips looking up its addresses
+        (a session on a socket the caller connected needs none)."""
         tls = relay.tls_mode
         context = None
         if tls != "none":
@@ -297,12 +306,16 @@ class Endpoint:
             helo=relay.helo or helo or await default_helo(),
             tls=tls,
             ssl_context=context,
-            addresses=await _addresses(relay.host, relay.port),
+            addresses=await _addresses(relay.host, relay.port)
+            if resolve and relay.proxy is None
+            else (),
             username=relay.username,
             password=relay.password,
             auth_mechanism=relay.auth_mechanism,
             allow_plaintext_auth=relay.allow_plaintext_auth,
             source_address=relay.source_address,
+            proxy=as_proxy(relay.proxy),
+            chunking=relay.chunking,
         )
 
 
@@ -344,17 +357,17 @@ class Session:
     """One SMTP session. Use through :func:`asmtp.connect` or the fan-out calls.
 
     ``dot_sent`` is True from the moment the end-of-data dot of the current
-    transaction has been written until its reply arrives: a failure then leaves the
-    message's fate unknown.
+    transaction (with CHUNKING, its last BDAT chunk) has been written until its reply
+    arrives: a failure then leaves the message's fate unknown.
 
     ``on_stage`` observes the session: it is called ``(stage, at)``, ``at`` from
     ``clock`` (default: the event loop's), as each stage begins: ``"connect"`` (each
     address tried), ``"greeting"`` (connected), ``"ehlo"`` (again after STARTTLS),
     ``"starttls"`` (only when STARTTLS is sent), ``"auth"``, then per transaction
-    ``"mail"``, ``"rcpt"``, ``"data"``, ``"message"``, and ``"quit"``. ``"idle"`` says
-    the stage before it ended: after the set-up, after each transaction's last reply
-    and after QUIT's. A stage that fails raises instead (no ``"idle"``). Without an
-    observer, each stage costs one ``is not None`` check.
+    ``"mail"``, ``"rcpt"``, ``"data"`` (not with BDAT), ``"message"``, and ``"quit"``.
+    ``"idle"`` says the stage before it ended: after the set-up, after each
+    transaction's last reply and after QUIT's. A stage that fails raises instead (no
+    ``"idle"``). Without an observer, each stage costs one ``is not None`` check.
     """
 
     def __init__(
@@ -407,17 +420,18 @@ class Session:
 
     # -- connection set-up ----------------------------------------------------------
 
-    async def connect(self) -> None:
-        """Connect, read the greeting, EHLO, STARTTLS and AUTH as configured."""
-        conn = await self.open()
+    async def connect(self, sock: socket.socket | None = None) -> None:
+        """Connect (or take the caller's connected ``sock``), read the greeting, EHLO,
+        STARTTLS and AUTH as configured."""
+        conn = await self.open(sock)
         await conn.run(self.greet())
 
-    async def open(self) -> AnyConnection:
+    async def open(self, sock: socket.socket | None = None) -> AnyConnection:
         """Open the connection (trying each of the endpoint's addresses in turn), with
         implicit TLS if configured; the greeting is left for :meth:`greet`."""
         ep = self.endpoint
         implicit = ep.tls == "implicit"
-        addresses = ep.addresses or (ep.host,)
+        addresses = (ep.host,) if sock is not None else ep.addresses or (ep.host,)
         last: SMTPError | None = None
         for address in addresses:
             self.stage = "connect"
@@ -433,6 +447,8 @@ class Session:
                     server_hostname=ep.host,
                     source_address=ep.source_address,
                     timeout=self.timeouts.connect,
+                    proxy=ep.proxy,
+                    sock=sock,
                 )
                 break
             except ConnectError as exc:
@@ -638,6 +654,12 @@ class Session:
             if reply.code not in _RSET_OK:
                 raise reply_error(reply, "mail")
             self._needs_rset = False
+        if self.endpoint.chunking and "CHUNKING" in proto.capabilities.extensions:
+            return (
+                yield from self._chunked_steps(
+                    sender, recipients, message, params, utf8, dsn, extras, last
+                )
+            )
         refused: dict[str, Reply] = {}
         self.stage = "mail"
         if proto.capabilities.pipelining:
@@ -707,15 +729,7 @@ class Session:
         if self.on_stage is not None:
             self._mark("message")
         if extras.before_dot is not None:
-            accepted = [r for r in recipients if r not in refused]
-            try:
-                yield Await(functools.partial(extras.before_dot, accepted))
-            except BaseException:
-                # The server waits for content that will not come (the journal could
-                # not record the dot): only closing ends DATA without a message, and
-                # the session must never be lent again in that state.
-                self.abort()
-                raise
+            yield from self._before_dot(extras.before_dot, recipients, refused)
         # The session's last transaction: QUIT rides along with the content, unless
         # some recipients await a new transaction (452 too many recipients).
         then_quit = (
@@ -729,14 +743,9 @@ class Session:
         try:
             final: Reply = yield Receive(timeouts.data_end)
         except ConnectionLostError as exc:
-            if self._conn is not None and self._conn.reset_by_peer:
-                # RFC 5321 6.1 forbids guessing "not delivered" after the dot, but a
-                # reset means the server left our bytes unread: the dot among them.
-                self.dot_sent = False
-                raise ConnectionLostError(
-                    "the server reset the connection before reading the end of the message",
-                    stage="message",
-                ) from exc
+            unread = self._end_unread()
+            if unread is not None:
+                raise unread from exc
             raise
         self.dot_sent = False
         if final.code not in _MESSAGE_OK and proto.closed:
@@ -744,6 +753,227 @@ class Session:
         if self.on_stage is not None:
             self._mark("idle")
         return refused, final
+
+    def _before_dot(
+        self, hook: BeforeDot, recipients: Sequence[str], refused: Mapping[str, Reply]
+    ) -> Steps[None]:
+        """Await the hook before the end of data goes out, with the recipients that
+        may get the message (those not refused so far)."""
+        try:
+            yield Await(functools.partial(hook, [r for r in recipients if r not in refused]))
+        except BaseException:
+            # The server waits for content that will not come (the journal could
+            # not record the dot): only closing ends DATA without a message, and
+            # the session must never be lent again in that state.
+            self.abort()
+            raise
+
+    def _end_unread(self) -> ConnectionLostError | None:
+        """The connection was lost after the end of data went out: the message's fate
+        is unknown (RFC 5321 6.1 forbids guessing "not delivered"), unless the server
+        reset the connection, which means it left bytes of ours unread, the end of
+        data among them: then the error to raise instead (``dot_sent`` cleared)."""
+        if self._conn is None or not self._conn.reset_by_peer:
+            return None
+        self.dot_sent = False
+        return ConnectionLostError(
+            "the server reset the connection before reading the end of the message",
+            stage="message",
+        )
+
+    def _chunked_steps(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: PreparedMessage,
+        params: list[str],
+        utf8: bool,
+        dsn: DSN | None,
+        extras: Extras,
+        last: bool,
+    ) -> Steps[tuple[dict[str, Reply], Reply]]:
+        """:meth:`transaction_steps` with BDAT (RFC 3030), for a server that offers
+        CHUNKING: the content as it is, with its size (no dot-stuffing, see
+        :meth:`PreparedMessage.chunks <asmtp._core.message.PreparedMessage.chunks>`),
+        and no 354 to wait for.
+
+        With PIPELINING, a message of one chunk goes in one write with MAIL and every
+        RCPT (``MAIL, RCPT..., BDAT n LAST, content``; QUIT too in the session's last
+        transaction when there is one recipient, who cannot need another): one round
+        trip. A larger message goes so with its first chunk, then, once MAIL, the
+        RCPTs and that chunk are answered, with the others in one write: a refusal
+        costs at most one chunk sent for nothing. Without PIPELINING each command
+        awaits its reply.
+
+        As strict as DATA: the last chunk's reply is the end of data's; a refused
+        chunk fails the transaction (4xx transient, 5xx permanent); when no RCPT was
+        accepted the server refuses the chunk (503) and only the RCPT replies count.
+        Lost before the last chunk went out: transient; after, before its reply:
+        unknown (``dot_sent``), as after DATA's dot."""
+        proto = self.proto
+        timeouts = self.timeouts
+        command = timeouts.command
+        chunks = message.chunks()
+        refused: dict[str, Reply] = {}
+        if not proto.capabilities.pipelining:
+            mail_reply: Reply = yield Command(proto.mail(sender, params, smtputf8=utf8), command)
+            if mail_reply.code not in _MAIL_OK:
+                raise reply_error(mail_reply, "mail")
+            self.stage = "rcpt"
+            if self.on_stage is not None:
+                self._mark("rcpt")
+            for rcpt in recipients:
+                rcpt_params = dsn.rcpt_params(rcpt) if dsn is not None else ()
+                reply: Reply = yield Command(proto.rcpt(rcpt, rcpt_params), command)
+                if proto.closed:
+                    raise reply_error(reply, "rcpt")
+                if reply.code not in _RCPT_OK:
+                    refused[rcpt] = reply
+            if len(refused) == len(recipients):
+                self._needs_rset = True
+                if self.on_stage is not None:
+                    self._mark("idle")
+                return refused, _NO_DATA
+            final = yield from self._chunks(chunks, recipients, refused, extras, last)
+            return refused, final
+        # PIPELINING: MAIL, every RCPT and the first chunk in one write.
+        out: list[bytes | memoryview] = [proto.mail(sender, params, smtputf8=utf8)]
+        if dsn is None:
+            out += [proto.rcpt(r) for r in recipients]
+        else:
+            out += [proto.rcpt(r, dsn.rcpt_params(r)) for r in recipients]
+        whole = len(chunks) == 1
+        if whole:
+            # The last chunk goes in this write: the hook gets every recipient, as any
+            # of them may get the message once it has left.
+            if extras.before_dot is not None:
+                yield from self._before_dot(extras.before_dot, recipients, refused)
+            then_quit = last and len(recipients) == 1
+            first = proto.bdat(chunks[0], last=True, then_quit=then_quit)
+        else:
+            first = proto.bdat(chunks[0])
+        out.append(first[0])  # the commands in one piece, the chunk's own after them
+        # Drained when it holds the last chunk: lost while the kernel would not take
+        # more means that never left.
+        yield Send((b"".join(out), *first[1:]), timeouts.data_block, whole)
+        self.dot_sent = whole
+        try:
+            mail_reply = yield Receive(command)
+            if proto.closed:
+                self.dot_sent = False
+                raise reply_error(mail_reply, "mail")
+            self.stage = "rcpt"
+            if self.on_stage is not None:
+                self._mark("rcpt")
+            for rcpt in recipients:
+                reply = yield Receive(command)
+                if proto.closed:
+                    self.dot_sent = False
+                    raise reply_error(reply, "rcpt")
+                if reply.code not in _RCPT_OK:
+                    refused[rcpt] = reply
+            if whole:
+                self.stage = "message"
+                if self.on_stage is not None:
+                    self._mark("message")
+                chunk_reply: Reply = yield Receive(timeouts.data_end)
+            else:
+                self.stage = "bdat"
+                chunk_reply = yield Receive(command)
+        except ConnectionLostError as exc:
+            unread = self._end_unread() if self.dot_sent else None
+            if unread is not None:
+                raise unread from exc
+            raise
+        self.dot_sent = False
+        if mail_reply.code not in _MAIL_OK:
+            raise reply_error(mail_reply, "mail")  # the RCPTs and the chunk got 503
+        if len(refused) == len(recipients):
+            # No recipient: the chunk's refusal (503 5.5.1) says nothing more.
+            self._needs_rset = not proto.closed
+            if self.on_stage is not None:
+                self._mark("idle")
+            return refused, _NO_DATA
+        if whole:
+            return refused, self._end_of_chunks(chunk_reply)
+        if chunk_reply.code not in _BDAT_OK:
+            self._needs_rset = not proto.closed
+            raise reply_error(chunk_reply, "bdat")
+        final = yield from self._chunks(chunks[1:], recipients, refused, extras, last)
+        return refused, final
+
+    def _chunks(
+        self,
+        chunks: Sequence[tuple[bytes | memoryview, ...]],
+        recipients: Sequence[str],
+        refused: Mapping[str, Reply],
+        extras: Extras,
+        last: bool,
+    ) -> Steps[Reply]:
+        """Send ``chunks``, the last with LAST, once the RCPTs are answered: with
+        PIPELINING in one write, else each awaiting its reply; the reply to the last
+        chunk is returned (as the reply to DATA's dot is)."""
+        proto = self.proto
+        timeouts = self.timeouts
+        pipelining = proto.capabilities.pipelining
+        middle = chunks[:-1]
+        self.stage = "bdat"
+        if not pipelining:
+            for chunk in middle:
+                reply: Reply = yield Command(proto.bdat(chunk), timeouts.data_block)
+                if reply.code not in _BDAT_OK:
+                    self._needs_rset = not proto.closed
+                    raise reply_error(reply, "bdat")
+            middle = ()
+        if extras.before_dot is not None:
+            yield from self._before_dot(extras.before_dot, recipients, refused)
+        # QUIT rides along, unless some recipients await a new transaction (452).
+        then_quit = last and pipelining and not any(r.code == 452 for r in refused.values())
+        out: list[bytes | memoryview] = []
+        for chunk in middle:
+            out += proto.bdat(chunk)
+        out += proto.bdat(chunks[-1], last=True, then_quit=then_quit)
+        if self.on_stage is not None:
+            self._mark("message")
+        # Drained: lost while the kernel would not take more means LAST never left.
+        yield Send(tuple(out), timeouts.data_block, True)
+        self.dot_sent = True
+        failed: Reply | None = None
+        try:
+            for _ in middle:
+                reply = yield Receive(timeouts.command)
+                if proto.closed:
+                    self.dot_sent = False
+                    raise reply_error(reply, "bdat")
+                if failed is None and reply.code not in _BDAT_OK:
+                    failed = reply  # the transaction failed: nothing will be delivered
+                    self.dot_sent = False
+            self.stage = "message"
+            final: Reply = yield Receive(timeouts.data_end)
+        except SMTPError as exc:
+            if failed is not None:  # what the transaction came to, whatever followed
+                raise reply_error(failed, "bdat") from exc
+            unread = self._end_unread() if isinstance(exc, ConnectionLostError) else None
+            if unread is not None:
+                raise unread from exc
+            raise
+        self.dot_sent = False
+        if failed is not None:
+            self._needs_rset = not proto.closed
+            raise reply_error(failed, "bdat")
+        return self._end_of_chunks(final)
+
+    def _end_of_chunks(self, final: Reply) -> Reply:
+        """The last chunk's reply, judged as the dot's: a 421 raises; another refusal
+        is every accepted recipient's result (and RSET comes before the next MAIL:
+        RFC 3030 2 has a refused chunk fail the transaction, not end it)."""
+        if final.code not in _MESSAGE_OK:
+            self._needs_rset = not self.proto.closed
+            if self.proto.closed:
+                raise reply_error(final, "message")
+        if self.on_stage is not None:
+            self._mark("idle")
+        return final
 
     def _empty_message(self) -> Steps[None]:
         yield Command(self.proto.message(b"\r\n.\r\n"), self.timeouts.data_end)

@@ -2,7 +2,8 @@
 sans-IO :class:`~asmtp._core.protocol.ClientProtocol`, for event loops other than asyncio
 (trio).
 
-Owns, for that driver: connecting (``anyio.connect_tcp``, implicit TLS included),
+Owns, for that driver: connecting (``anyio.connect_tcp``, implicit TLS included; or
+through a proxy, :mod:`asmtp._io.proxy`; or on a socket the caller connected),
 STARTTLS (``TLSStream.wrap``), the per-step deadline (one ``anyio.fail_at`` around each
 wait), and the buffering that keeps :meth:`StreamConnection.write` synchronous. anyio,
 OS and SSL exceptions become :mod:`asmtp.errors` through the map both drivers share,
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import anyio
-from anyio.abc import ByteStream, SocketAttribute
+from anyio.abc import ByteStream, SocketAttribute, SocketStream
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 from .._core.protocol import ClientProtocol
@@ -34,6 +35,10 @@ from .._core.steps import WRITE_BLOCK, Command, Data, Receive, Send, Steps
 from ..errors import LocalProtocolError, SMTPError, SMTPTimeoutError, Stage, TransportError
 from .asyncio_driver import Connection, open_connection
 from .exceptions import connection_closed, lost_while_sending, translate_errors
+from .proxy import open_tunnel_stream
+
+if TYPE_CHECKING:
+    from ..config import Proxy
 
 __all__ = [
     "AnyConnection",
@@ -334,12 +339,15 @@ async def open_stream_connection(
     server_hostname: str | None = None,
     source_address: str | None = None,
     timeout: float | None = None,
+    proxy: Proxy | None = None,
+    sock: socket.socket | None = None,
 ) -> StreamConnection:
     """Connect to ``address`` (an IP; defaults to ``host``) and return the connection,
     as :func:`asmtp._io.asyncio_driver.open_connection` does. With ``ssl_context`` the TLS
     handshake runs at once (implicit TLS, RFC 8314), checked against
     ``server_hostname`` (defaults to ``host``). ``timeout`` covers the connect, the
-    handshake and, once the caller reads it, the greeting.
+    handshake and, once the caller reads it, the greeting. ``proxy``: connect through
+    it; ``sock``: a socket the caller connected (the connection owns it from then on).
 
     For event loops other than asyncio (under asyncio, anyio's streams do not sit on a
     socket that can be closed synchronously; :func:`open_best` picks the asyncio driver
@@ -351,25 +359,81 @@ async def open_stream_connection(
         )
     deadline = math.inf if timeout is None else anyio.current_time() + timeout
     stream: ByteStream
+    doing = f"connecting to {host}" + (f" through {proxy.label}" if proxy is not None else "")
     with (
-        translate_errors("connect", host, timeout=timeout, doing=f"connecting to {host}"),
+        translate_errors("connect", host, timeout=timeout, doing=doing),
         anyio.fail_at(deadline),
     ):
-        if ssl_context is None:
-            stream = await anyio.connect_tcp(address or host, port, local_host=source_address)
+        if sock is None and proxy is None:
+            if ssl_context is None:
+                stream = await anyio.connect_tcp(address or host, port, local_host=source_address)
+            else:
+                stream = await anyio.connect_tcp(
+                    address or host,
+                    port,
+                    local_host=source_address,
+                    tls=True,
+                    ssl_context=ssl_context,
+                    tls_hostname=server_hostname or host,
+                    tls_standard_compatible=False,
+                )
         else:
-            stream = await anyio.connect_tcp(
-                address or host,
+            stream = await _tunnel_or_socket(
+                host,
                 port,
-                local_host=source_address,
-                tls=True,
+                address=address,
                 ssl_context=ssl_context,
-                tls_hostname=server_hostname or host,
-                tls_standard_compatible=False,
+                server_hostname=server_hostname,
+                source_address=source_address,
+                timeout=timeout,
+                proxy=proxy,
+                sock=sock,
             )
     conn = StreamConnection(proto, stream, host=host)
     conn._timeout, conn._deadline = timeout, deadline  # the greeting shares the connect's step
     return conn
+
+
+async def _tunnel_or_socket(
+    host: str,
+    port: int,
+    *,
+    address: str | None,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+    source_address: str | None,
+    timeout: float | None,
+    proxy: Proxy | None,
+    sock: socket.socket | None,
+) -> ByteStream:
+    """The stream of a tunnel through ``proxy``, or of the caller's ``sock``, with the
+    TLS handshake of implicit TLS run on it (end to end: checked against the SMTP
+    server's name)."""
+    raw: SocketStream
+    if sock is not None:
+        try:
+            raw = await SocketStream.from_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        assert proxy is not None
+        raw = await open_tunnel_stream(
+            proxy, address or host, port, source_address=source_address, timeout=timeout
+        )
+    if ssl_context is None:
+        return raw
+    try:
+        return await TLSStream.wrap(
+            raw,
+            server_side=False,
+            hostname=server_hostname or host,
+            ssl_context=ssl_context,
+            standard_compatible=False,
+        )
+    except BaseException:
+        await anyio.aclose_forcefully(raw)
+        raise
 
 
 async def open_best(
@@ -382,9 +446,12 @@ async def open_best(
     server_hostname: str | None = None,
     source_address: str | None = None,
     timeout: float | None = None,
+    proxy: Proxy | None = None,
+    sock: socket.socket | None = None,
 ) -> AnyConnection:
     """Open a connection with the driver for the running async library: the
-    ``BufferedProtocol`` one on asyncio (uvloop included), anyio streams elsewhere."""
+    ``BufferedProtocol`` one on asyncio (uvloop included), anyio streams elsewhere;
+    through ``proxy``, or on the caller's connected ``sock``, when given."""
     loop = _asyncio_loop()
     opener = (
         open_stream_connection if loop is None else functools.partial(open_connection, loop=loop)
@@ -398,6 +465,8 @@ async def open_best(
         server_hostname=server_hostname,
         source_address=source_address,
         timeout=timeout,
+        proxy=proxy,
+        sock=sock,
     )
 
 

@@ -7,6 +7,8 @@ connections (the fast path: no fresh buffer per read or per connection), writing
 flow control, STARTTLS through ``loop.start_tls``, and the per-step timeout (one timer
 per connection, re-armed lazily, never one per step). OS and SSL exceptions become
 :mod:`asmtp.errors` through the map both drivers share, :mod:`asmtp._io.exceptions`.
+A connection through a proxy, or on a socket the caller connected, starts from that
+socket (:mod:`asmtp._io.proxy` opens the tunnel) and is the same connection from there.
 
 Writing keeps memory bounded: data up to :data:`~asmtp._core.steps.WRITE_BLOCK` goes to the
 transport at once; larger data (a big message) stays views of the caller's bytes in a
@@ -25,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import threading
 from collections import deque
 from collections.abc import Iterator
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from .._core.protocol import ClientProtocol
 from .._core.reply import NEED_DATA
@@ -42,6 +45,10 @@ from .exceptions import (
     translate,
     translate_errors,
 )
+from .proxy import open_tunnel_socket
+
+if TYPE_CHECKING:
+    from ..config import Proxy
 
 __all__ = ["Connection", "open_connection"]
 
@@ -532,27 +539,48 @@ async def open_connection(
     source_address: str | None = None,
     timeout: float | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
+    proxy: Proxy | None = None,
+    sock: socket.socket | None = None,
 ) -> Connection:
     """Connect to ``address`` (an IP; defaults to ``host``) and return the connection.
     With ``ssl_context`` the TLS handshake runs at once (implicit TLS, RFC 8314),
     checked against ``server_hostname`` (defaults to ``host``). ``timeout`` covers the
-    connect and, once the caller reads it, the greeting."""
+    connect and, once the caller reads it, the greeting.
+
+    ``proxy``: connect through it (the proxy is asked for ``address`` or ``host``).
+    ``sock``: a socket the caller connected already, used instead of connecting (the
+    connection owns it from then on and closes it)."""
     loop = loop or asyncio.get_running_loop()
     conn = Connection(proto, host=host, loop=loop)
     conn.step(timeout)
     local = (source_address, 0) if source_address else None
     conn._task = asyncio.current_task(loop)  # the timer cancels it on timeout
     try:
-        await loop.create_connection(lambda: conn, address or host, port, local_addr=local)
+        if sock is None and proxy is not None:
+            sock = await open_tunnel_socket(
+                proxy,
+                address or host,
+                port,
+                source_address=source_address,
+                timeout=timeout,
+                loop=loop,
+            )
+        if sock is not None:
+            await loop.create_connection(lambda: conn, sock=sock)
+        else:
+            await loop.create_connection(lambda: conn, address or host, port, local_addr=local)
         if ssl_context is not None:
             await conn._handshake(ssl_context, server_hostname or host)
     except BaseException as exc:
         # Inline rather than _cancellable and translate_errors: once per connection.
         conn.abort()
+        if sock is not None and conn._transport is None:
+            sock.close()  # a tunnel, or the caller's socket, no transport took over
         if isinstance(exc, asyncio.CancelledError):
             task = conn._task
             if conn._timed_out and task is not None and task.uncancel() == 0:
-                raise step_timed_out(timeout, f"connecting to {host}", "connect") from None
+                through = f" through {proxy.label}" if proxy is not None else ""
+                raise step_timed_out(timeout, f"connecting to {host}{through}", "connect") from None
             raise
         error = translate(exc, "connect", host)
         if error is None:

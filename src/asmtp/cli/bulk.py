@@ -3,9 +3,11 @@ every row before anything is sent, keeping the checked rows out of memory, and m
 job per recipient, in file order, when its turn comes.
 
 Every recipient gets a message addressed to them alone: rendered per recipient when a CSV
-file's ``{column}`` placeholders are used (see :mod:`asmtp._core.recipients`), else one
-message serialized once with a To header and a Message-ID of each recipient's own. Bad
-rows are listed and nothing is sent, or with ``--skip-invalid`` reported as failed.
+file's ``{column}`` placeholders are used (see :mod:`asmtp._core.recipients`), or with
+``--template jinja`` when the template reads a column (:class:`asmtp.Template`, every
+name it reads checked against the header first), else one message serialized once with
+a To header and a Message-ID of each recipient's own. Bad rows are listed and nothing is
+sent, or with ``--skip-invalid`` reported as failed.
 Layer 6: may import any layer below.
 """
 
@@ -33,8 +35,9 @@ from .._core.message import (
     prepare_message,
     with_headers,
 )
-from .._core.recipients import BadRow, Recipient, RecipientRows, decode_lines
+from .._core.recipients import BadRow, Placeholders, Recipient, RecipientRows, decode_lines
 from .._core.sanitize import printable
+from .._core.template import Rendered, Template
 from .._delivery.mailer import Job
 from ..errors import InputError
 from .plan import MailerSettings, MessageParts, SendPlan
@@ -53,26 +56,34 @@ def plan_recipients_file(
     before anything is sent."""
     source = "standard input" if args.recipients == "-" else args.recipients
     extras = parse_address_list(args.to, field="--to")
+    # Made first: without jinja2, or with a template that does not parse, nothing is read.
+    jinja = _jinja_template(parts) if args.template == "jinja" else None
     store = _RecipientStore()
     with _recipients_file(args.recipients) as lines:
         rows = RecipientRows(lines)
         placeholders = rows.placeholders()
         texts = [parts.subject, parts.body, *([parts.alt_text] if parts.alt_text else [])]
-        personal = any(placeholders.used(text) for text in texts)
+        if jinja is not None:
+            _check_variables(jinja, rows, source)
+            personal = bool(jinja.variables)
+        else:
+            personal = any(placeholders.used(text) for text in texts)
         if extras and personal:
             raise InputError(
-                "--to does not go with {column} placeholders: its recipients have no row "
-                "to fill them from; add them to the recipients file"
+                "--to does not go with {column} placeholders (or a --template jinja that "
+                "reads columns): its recipients have no row to fill them from; add them "
+                "to the recipients file"
             )
         # A value with a line break cannot go into a header: find such rows now.
-        subject = parts.subject if placeholders.used(parts.subject) else None
+        subject_of = _subject_filler(parts.subject, placeholders, jinja if personal else None)
         for row in rows:
-            if isinstance(row, Recipient) and subject is not None:
+            if isinstance(row, Recipient) and subject_of is not None:
                 try:
-                    check_header("Subject", placeholders.fill(subject, row.fields))
-                except InputError:
+                    check_header("Subject", subject_of(row))
+                except InputError as exc:
+                    # a template's own failure says what failed; a line break is plain
                     reason = "a value for the subject holds a line break or control character"
-                    store.add(row, reason)
+                    store.add(row, exc.message if exc.message.startswith("template") else reason)
                     continue
             store.add(row)
         for name, address in extras:
@@ -83,6 +94,8 @@ def plan_recipients_file(
     if not store.total:
         raise InputError(f"--recipients: no recipients in {source}")
 
+    if jinja is not None and not personal:
+        parts = _rendered(parts, jinja.render({}))  # the same for every recipient
     # Built once with every option checked (and attachments read) before anything is sent.
     base = parts.build(to=None, from_=args.from_)
     columns = rows.columns
@@ -101,13 +114,19 @@ def plan_recipients_file(
         escape = html.escape if parts.mailtype == "html" and parts.html_escape else None
 
         def render(r: Recipient) -> EmailMessage:
-            personalised = replace(
-                parts,
-                subject=placeholders.fill(parts.subject, r.fields),
-                body=placeholders.fill(parts.body, r.fields, escape=escape),
-                alt_text=placeholders.fill(parts.alt_text, r.fields) if parts.alt_text else None,
-                attachments=loaded,
-            )
+            if jinja is not None:
+                rendered = jinja.render(r.fields, recipient=r.address)
+                personalised = replace(_rendered(parts, rendered), attachments=loaded)
+            else:
+                personalised = replace(
+                    parts,
+                    subject=placeholders.fill(parts.subject, r.fields),
+                    body=placeholders.fill(parts.body, r.fields, escape=escape),
+                    alt_text=(
+                        placeholders.fill(parts.alt_text, r.fields) if parts.alt_text else None
+                    ),
+                    attachments=loaded,
+                )
             return personalised.build(
                 to=str(Address(display_name=r.name, addr_spec=r.address)), from_=args.from_
             )
@@ -132,10 +151,78 @@ def plan_recipients_file(
             else:
                 yield _shared_job(row, shared, sender, id_domain)
 
-    _warn_unknown_placeholders(rows, source, texts)
+    if jinja is None:  # with Jinja, {word} is text and a missing name was refused
+        _warn_unknown_placeholders(rows, source, texts)
     return SendPlan(
         in_order, store.total, store.line_of, store.duplicates, settings, store.refusal_of
     )
+
+
+# ----------------------------------------------------------------------- --template jinja
+
+#: a template part, as :class:`asmtp.Template`'s errors name it, and the flag it came from
+_TEXT_FLAGS = {"template subject": "--subject", "template body": "--body"}
+_HTML_FLAGS = {
+    "template subject": "--subject",
+    "template html": "--body",
+    "template body": "--alt-text-file",
+}
+
+
+def _jinja_template(parts: MessageParts) -> Template:
+    """The message's texts as a :class:`asmtp.Template`: an --html body is its HTML
+    (autoescaped unless --no-html-escape), --alt-text-file its plain text."""
+    html = parts.mailtype == "html"
+    try:
+        return Template(
+            subject=parts.subject,
+            body=(parts.alt_text or "") if html else parts.body,
+            html=parts.body if html else None,
+            autoescape=parts.html_escape,
+        )
+    except ModuleNotFoundError:
+        raise InputError("--template jinja needs jinja2: pip install 'asmtp[jinja]'") from None
+    except InputError as exc:
+        part, _, rest = exc.message.partition(":")
+        flag = (_HTML_FLAGS if html else _TEXT_FLAGS).get(part)
+        raise InputError(f"{flag}:{rest}" if flag else exc.message) from None
+
+
+def _check_variables(jinja: Template, rows: RecipientRows, source: str) -> None:
+    """Every name the template reads is a column: found before anything is sent,
+    not as a failure per recipient."""
+    missing = sorted(jinja.variables - set(rows.columns))
+    if not missing:
+        return
+    names = ", ".join("{{ " + name + " }}" for name in missing)
+    verb = "names" if len(missing) == 1 else "name"
+    columns = f"its columns: {', '.join(rows.columns)}" if rows.is_csv else "a plain list has none"
+    raise InputError(f"--template jinja: {names} {verb} no column of {source} ({columns})")
+
+
+def _subject_filler(
+    subject: str, placeholders: Placeholders, jinja: Template | None
+) -> Callable[[Recipient], str] | None:
+    """The subject as filled for a row, to check it before anything is sent (an
+    InputError when it cannot be rendered); None when it is the same for every row."""
+    if jinja is not None:
+        alone = Template(subject=subject)  # the subject's rendering, not the bodies'
+        if not alone.variables:
+            return None
+        return lambda row: alone.render(row.fields).subject
+    if not placeholders.used(subject):
+        return None
+    return lambda row: placeholders.fill(subject, row.fields)
+
+
+def _rendered(parts: MessageParts, rendered: Rendered) -> MessageParts:
+    """``parts`` with the texts of ``rendered`` (see :func:`_jinja_template`)."""
+    if parts.mailtype == "html":
+        assert rendered.html is not None
+        body, alt = rendered.html, rendered.body if parts.alt_text is not None else None
+    else:
+        body, alt = rendered.body, None
+    return replace(parts, subject=rendered.subject, body=body, alt_text=alt)
 
 
 def _warn_unknown_placeholders(rows: RecipientRows, source: str, texts: list[str]) -> None:

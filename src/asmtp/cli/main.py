@@ -5,9 +5,11 @@ into exit statuses.
 The commands: ``asmtp send`` (:mod:`asmtp.cli.send`: one message to many recipients,
 through a relay or straight to each domain's mail exchangers), ``asmtp mx``
 (:mod:`asmtp.cli.mx`: where mail for a domain would go), ``asmtp demo``
-(:mod:`asmtp.cli.demo`: try it on a local server) and ``asmtp bench``
-(:mod:`asmtp.cli.bench`: load-test your own server). What they share (argument types,
-exit statuses, the event-loop runner, stdout plumbing) is in :mod:`asmtp.cli.options`.
+(:mod:`asmtp.cli.demo`: try it on a local server), ``asmtp bench``
+(:mod:`asmtp.cli.bench`: load-test your own server) and ``asmtp sink``
+(:mod:`asmtp.cli.sink`: a server to load-test your own client). What they share
+(argument types, exit statuses, the event-loop runner, stdout plumbing) is in
+:mod:`asmtp.cli.options`.
 
 Exit status: 0 every recipient delivered (``mx``: every domain resolved); 1 any recipient
 not delivered, "unknown" included (``mx``: any domain did not resolve); 2 bad usage or
@@ -29,6 +31,7 @@ from .demo import add_demo_parser, cmd_demo
 from .mx import add_mx_parser, cmd_mx
 from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from .send import add_send_parser, as_flags, cmd_send
+from .sink.main import add_sink_parser, main_sink
 
 __all__ = [
     "EXIT_FAILED",
@@ -45,6 +48,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mx": cmd_mx,
     "demo": cmd_demo,
     "bench": main_bench,
+    "sink": main_sink,
 }
 
 #: what each command imports beyond asmtp's own dependencies: the ``cli`` extra
@@ -57,7 +61,8 @@ _EXTRA_MODULES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``asmtp`` argument parser (subcommands ``send``, ``mx``, ``demo``, ``bench``)."""
+    """The ``asmtp`` argument parser (subcommands ``send``, ``mx``, ``demo``, ``bench``,
+    ``sink``)."""
     parser = argparse.ArgumentParser(
         prog="asmtp",
         description="Send one message to many recipients over SMTP, concurrently, "
@@ -71,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mx_parser(sub)
     add_demo_parser(sub)
     add_bench_parser(sub)
+    add_sink_parser(sub)
     return parser
 
 

@@ -16,11 +16,13 @@ import math
 import os
 import re
 import sys
+import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator
 from typing import IO, Any, TypeVar
 
 from .._core.address import check_mailbox
 from .._delivery.retry import Rate
+from ..config import Proxy
 from ..errors import InputError
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "EXIT_USAGE",
     "add_dns_server",
     "add_dns_timeout",
+    "add_proxy",
     "add_timeout",
     "discard_stdout",
     "fit_open_files",
@@ -43,6 +46,8 @@ __all__ = [
     "port",
     "positive_float",
     "positive_int",
+    "proxy_from_args",
+    "proxy_url",
     "rate",
     "rate_per_second",
     "run_loop",
@@ -107,6 +112,11 @@ def port(value: str) -> int:
     if not 0 < number < 65536:
         raise argparse.ArgumentTypeError(f"port must be 1-65535: {value!r}")
     return number
+
+
+def port_or_any(value: str) -> int:
+    """A TCP port to listen on: 1-65535, or 0 for any free one."""
+    return 0 if value == "0" else port(value)
 
 
 def host_port(value: str) -> tuple[str, int | None]:
@@ -179,6 +189,30 @@ def size(value: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
+def proxy_url(value: str) -> str:
+    """A proxy URL, checked: ``socks5://[USER@]HOST[:PORT]`` or ``http://[USER@]HOST:PORT``.
+    Never with a password (flags show in ``ps``): ``--proxy-password-env VAR`` gives it."""
+    user, password = _url_user(value)
+    if password:
+        raise argparse.ArgumentTypeError(
+            "put no password in the URL (flags show in ps): give --proxy-password-env VAR"
+        )
+    try:
+        Proxy.parse(value, password="checked" if user else None)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return value
+
+
+def _url_user(url: str) -> tuple[bool, bool]:
+    """Whether ``url`` holds a user name, and a password."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.username is not None, parts.password is not None
+    except ValueError:  # Proxy.parse says what is wrong with it
+        return False, False
+
+
 def mail_domain(value: str) -> str:
     """A mail domain, or the domain of an address, checked as ``send`` checks a
     recipient's: ``example.org``, ``example.org.``, ``ann@example.org``, ``[192.0.2.1]``,
@@ -236,6 +270,48 @@ def add_timeout(group: Any, *, default: float = 30.0) -> None:
         metavar="SECONDS",
         help=f"per network step (default {default:g})",
     )
+
+
+def add_proxy(group: Any) -> None:
+    """``--proxy URL`` and ``--proxy-password-env VAR``: connect through a SOCKS5 or
+    HTTP CONNECT proxy (:func:`proxy_from_args` makes the :class:`~asmtp.Proxy`)."""
+    group.add_argument(
+        "--proxy",
+        type=proxy_url,
+        metavar="URL",
+        help="connect through this proxy: socks5://[USER@]HOST[:PORT] (needs "
+        "asmtp[proxy]) or http://[USER@]HOST:PORT (HTTP CONNECT)",
+    )
+    group.add_argument(
+        "--proxy-password-env",
+        metavar="VAR",
+        help="the environment variable holding the proxy user's password",
+    )
+
+
+def proxy_from_args(args: argparse.Namespace) -> Proxy | None:
+    """The proxy of ``--proxy URL`` (its user's password from ``--proxy-password-env``),
+    or None without ``--proxy``."""
+    url: str | None = getattr(args, "proxy", None)
+    variable: str | None = getattr(args, "proxy_password_env", None)
+    if url is None:
+        if variable is not None:
+            raise InputError("--proxy-password-env goes with --proxy")
+        return None
+    with_user, _ = _url_user(url)
+    if with_user and not variable:
+        raise InputError("--proxy with a user name needs --proxy-password-env VAR")
+    if variable and not with_user:
+        raise InputError("--proxy-password-env needs a user name in --proxy (socks5://USER@HOST)")
+    password = None
+    if variable:
+        password = os.environ.get(variable)
+        if not password:
+            raise InputError(f"--proxy-password-env: environment variable {variable} is not set")
+    try:
+        return Proxy.parse(url, password=password)
+    except InputError as exc:
+        raise InputError(f"--proxy: {exc.message}") from None
 
 
 def password_from_env(user: str | None, variable: str | None) -> str | None:

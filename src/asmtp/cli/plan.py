@@ -31,7 +31,7 @@ from .._delivery.retry import Rate, Retry
 from .._io.resolver import MXResolver
 from ..config import DSN, Direct, Relay, TLSMode
 from ..errors import InputError
-from .options import DNS_TIMEOUT, password_from_env
+from .options import DNS_TIMEOUT, password_from_env, proxy_from_args
 
 __all__ = [
     "MX_PORT",
@@ -184,6 +184,7 @@ def destination(args: argparse.Namespace) -> Relay | Direct:
         helo=args.helo,
         per_domain=args.per_domain if args.per_domain is not None else PER_DOMAIN,
         batch_per_domain=bool(args.batch_per_domain),
+        proxy=proxy_from_args(args),
     )
 
 
@@ -198,6 +199,7 @@ def _relay(args: argparse.Namespace) -> Relay:
         tls=cast(TLSMode | None, args.tls),
         allow_plaintext_auth=args.allow_plaintext_auth,
         helo=args.helo,
+        proxy=proxy_from_args(args),
     )
 
 
@@ -345,6 +347,8 @@ def _journal_identity(args: argparse.Namespace) -> JournalIdentity:
         alt,
         "html" if args.html else "text",
         f"escape={getattr(args, 'html_escape', True)}",
+        # only when given: a journal of a {column} run keeps its identity
+        *(["template=jinja"] if getattr(args, "template", None) == "jinja" else []),
         f"{len(args.header)} headers",
         *args.header,
         f"{len(attachments)} attachments",

@@ -32,6 +32,7 @@ from .options import (
     EXIT_FAILED,
     add_dns_server,
     add_dns_timeout,
+    add_proxy,
     add_timeout,
     fit_open_files,
     host_port,
@@ -102,7 +103,17 @@ def add_send_parser(sub: Any) -> None:
         dest="html_escape",
         action="store_false",
         help="with --html: insert {column} values as they are (default: HTML-escaped, "
-        "so that a value '<b>' shows as text)",
+        "so that a value '<b>' shows as text; with --template jinja: autoescape off)",
+    )
+    message.add_argument(
+        "--template",
+        choices=("placeholders", "jinja"),
+        default="placeholders",
+        help="with --recipients: how the subject, body and --alt-text-file take a row's "
+        "columns: {column} placeholders (the default), or jinja: Jinja2 templates "
+        "({{ column }}, {%% if %%}, filters) in a sandbox, every name checked against the "
+        "CSV header before anything is sent, values HTML-escaped in an --html body; "
+        "needs pip install 'asmtp[jinja]'",
     )
     message.add_argument(
         "--alt-text-file", metavar="FILE", type=Path, help="with --html: a plain-text alternative"
@@ -165,6 +176,7 @@ def add_send_parser(sub: Any) -> None:
         "direct default: opportunistic (implicit is not allowed)",
     )
     common.add_argument("--helo", metavar="NAME", help="the name to greet with (EHLO)")
+    add_proxy(common)
     common.add_argument(
         "--concurrency",
         type=positive_int,
@@ -269,6 +281,8 @@ def plan_send(args: argparse.Namespace) -> SendPlan:
         raise InputError("--resume needs --journal FILE (the run to continue)")
     if args.skip_invalid and args.recipients is None:
         raise InputError("--skip-invalid goes with --recipients")
+    if args.template == "jinja" and args.recipients is None:
+        raise InputError("--template jinja goes with --recipients (its rows are the values)")
     if args.recipients is not None and (args.cc or args.bcc):
         raise InputError(
             "--cc and --bcc do not go with --recipients: each message is addressed to "

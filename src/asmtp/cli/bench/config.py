@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from ..._core.message import PreparedMessage, prepare_message
-from ...config import TLS_MODES, TLSMode
+from ...config import TLS_MODES, Proxy, TLSMode
 from ...errors import InputError
 
 __all__ = ["DEFAULT_SIZE", "BenchConfig", "build_bench_message", "numbered"]
@@ -51,6 +51,8 @@ class BenchConfig:
     to_domain: str = "example.test"
     helo: str = "bench.asmtp.invalid"
     timeout: float = 30.0
+    #: connect through this proxy (which resolves ``host``)
+    proxy: Proxy | None = None
 
     def __post_init__(self) -> None:
         if self.messages is None and self.duration is None:

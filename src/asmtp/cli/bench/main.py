@@ -29,11 +29,13 @@ from ..options import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    add_proxy,
     host_port_or,
     output,
     password_from_env,
     positive_float,
     positive_int,
+    proxy_from_args,
     rate_per_second,
     run_loop,
     size,
@@ -138,6 +140,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     _option(session, "--allow-plaintext-auth", action="store_true")
     _option(session, "--helo", metavar="NAME")
     _option(session, "--timeout", type=positive_float, metavar="SECONDS")
+    add_proxy(session)
     shown = parser.add_argument_group("output")
     _option(shown, "--json", action="store_true")
     _option(shown, "--report", type=Path, metavar="FILE.html")
@@ -161,6 +164,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
     host, port = args.target
     # every other option named after a BenchConfig field sets that field
     settings = {name: value for name, value in vars(args).items() if name in _DEFAULTS}
+    settings["proxy"] = proxy_from_args(args)  # the URL and its password, made a Proxy
     return BenchConfig(
         host=host,
         port=port,

@@ -127,6 +127,7 @@ class _Run:
             username=config.username,
             password=config.password,
             allow_plaintext_auth=config.allow_plaintext_auth,
+            proxy=config.proxy,
         )
         self.timeouts = Timeouts.uniform(config.timeout)
         self.recorders = {stage: LatencyRecorder() for stage in STAGES}
@@ -501,7 +502,8 @@ async def run_bench(config: BenchConfig) -> BenchResult:
     then; those in flight get one ``timeout`` more), whichever comes first.
     """
     message = build_bench_message(config.size, config.sender, config.to_domain)
-    address = await _resolve(config.host, config.port)
+    # through a proxy, the proxy resolves the host
+    address = config.host if config.proxy else await _resolve(config.host, config.port)
     run = _Run(config, address, message)
     started = datetime.now(UTC)
     loop = asyncio.get_running_loop()

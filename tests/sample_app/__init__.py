@@ -1,1 +1,0 @@
-"""A sample application that sends mail with asmtp, and its own tests."""
