@@ -8,10 +8,12 @@ The integration tests run on asyncio and on trio (the ``anyio`` mark; see confte
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable
 from email.message import EmailMessage
+from typing import Any
 
 import anyio
 import pytest
@@ -246,3 +248,70 @@ def test_time_only_ever_worsens_the_verdict(
     now = max(now, usage.last_used)
     rank = {"reuse": 0, "check": 1, "retire": 2}
     assert rank[verdict(usage, LIMITS, now + later)] >= rank[verdict(usage, LIMITS, now)]
+
+
+class _QuitBarrier(asyncio.Protocol):
+    """A minimal SMTP server that answers QUIT only once every connection it holds has
+    sent QUIT while all of them are still open: a pool that says QUIT to one session,
+    waits for its 221, then goes on to the next, never gets an answer."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.state["open"].add(self)
+        transport.write(b"220 barrier ESMTP\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state["open"].discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            if self.state["in_data"].get(self):
+                if line == b".":
+                    self.state["in_data"][self] = False
+                    self.transport.write(b"250 queued\r\n")
+                continue
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                self.transport.write(b"250-barrier\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                self.state["in_data"][self] = True
+                self.transport.write(b"354 go ahead\r\n")
+            elif verb == b"QUIT":
+                self.state["quit"].add(self)
+                if self.state["quit"] == self.state["open"]:
+                    self.state["together"] = True
+                    for peer in self.state["quit"]:
+                        peer.transport.write(b"221 bye\r\n")
+                        peer.transport.close()
+            else:
+                self.transport.write(b"250 ok\r\n")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_closing_a_pool_says_quit_to_every_session_at_once(anyio_backend: str) -> None:
+    state: dict[str, Any] = {"open": set(), "quit": set(), "in_data": {}, "together": False}
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _QuitBarrier(state), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        endpoint = await Endpoint.for_relay(asmtp.Relay("127.0.0.1", port, tls="none"))
+        limits = asmtp.Pool(max_connections=3)
+        pool = SessionPool(endpoint, asmtp.Timeouts.of(2.0), limits, clock=Clock())
+        message = prepare_message(b"From: a@example.com\r\n\r\nhi\r\n")
+        async with anyio.create_task_group() as tg:
+            for n in range(3):
+                tg.start_soon(pool.deliver, "a@example.com", f"r{n}@example.org", message)
+        assert len(state["open"]) == 3
+        await pool.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()
+    # All three QUITs arrived while all three sessions were open; each got its 221.
+    assert state["together"] and len(state["quit"]) == 3

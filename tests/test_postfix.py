@@ -389,13 +389,6 @@ async def test_restrictions_refuse_some_rcpts_of_a_pipelined_group(
     assert {m.queue_id for m in messages} == {queue_id(report[0])} == {queue_id(report[4])}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="asmtp bug: when a server ends a pipelined RCPT group with 421 (Postfix's "
-    "smtpd_hard_error_limit, 20 refused RCPTs by default), asmtp raises at the 421 and "
-    "reports every recipient of the transaction as 'transient 421', dropping the "
-    "550 5.1.1 replies it had already read for the recipients before it",
-)
 async def test_421_in_a_pipelined_group_keeps_the_replies_before_it(
     postfix: MakePostfix, dns_server: MakeDNS
 ) -> None:

@@ -146,6 +146,32 @@ def test_recipients_over_the_servers_limit_go_on_in_a_second_transaction() -> No
     }
 
 
+def test_a_421_ending_a_pipelined_group_keeps_the_refusals_read_before_it() -> None:
+    """Postfix answers the RCPT after its error limit with 421 and closes: the 550s
+    before it are those recipients' answers (permanent, not retried elsewhere); the
+    accepted recipient and those after the 421 are transient."""
+    s = session()
+    results: dict[str, RecipientResult] = {}
+    rcpts = ["ann@example.org", "x1@example.org", "x2@example.org", "bob@example.org"]
+    steps = s.one_shot("a@example.com", rcpts, MESSAGE, results, started=0.0, clock=lambda: 0.0)
+    run(
+        s,
+        steps,
+        [
+            b"220 mx.example.org ESMTP\r\n",
+            EHLO_PIPELINING,
+            b"250 ok\r\n250 ok\r\n550 5.1.1 no such user\r\n550 5.1.1 no such user\r\n"
+            b"421 4.7.0 too many errors\r\n",
+        ],
+    )
+    assert {r: (v.status, v.stage, v.code) for r, v in results.items()} == {
+        "ann@example.org": ("transient", "rcpt", 421),
+        "x1@example.org": ("permanent", "rcpt", 550),
+        "x2@example.org": ("permanent", "rcpt", 550),
+        "bob@example.org": ("transient", "rcpt", 421),
+    }
+
+
 def test_a_refused_greeting_ends_the_session_before_ehlo() -> None:
     s = session()
     with pytest.raises(ReplyError) as caught:

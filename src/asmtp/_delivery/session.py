@@ -353,6 +353,9 @@ class Extras:
 NO_EXTRAS: Extras = Extras()
 
 
+_NO_REFUSALS: Mapping[str, Reply] = {}
+
+
 class Session:
     """One SMTP session. Use through :func:`asmtp.connect` or the fan-out calls.
 
@@ -388,6 +391,9 @@ class Session:
         self.tls: TLSState = "none"
         self.stage: Stage = "connect"
         self._needs_rset = False
+        # The current transaction's refused recipients, kept when the transaction then
+        # fails: a 550 read before a 421 is that recipient's answer, not the 421.
+        self._refused: dict[str, Reply] = {}
         self._conn: AnyConnection | None = None
         trace = None
         if debug or logger.isEnabledFor(logging.DEBUG):
@@ -636,6 +642,8 @@ class Session:
         last: bool = False,
     ) -> Steps[tuple[dict[str, Reply], Reply]]:
         """The steps of :meth:`transaction`: what it returns and raises."""
+        refused: dict[str, Reply] = {}
+        self._refused = refused
         proto = self.proto
         if proto.closed:
             raise ConnectionLostError("the session is closed", stage=self.stage)
@@ -657,10 +665,9 @@ class Session:
         if self.endpoint.chunking and "CHUNKING" in proto.capabilities.extensions:
             return (
                 yield from self._chunked_steps(
-                    sender, recipients, message, params, utf8, dsn, extras, last
+                    sender, recipients, message, params, utf8, dsn, extras, last, refused
                 )
             )
-        refused: dict[str, Reply] = {}
         self.stage = "mail"
         if proto.capabilities.pipelining:
             # RFC 2920: MAIL, every RCPT and DATA in one write; then check every reply.
@@ -791,6 +798,7 @@ class Session:
         dsn: DSN | None,
         extras: Extras,
         last: bool,
+        refused: dict[str, Reply],
     ) -> Steps[tuple[dict[str, Reply], Reply]]:
         """:meth:`transaction_steps` with BDAT (RFC 3030), for a server that offers
         CHUNKING: the content as it is, with its size (no dot-stuffing, see
@@ -814,7 +822,6 @@ class Session:
         timeouts = self.timeouts
         command = timeouts.command
         chunks = message.chunks()
-        refused: dict[str, Reply] = {}
         if not proto.capabilities.pipelining:
             mail_reply: Reply = yield Command(proto.mail(sender, params, smtputf8=utf8), command)
             if mail_reply.code not in _MAIL_OK:
@@ -1014,7 +1021,7 @@ class Session:
                 sender, recipients, message, extras, last
             )
         except SMTPError as exc:
-            return self._failed(recipients, exc, clock() - started)
+            return self._failed(recipients, exc, clock() - started, self._refused)
         elapsed = clock() - started
         host, tls = self.endpoint.host, self.tls
         results = []
@@ -1027,12 +1034,21 @@ class Session:
         return results
 
     def _failed(
-        self, recipients: Sequence[str], error: SMTPError, elapsed: float
+        self,
+        recipients: Sequence[str],
+        error: SMTPError,
+        elapsed: float,
+        refused: Mapping[str, Reply] = _NO_REFUSALS,
     ) -> list[RecipientResult]:
-        host = self.endpoint.host
+        """One result per recipient of a transaction that failed with ``error``: a
+        recipient the server had refused already keeps that refusal (a server that
+        ends a pipelined group with 421 after some 550s answered those recipients)."""
+        host, tls = self.endpoint.host, self.tls
         return [
-            result_from_error(
-                r, error, host=host, tls=self.tls, elapsed=elapsed, dot_sent=self.dot_sent
+            _result_of(r, refused[r], "rcpt", host, tls, elapsed)
+            if r in refused
+            else result_from_error(
+                r, error, host=host, tls=tls, elapsed=elapsed, dot_sent=self.dot_sent
             )
             for r in recipients
         ]
