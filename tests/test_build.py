@@ -23,7 +23,7 @@ from servers import SMTPTestServer
 MakeServer = Callable[..., SMTPTestServer]
 
 REPO = Path(__file__).resolve().parent.parent
-COMPILED = ("reply", "capabilities", "protocol", "steps", "session")
+COMPILED = ("reply", "capabilities", "protocol", "steps", "endpoint", "transaction", "session")
 
 
 def build_wheel(out: Path, *, compile: bool) -> Path:

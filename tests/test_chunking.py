@@ -28,11 +28,14 @@ from typing import Any, TypeVar
 import pytest
 
 import asmtp
-from asmtp._core.message import BDAT_CHUNK, PreparedMessage, prepare_message, with_headers
+from asmtp._core.prepared import PreparedMessage, prepare_message, with_headers
 from asmtp._core.protocol import ClientProtocol, State
 from asmtp._core.reply import NEED_DATA, Reply
 from asmtp._core.steps import Await, Command, Data, Send, Steps
-from asmtp._delivery.session import NO_EXTRAS, Endpoint, Extras, Session
+from asmtp._core.wire import BDAT_CHUNK
+from asmtp._delivery.endpoint import Endpoint
+from asmtp._delivery.session import Session
+from asmtp._delivery.transaction import NO_EXTRAS, Extras
 from asmtp.config import Direct, Timeouts
 from asmtp.errors import (
     ConnectionLostError,

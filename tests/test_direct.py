@@ -16,9 +16,9 @@ import pytest
 import trustme
 
 import asmtp
-from asmtp._core.message import prepare_message
+from asmtp._core.prepared import prepare_message
 from asmtp._delivery.direct import DirectDelivery, next_address_may_help, plan_jobs
-from asmtp._delivery.session import Extras
+from asmtp._delivery.transaction import Extras
 from asmtp.config import Direct, Timeouts
 from asmtp.results import RecipientResult
 from dnsserver import DNSServer

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 import asmtp
 from asmtp._core.dkim import DKIM, dns_txt_record
-from asmtp._core.message import PreparedMessage, build_message, prepare_message
+from asmtp._core.message import build_message
+from asmtp._core.prepared import PreparedMessage, prepare_message
 from asmtp._delivery.mailer import Job
 from dnsserver import DNSServer
 from servers import SMTPTestServer

@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import asmtp
-from asmtp._delivery.journal import MAX_LINE, Journal, JournalEntry, JournalIdentity, read_journal
+from asmtp._delivery.journal import Journal, read_journal
+from asmtp._delivery.journal_format import MAX_LINE, JournalEntry, JournalIdentity
 from asmtp.cli.main import main
 from asmtp.errors import (
     JournalFormatError,

@@ -13,8 +13,9 @@ from email.message import EmailMessage
 import pytest
 
 from asmtp._core.dkim import DKIM
-from asmtp._core.message import PreparedMessage, build_message, prepare_message
-from asmtp._delivery.journal import JournalEntry, JournalIdentity, message_digest
+from asmtp._core.message import build_message
+from asmtp._core.prepared import PreparedMessage, prepare_message
+from asmtp._delivery.journal_format import JournalEntry, JournalIdentity, message_digest
 from asmtp._delivery.personalise import (
     Personaliser,
     check_personalisation,

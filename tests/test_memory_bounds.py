@@ -35,21 +35,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asmtp
-from asmtp._core.message import (
-    _BASE64_BLOCK,
-    _BLOCK,
-    MessageIdRemover,
-    PreparedMessage,
-    _wire,
-    build_message,
-    prepare_message,
-    with_headers,
-)
+from asmtp._core.message import _BASE64_BLOCK, build_message
+from asmtp._core.prepared import MessageIdRemover, PreparedMessage, prepare_message, with_headers
 from asmtp._core.protocol import ClientProtocol, State
 from asmtp._core.reply import Reply
 from asmtp._core.steps import WRITE_BLOCK
+from asmtp._core.wire import BLOCK, to_wire
 from asmtp._delivery.dispatch import deliver_one
-from asmtp._delivery.session import Endpoint
+from asmtp._delivery.endpoint import Endpoint
 from asmtp.config import Timeouts
 from asmtp.errors import LocalProtocolError
 from asmtp.results import RecipientResult
@@ -414,7 +407,7 @@ def test_preparing_a_large_message_holds_one_copy_of_it_and_a_few_blocks(
     # level of nesting, its joined copy to check the boundary, and a copy per pass
     # over the whole message (together 3.5x the message).
     assert len(prepared.parts) > 1
-    assert peak < prepared.size + 8 * _BLOCK, f"{peak / 2**20:.1f} MiB for {prepared.size}"
+    assert peak < prepared.size + 8 * BLOCK, f"{peak / 2**20:.1f} MiB for {prepared.size}"
 
 
 def test_building_a_large_message_lets_the_raw_attachment_go_once_encoded(
@@ -484,7 +477,7 @@ def test_blockwise_wire_form_equals_the_whole_message_one(
     cuts = sorted(data.draw(st.lists(st.integers(0, len(content)), max_size=12)))
     chunks = [content[a:b] for a, b in zip([0, *cuts], [*cuts, len(content)], strict=True)]
     stuffed, long_line, nul_line, head_ascii = whole_message_wire(content)
-    wire = _wire(iter(chunks), size)
+    wire = to_wire(iter(chunks), size)
     assert wire.long_line == long_line
     if long_line is not None:
         return  # refused, or its part re-encoded: what was made of it is dropped
@@ -502,7 +495,7 @@ def test_blockwise_wire_form_equals_the_whole_message_one(
 def test_a_large_message_is_the_same_block_by_block(pattern: bytes) -> None:
     # Repeated across 1 MiB slices, the pattern puts each of its octets at a slice's
     # edge somewhere: a CR at the end of one and its LF opening the next, a dot too.
-    content = b"Subject: large\r\n\r\n" + pattern * (3 * _BLOCK // len(pattern) + 7)
+    content = b"Subject: large\r\n\r\n" + pattern * (3 * BLOCK // len(pattern) + 7)
     stuffed, long_line, nul_line, _ = whole_message_wire(content)
     assert long_line is None and nul_line is None
     if not stuffed.endswith(b"\r\n"):

@@ -27,7 +27,8 @@ import dns.resolver
 import pytest
 
 import asmtp
-from asmtp._core.message import MessageIdRemover, build_message, prepare_message, with_headers
+from asmtp._core.message import build_message
+from asmtp._core.prepared import MessageIdRemover, prepare_message, with_headers
 from asmtp._delivery.mailer import Job
 from asmtp._delivery.pool import Pool
 from asmtp._delivery.retry import Rate

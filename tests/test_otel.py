@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -587,3 +589,28 @@ async def test_stages_can_be_left_out(instrument: Instrument, asmtp_outbox: Outb
     assert len(otel.spans("smtp.delivery")) == 2
     assert otel.points("asmtp.stage.duration") == []
     assert otel.count("asmtp.session.duration") == 2
+
+
+async def test_a_session_on_a_unix_socket_says_so(otel: Telemetry) -> None:
+    from aiosmtpd.controller import UnixSocketController
+    from aiosmtpd.handlers import Sink
+    from aiosmtpd.smtp import SMTP
+
+    class Controller(UnixSocketController):
+        def factory(self) -> SMTP:
+            return SMTP(self.handler, loop=self.loop, **self.SMTP_kwargs)
+
+    folder = Path(tempfile.mkdtemp(prefix="asmtp-otel-"))  # short: sun_path holds 107 octets
+    path = str(folder / "smtp.sock")
+    controller = Controller(Sink(), unix_socket=path)
+    controller.start()
+    try:
+        report = await asmtp.send(note("ann@example.org"), relay=asmtp.Relay(path=path))
+    finally:
+        controller.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert report.ok
+    [session] = otel.spans("smtp.session")
+    where = attributes(session)
+    assert (where["network.transport"], where["server.address"]) == ("unix", path)
+    assert "server.port" not in where

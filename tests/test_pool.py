@@ -22,9 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asmtp
-from asmtp._core.message import prepare_message
+from asmtp._core.prepared import prepare_message
+from asmtp._delivery.endpoint import Endpoint
 from asmtp._delivery.pool import SessionPool, Usage, Verdict, verdict
-from asmtp._delivery.session import Endpoint
 from servers import FaultServer, SMTPTestServer, free_port
 
 pytestmark = pytest.mark.anyio
@@ -188,8 +188,10 @@ async def test_a_session_whose_pre_dot_hook_fails_is_never_lent_again(
 ) -> None:
     # The journal's pre-dot line could not be written: the session is in DATA with no
     # content to send, so it is closed (the server drops the transaction), not reused.
-    from asmtp._core.message import prepare_message
-    from asmtp._delivery.session import Endpoint, Extras, Session
+    from asmtp._core.prepared import prepare_message
+    from asmtp._delivery.endpoint import Endpoint
+    from asmtp._delivery.session import Session
+    from asmtp._delivery.transaction import Extras
 
     server = smtp_server()
     endpoint = await Endpoint.for_relay(asmtp.Relay(server.host, server.port, tls="none"))

@@ -13,10 +13,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from asmtp._core.message import prepare_message
+from asmtp._core.prepared import prepare_message
 from asmtp._core.reply import NEED_DATA
 from asmtp._core.steps import Await, Command, Send, Steps
-from asmtp._delivery.session import Endpoint, Session
+from asmtp._delivery.endpoint import Endpoint
+from asmtp._delivery.session import Session
 from asmtp.config import Timeouts
 from asmtp.errors import ReplyError
 from asmtp.results import RecipientResult
@@ -169,6 +170,30 @@ def test_a_421_ending_a_pipelined_group_keeps_the_refusals_read_before_it() -> N
         "x1@example.org": ("permanent", "rcpt", 550),
         "x2@example.org": ("permanent", "rcpt", 550),
         "bob@example.org": ("transient", "rcpt", 421),
+    }
+
+
+def test_a_refused_mail_is_every_recipients_answer_not_the_rcpts_503() -> None:
+    """MAIL refused in a pipelined group: the RCPTs' 503 "need MAIL" replies only follow
+    from it; each recipient's result is the MAIL's 550."""
+    s = session()
+    results: dict[str, RecipientResult] = {}
+    rcpts = ["ann@example.org", "bob@example.org"]
+    steps = s.one_shot("a@example.com", rcpts, MESSAGE, results, started=0.0, clock=lambda: 0.0)
+    run(
+        s,
+        steps,
+        [
+            b"220 mx.example.org ESMTP\r\n",
+            EHLO_PIPELINING,
+            b"550 5.7.1 sender refused\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n"
+            b"503 5.5.1 need RCPT\r\n",
+            b"221 bye\r\n",
+        ],
+    )
+    assert {r: (v.status, v.stage, v.code) for r, v in results.items()} == {
+        "ann@example.org": ("permanent", "mail", 550),
+        "bob@example.org": ("permanent", "mail", 550),
     }
 
 

@@ -406,3 +406,17 @@ def test_an_address_in_use_is_refused() -> None:
 )
 def test_the_loopback_check(addresses: list[str], loopback: bool) -> None:
     assert is_loopback(addresses) is loopback
+
+
+async def test_asmtp_send_uses_bdat_where_offered_unless_told_not_to() -> None:
+    async with SinkServer(SinkSettings(chunking=True)) as sink:
+        for flags in ([], ["--no-chunking"]):
+            command = ["send", "--relay", f"127.0.0.1:{sink.port}", "--tls", "none"]
+            command += ["--from", SENDER, "--to", "ann@example.org", "--subject", "s"]
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "asmtp", *command, "--body", "b", *flags,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await process.communicate()
+            assert process.returncode == 0, err
+        assert (sink.counters.messages, sink.counters.via_bdat) == (2, 1)

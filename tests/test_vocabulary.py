@@ -21,11 +21,12 @@ import asmtp._io.exceptions
 import asmtp.errors
 import asmtp.results
 from asmtp._core import protocol
-from asmtp._core.message import prepare_message
+from asmtp._core.prepared import prepare_message
 from asmtp._core.protocol import ClientProtocol, State
 from asmtp._core.reply import Reply
 from asmtp._delivery.dispatch import run_session
-from asmtp._delivery.session import Endpoint, Extras
+from asmtp._delivery.endpoint import Endpoint
+from asmtp._delivery.transaction import Extras
 from asmtp._io import anyio_driver, asyncio_driver
 from asmtp._io.exceptions import translate, translate_errors
 from asmtp.config import Timeouts

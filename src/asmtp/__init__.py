@@ -17,11 +17,12 @@ __version__ = "0.1.0"
 
 from ._core.capabilities import Capabilities
 from ._core.dkim import DKIM
-from ._core.message import PreparedMessage, build_message, prepare_message
+from ._core.message import build_message
+from ._core.prepared import PreparedMessage, prepare_message
 from ._core.reply import Reply
 from ._core.template import Template
 from ._delivery.api import ConnectedSession, connect, send, sendmail
-from ._delivery.journal import JournalIdentity
+from ._delivery.journal_format import JournalIdentity
 from ._delivery.mailer import Job, Mailer
 from ._delivery.pool import Pool
 from ._delivery.retry import Rate, Retry

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import random
 import ssl
 import urllib.parse
@@ -22,6 +23,7 @@ from .errors import InputError
 __all__ = [
     "DSN",
     "Direct",
+    "FilePath",
     "Password",
     "Proxy",
     "ProxyScheme",
@@ -39,6 +41,13 @@ TLS_MODES: tuple[str, ...] = ("starttls", "implicit", "opportunistic", "none")
 #: credential such as an OAuth2 access token is fetched fresh for each session.
 Password = str | Callable[[], str] | Callable[[], Awaitable[str]]
 
+#: a file's path, as a string or a :class:`pathlib.Path`
+FilePath = str | os.PathLike[str]
+
+_SUBMISSION_PORT = 587  # RFC 6409
+#: Linux's sun_path holds 108 octets, the terminating NUL included (macOS's 104)
+_UNIX_PATH_MAX = 107
+
 
 def _check_text(what: str, value: str) -> None:
     if any(ch in value for ch in "\r\n\0"):
@@ -48,6 +57,18 @@ def _check_text(what: str, value: str) -> None:
 def _check_flag(what: str, value: object) -> None:
     if not isinstance(value, bool):
         raise InputError(f"{what} must be True or False: {value!r}")
+
+
+def _file_path(what: str, value: object) -> str:
+    """``value`` (a str or a path-like object) as a str, checked: not empty, no NUL."""
+    try:
+        path = os.fspath(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise InputError(f"{what} must be a path (str or pathlib.Path): {value!r}") from None
+    if not isinstance(path, str) or not path:
+        raise InputError(f"{what} must be a non-empty path: {value!r}")
+    _check_text(what, path)
+    return path
 
 
 def _finite(value: float) -> bool:
@@ -317,14 +338,34 @@ class Relay:
     BDAT: MAIL, RCPT and the content in one write, not dot-stuffed, with no wait for
     DATA's 354 (one round trip less per message). False always uses DATA.
 
+    ``lmtp``: the server speaks LMTP (RFC 2033), as Dovecot, Cyrus and Postfix's
+    ``lmtp`` take local delivery: LHLO instead of EHLO (no HELO), and after the end of
+    data one reply per recipient, each that recipient's own result. LMTP over TCP has
+    no standard port: give ``port`` (24 is common) or ``path``.
+
+    ``path``: connect to this Unix-domain socket instead of TCP (``port`` and name
+    lookups play no part; ``host``, default ``"localhost"``, names the server in
+    results and for TLS). The socket never leaves the machine, so ``tls`` defaults to
+    ``"none"`` there; give ``tls="starttls"`` if the server offers it. AUTH in
+    plaintext still needs ``allow_plaintext_auth``.
+
+    ``client_cert`` (and ``client_key``, when the key is not in the same PEM file):
+    present this certificate to a relay that authenticates clients by certificate.
+    The relay's own certificate is verified as ever (system trust store). For a key
+    with a passphrase, or trust of your own, give ``ssl_context`` instead, with
+    :meth:`ssl.SSLContext.load_cert_chain` called on it.
+
     >>> Relay("smtp.example.com").port, Relay("smtp.example.com").tls
     (587, 'starttls')
     >>> Relay("smtp.example.com", 465).tls
     'implicit'
+    >>> Relay(path="/run/dovecot/lmtp", lmtp=True).host, Relay(path="/run/x.sock").tls
+    ('localhost', 'none')
     """
 
-    host: str
-    port: int = 587
+    host: str = ""
+    #: 0 (not given): 587, or none with ``path``; LMTP over TCP needs one given
+    port: int = 0
     username: str | None = None
     password: Password | None = field(default=None, repr=False)
     tls: TLSMode | None = None
@@ -336,21 +377,43 @@ class Relay:
     #: a :class:`Proxy`, or its URL (made a Proxy when the Relay is made)
     proxy: Proxy | str | None = None
     chunking: bool = True
+    lmtp: bool = False
+    #: a Unix-domain socket to connect to instead of TCP (made a str)
+    path: FilePath | None = None
+    #: PEM files: the client certificate (and its key, if not in the same file)
+    client_cert: FilePath | None = None
+    client_key: FilePath | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "proxy", as_proxy(self.proxy))
-        if not self.host or not isinstance(self.host, str):
+        _check_flag("lmtp", self.lmtp)
+        if self.path is not None:
+            self._check_path()
+        if not isinstance(self.host, str) or not (self.host or self.path is not None):
             raise InputError("Relay host must be a non-empty string")
         _check_text("Relay host", self.host)
-        check_number("Relay port", self.port, integer=True)
-        if self.port > 65535:
-            raise InputError(f"Relay port must be 1-65535: {self.port!r}")
+        if self.port == 0 and type(self.port) is int:  # not given
+            if self.path is None and self.lmtp:
+                raise InputError(
+                    "LMTP over TCP has no standard port: give Relay(port=...) (24 is "
+                    "common), or path= for a Unix socket"
+                )
+            if self.path is None:
+                object.__setattr__(self, "port", _SUBMISSION_PORT)
+        else:
+            check_number("Relay port", self.port, integer=True)
+            if self.port > 65535:
+                raise InputError(f"Relay port must be 1-65535: {self.port!r}")
         tls = self.tls
         if tls is None:
-            tls = "implicit" if self.port == 465 else "starttls"
+            if self.path is not None:
+                tls = "none"  # a Unix socket never leaves the machine
+            else:
+                tls = "implicit" if self.port == 465 else "starttls"
             object.__setattr__(self, "tls", tls)
         if tls not in TLS_MODES:
             raise InputError(f"tls must be one of {', '.join(TLS_MODES)}: {tls!r}")
+        self._check_client_cert()
         if self.helo is not None:
             _check_text("helo", self.helo)
             if not self.helo or " " in self.helo:
@@ -368,6 +431,37 @@ class Relay:
                     f"auth_mechanism must be one of {', '.join(MECHANISMS)}: "
                     f"{self.auth_mechanism!r}"
                 )
+
+    def _check_path(self) -> None:
+        path = _file_path("Relay path", self.path)
+        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            raise InputError(
+                f"Relay path is too long for a Unix socket (at most {_UNIX_PATH_MAX} "
+                f"octets): {path!r}"
+            )
+        object.__setattr__(self, "path", path)
+        if not self.host:
+            object.__setattr__(self, "host", "localhost")
+        if self.proxy is not None:
+            raise InputError("a Relay on a Unix socket (path=) cannot go through a proxy")
+        if self.source_address is not None:
+            raise InputError("source_address is for TCP, not a Unix socket (path=)")
+
+    def _check_client_cert(self) -> None:
+        if self.client_key is not None and self.client_cert is None:
+            raise InputError("client_key goes with client_cert")
+        if self.client_cert is None:
+            return
+        object.__setattr__(self, "client_cert", _file_path("client_cert", self.client_cert))
+        if self.client_key is not None:
+            object.__setattr__(self, "client_key", _file_path("client_key", self.client_key))
+        if self.tls == "none":
+            raise InputError('a client certificate needs TLS (tls is "none")')
+        if self.ssl_context is not None:
+            raise InputError(
+                "give client_cert or ssl_context, not both (call load_cert_chain on "
+                "your ssl_context)"
+            )
 
     @property
     def tls_mode(self) -> TLSMode:

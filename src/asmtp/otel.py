@@ -65,7 +65,8 @@ except ModuleNotFoundError as exc:  # an extra, not a dependency of asmtp: say w
     ) from exc
 
 from ._delivery import telemetry
-from ._delivery.session import Endpoint, Session, StageObserver
+from ._delivery.endpoint import Endpoint
+from ._delivery.session import Session, StageObserver
 from ._version import __version__
 from .errors import ReplyError, SMTPError, Stage
 from .results import RecipientResult
@@ -129,7 +130,15 @@ def error_type(error: BaseException | None) -> str:
 
 
 def _server(endpoint: Endpoint) -> Attributes:
-    return {"server.address": endpoint.host, "server.port": endpoint.port}
+    """Where the session goes, in OTel's words: a Unix socket's path is the server's
+    address, with no port (``network.transport`` ``unix``)."""
+    if endpoint.path is not None:
+        return {"server.address": endpoint.path, "network.transport": "unix"}
+    return {
+        "server.address": endpoint.host,
+        "server.port": endpoint.port,
+        "network.transport": "tcp",
+    }
 
 
 def _outcome(result: RecipientResult) -> Attributes:
@@ -204,7 +213,6 @@ class _Instruments:
         self.sessions.add(1, where)
         attributes: Attributes = {
             **where,
-            "network.transport": "tcp",
             "asmtp.recipients": len(recipients),
         }
         if len(endpoint.addresses) == 1:
@@ -248,7 +256,7 @@ class _Instruments:
     async def pooled_send(
         self, endpoint: Endpoint, sending: Awaitable[RecipientResult]
     ) -> RecipientResult:
-        attributes: Attributes = {**_server(endpoint), "network.transport": "tcp"}
+        attributes: Attributes = _server(endpoint)
         span = self.tracer.start_span(DELIVERY_SPAN, kind=SpanKind.CLIENT, attributes=attributes)
         try:
             result = await sending

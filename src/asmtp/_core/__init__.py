@@ -4,7 +4,9 @@ Bytes in, replies out. Nothing here imports asyncio, anyio, socket, ssl's I/O or
 nothing here imports a higher layer: the reply parser (``reply``), the EHLO capabilities
 (``capabilities``), the client state machine (``protocol``), what a session asks of its
 driver (``steps``), SASL (``sasl``), address and header checks (``address``), message
-building and DATA preparation (``message``), DKIM signing (``dkim``), recipients files
+building and envelopes (``message``, with ``parts`` and ``template``), the message made
+ready to send (``prepared``: serialized by ``serialize``, its octets checked and
+dot-stuffed by ``wire``), DKIM signing (``dkim``), recipients files
 (``recipients``) and server text made safe for a terminal (``sanitize``). It may import
 layer 0 (:mod:`asmtp.errors`, :mod:`asmtp._version`) and the standard library.
 """

@@ -2,7 +2,7 @@
 
 This module owns everything asmtp knows about DKIM (RFC 6376): the signing
 configuration (:class:`DKIM`: domain, selector, key, which header fields to sign),
-adding a ``DKIM-Signature`` header field to a :class:`~asmtp._core.message.PreparedMessage`
+adding a ``DKIM-Signature`` header field to a :class:`~asmtp._core.prepared.PreparedMessage`
 (:meth:`DKIM.sign`), and the DNS TXT value that publishes a key
 (:func:`dns_txt_record`). The cryptography and canonicalization are dkimpy's; asmtp
 only decides what is signed and keeps the wire bytes intact.
@@ -33,7 +33,8 @@ from typing import Literal
 import idna
 
 from ..errors import InputError
-from .message import MAX_LINE_LENGTH, PreparedMessage
+from .prepared import PreparedMessage
+from .wire import MAX_LINE_LENGTH
 
 __all__ = ["DEFAULT_SIGNED_HEADERS", "DKIM", "dns_txt_record"]
 

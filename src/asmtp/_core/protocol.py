@@ -1,5 +1,6 @@
 """The SMTP client state machine (RFC 5321, with 2920 PIPELINING, 3207 STARTTLS,
-4954 AUTH and 3030 CHUNKING). Bytes in, replies out; no I/O, no asyncio.
+4954 AUTH and 3030 CHUNKING), and LMTP's (RFC 2033). Bytes in, replies out; no I/O,
+no asyncio.
 
 Every state transition of the client side of an SMTP session lives in this file, as
 data: :data:`_SENDABLE_IN` says in which states each command may be sent and
@@ -36,6 +37,24 @@ without waiting for a 354, so the whole transaction is one write::
     C: BDAT 1234 LAST                           proto.bdat(chunk, last=True)
     C: <1234 octets of content>                 (the same write: pipelined)
     S: 250 OK / 250 OK / 250 2.0.0 queued
+
+LMTP (``ClientProtocol(lmtp=True)``, RFC 2033) greets with LHLO instead of EHLO (no
+HELO), and the end of data (or the last BDAT chunk, RFC 2033 4.2) gets one reply per
+accepted recipient, in RCPT order: each is that recipient's own answer, and the
+transaction ends with the last of them::
+
+    C: LHLO client.example.com                  proto.lhlo("client.example.com")
+    S: 250-mx.example.org
+    S: 250 PIPELINING
+    C: MAIL FROM:<a@example.com>                proto.mail("a@example.com")
+    C: RCPT TO:<b@example.org>                  proto.rcpt("b@example.org")
+    C: RCPT TO:<c@example.org>                  proto.rcpt("c@example.org")
+    C: RCPT TO:<d@example.org>                  proto.rcpt("d@example.org")
+    C: DATA                                     proto.data()
+    S: 250 OK / 550 5.1.1 no such user / 250 OK / 354 go ahead
+    C: <the prepared message> .                 proto.message(prepared.data)
+    S: 250 2.0.0 <b@example.org> saved          (awaiting "message": b's reply)
+    S: 452 4.2.2 <d@example.org> over quota     (awaiting "message" again: d's)
 """
 
 from __future__ import annotations
@@ -83,6 +102,7 @@ SUCCESS_CODES: Final[Mapping[Stage, frozenset[int]]] = {
     "greeting": frozenset({220}),
     "ehlo": frozenset({250}),
     "helo": frozenset({250}),
+    "lhlo": frozenset({250}),  # RFC 2033 4.1: LMTP's EHLO
     "starttls": frozenset({220}),
     "auth": frozenset({235}),
     "mail": frozenset({250}),
@@ -106,13 +126,14 @@ _AFTER_REPLY: Final[Mapping[Stage, tuple[State | None, State | None]]] = {
     "greeting": (State.CONNECTED, State.REFUSED),  # refused: only QUIT may follow (3.1)
     "ehlo": (State.READY, None),  # refused: HELO may follow (RFC 5321 3.2)
     "helo": (State.READY, None),
+    "lhlo": (State.READY, None),  # refused: nothing else greets an LMTP server
     "starttls": (State.TLS_HANDSHAKE, None),  # refused: the client decides (RFC 3207 4)
     "auth": (State.READY, State.READY),
     "mail": (State.MAIL, State.READY),
     "rcpt": (None, None),  # a refused recipient leaves the transaction open
     "data": (State.DATA, State.READY),
     "bdat": (None, State.READY),  # accepted: more chunks follow
-    "message": (State.READY, State.READY),
+    "message": (State.READY, State.READY),  # LMTP: after the last recipient's reply
     "rset": (State.READY, None),
     "noop": (None, None),
     "quit": (State.CLOSED, State.CLOSED),
@@ -123,13 +144,14 @@ _AFTER_REPLY: Final[Mapping[Stage, tuple[State | None, State | None]]] = {
 _Command = Stage | Literal["auth-response"]
 
 #: The states each command may be sent in (RFC 5321 4.1.4: EHLO or HELO first, again
-#: after STARTTLS, RFC 3207 4.2; then MAIL, RCPT, DATA or BDAT in order; RFC 4954 4:
-#: AUTH outside a transaction). RCPT, DATA and BDAT in READY: pipelined behind MAIL
-#: (RFC 2920). The message content after DATA has its own rule
-#: (:meth:`ClientProtocol.message`).
+#: after STARTTLS, RFC 3207 4.2, or LHLO on an LMTP session, RFC 2033 4.1; then MAIL,
+#: RCPT, DATA or BDAT in order; RFC 4954 4: AUTH outside a transaction). RCPT, DATA and
+#: BDAT in READY: pipelined behind MAIL (RFC 2920). The message content after DATA has
+#: its own rule (:meth:`ClientProtocol.message`).
 _SENDABLE_IN: Final[Mapping[_Command, tuple[State, ...]]] = {
     "ehlo": (State.CONNECTED, State.READY),
     "helo": (State.CONNECTED, State.READY),
+    "lhlo": (State.CONNECTED, State.READY),
     "starttls": (State.READY,),
     "auth": (State.READY,),
     "auth-response": (State.AUTH,),
@@ -143,8 +165,9 @@ _SENDABLE_IN: Final[Mapping[_Command, tuple[State, ...]]] = {
 }
 #: The commands that may be sent while replies to earlier ones are outstanding, when
 #: the server offers PIPELINING and those are all replies to :data:`_PIPELINE_AFTER`
-#: commands (RFC 2920 3.1: DATA, EHLO, STARTTLS, AUTH, NOOP and QUIT each end a group;
-#: RFC 3030 4.2: BDAT chunks may be pipelined, behind RCPT and one another).
+#: commands (RFC 2920 3.1: DATA, EHLO, STARTTLS, AUTH, NOOP and QUIT each end a group,
+#: and LHLO as EHLO; RFC 3030 4.2: BDAT chunks may be pipelined, behind RCPT and one
+#: another).
 _PIPELINABLE: Final = frozenset({"mail", "rcpt", "data", "bdat", "rset"})
 _PIPELINE_AFTER: Final = frozenset({"mail", "rcpt", "bdat", "rset"})
 
@@ -163,9 +186,14 @@ class ClientProtocol:
     ``trace``, if given, is called with one line per command sent (``"> ..."``) and per
     reply received (``"< ..."``). AUTH responses are masked and message content is
     shown only as its size, so a transcript never holds credentials or mail.
+
+    ``lmtp``: the session speaks LMTP (RFC 2033): :meth:`lhlo` instead of :meth:`ehlo`
+    and :meth:`helo`, and one "message" reply per accepted recipient after the end of
+    data (see the module docstring).
     """
 
     __slots__ = (
+        "_accepted",
         "_chunked",
         "_parser",
         "_pending",
@@ -174,16 +202,20 @@ class ClientProtocol:
         "_txn",
         "authenticated",
         "capabilities",
+        "lmtp",
         "state",
         "tls",
         "trace",
     )
 
-    def __init__(self, *, trace: Trace | None = None, tls: bool = False) -> None:
+    def __init__(
+        self, *, trace: Trace | None = None, tls: bool = False, lmtp: bool = False
+    ) -> None:
         self._parser = ReplyParser()
         self._pending: deque[Stage] = deque(("greeting",))
         self._txn = False  # a MAIL has been sent and not yet closed (projected state)
         self._rcpts = 0  # RCPTs sent in the open transaction
+        self._accepted = 0  # RCPTs accepted in it: LMTP's replies due after the end of data
         self._chunked = False  # a BDAT has been sent in it: no DATA (RFC 3030 2)
         self._smtputf8 = False
         self.capabilities = Capabilities.helo()
@@ -192,6 +224,8 @@ class ClientProtocol:
         self.tls = tls
         self.authenticated = False
         self.trace = trace
+        #: an LMTP session (RFC 2033)
+        self.lmtp = lmtp
 
     # -- bytes in -----------------------------------------------------------------
 
@@ -254,9 +288,18 @@ class ClientProtocol:
         """Move on as the reply to ``kind`` says (:data:`_AFTER_REPLY`); one it does not
         allow raises :class:`~asmtp.errors.RemoteProtocolError`."""
         code = reply.code
+        if kind == "message" and self.lmtp and self._lmtp_reply_due():
+            # RFC 2033 4.2: one recipient's answer; the others' replies follow.
+            if code == 421:
+                self._enter(State.CLOSED)  # RFC 5321 3.8: the rest will never come
+            elif code not in SUCCESS_CODES[kind] and code < 400:
+                raise _unexpected(kind, reply)
+            return
         if code in SUCCESS_CODES[kind]:
             after = _AFTER_REPLY[kind][0]
             if after is None:  # rcpt, noop
+                if kind == "rcpt":
+                    self._accepted += 1
                 return
             if kind == "data":
                 if self._pending:
@@ -265,7 +308,7 @@ class ClientProtocol:
                     # Nothing may follow 354 before the content: a reply already here
                     # would be taken as the answer to a dot the server has not seen yet.
                     raise RemoteProtocolError("the server sent more after 354 to DATA")
-            elif kind == "ehlo":
+            elif kind == "ehlo" or kind == "lhlo":
                 self.capabilities = Capabilities.from_ehlo(reply)
             elif kind == "helo":
                 self.capabilities = Capabilities.helo()
@@ -291,12 +334,22 @@ class ClientProtocol:
             raise _unexpected(kind, reply)
         self._enter(after)
 
+    def _lmtp_reply_due(self) -> bool:
+        """An LMTP end of data's reply just arrived: are more due after it? The first
+        one learns how many (one per accepted RCPT, or one if none was: the refusal)."""
+        if self._accepted:
+            # The first reply: the others, due before anything sent after the content.
+            self._pending.extendleft(["message"] * (self._accepted - 1))
+            self._accepted = 0
+        return bool(self._pending) and self._pending[0] == "message"
+
     def _enter(self, state: State) -> None:
         """Move to ``state``: back to READY, or CLOSED, ends the mail transaction;
         CLOSED also forgets the replies still awaited."""
         if state is State.READY or state is State.CLOSED:
             self._txn = False
             self._rcpts = 0
+            self._accepted = 0
             self._chunked = False
             self._smtputf8 = False
             if state is State.CLOSED:
@@ -345,15 +398,30 @@ class ClientProtocol:
                     f"{kind.upper()} argument holds {bad.group()!r}: {value!r}"
                 )
 
+    def _hello_of(self, lmtp: bool, name: str) -> None:
+        """EHLO and HELO greet an SMTP server, LHLO an LMTP one (RFC 2033 4.1)."""
+        if self.lmtp != lmtp:
+            server = "an LMTP" if self.lmtp else "an SMTP"
+            raise LocalProtocolError(f"cannot send {name} to {server} server")
+
     def ehlo(self, name: str) -> bytes:
+        self._hello_of(False, "EHLO")
         self._check("ehlo")
         self._clean("ehlo", name)
         return self._command("ehlo", f"EHLO {name}")
 
     def helo(self, name: str) -> bytes:
+        self._hello_of(False, "HELO")
         self._check("helo")
         self._clean("helo", name)
         return self._command("helo", f"HELO {name}")
+
+    def lhlo(self, name: str) -> bytes:
+        """LMTP's greeting (RFC 2033 4.1), answered as EHLO is."""
+        self._hello_of(True, "LHLO")
+        self._check("lhlo")
+        self._clean("lhlo", name)
+        return self._command("lhlo", f"LHLO {name}")
 
     def starttls(self) -> bytes:
         self._check("starttls")
@@ -433,7 +501,7 @@ class ClientProtocol:
         """``BDAT <size> [LAST]`` and the chunk (RFC 3030 2): the command line followed
         by the chunk's pieces as given (the content as it is, not dot-stuffed, never
         copied: see :meth:`PreparedMessage.chunks
-        <asmtp._core.message.PreparedMessage.chunks>`), to be written one after the
+        <asmtp._core.prepared.PreparedMessage.chunks>`), to be written one after the
         other. The reply to the ``last`` chunk is the end of data's ("message"), to
         any other chunk a "bdat" reply; a refused chunk ends the transaction.
 
@@ -464,9 +532,9 @@ class ClientProtocol:
         self, data: bytes | tuple[bytes, ...], *, then_quit: bool = False
     ) -> bytes | tuple[bytes, ...]:
         """The message content after DATA's 354: ``data`` (bytes, or the pieces of
-        :attr:`PreparedMessage.parts <asmtp._core.message.PreparedMessage.parts>`) is already
-        CRLF-normalized, dot-stuffed and ends with ``CRLF . CRLF`` (see
-        :mod:`asmtp._core.message`). Returned as given: never copied.
+        :attr:`PreparedMessage.parts <asmtp._core.prepared.PreparedMessage.parts>`) is
+        already CRLF-normalized, dot-stuffed and ends with ``CRLF . CRLF`` (see
+        :mod:`asmtp._core.wire`). Returned as given: never copied.
 
         ``then_quit`` adds QUIT, for a session's last transaction on a server that
         offers PIPELINING (RFC 2920 3.1: message content may open a group and QUIT may
@@ -503,6 +571,7 @@ class ClientProtocol:
         self._check("rset")
         self._txn = False
         self._rcpts = 0
+        self._accepted = 0
         self._chunked = False
         return self._command("rset", "RSET")
 

@@ -21,16 +21,9 @@ from typing import Any, Literal, TextIO
 import anyio
 
 from .._core.address import check_mailbox, parse_address_list
-from .._core.message import (
-    Attachment,
-    InlineInput,
-    ListHeadersInput,
-    PreparedMessage,
-    Priority,
-    build_message,
-    prepare_envelope,
-)
+from .._core.message import Attachment, InlineInput, ListHeadersInput, Priority, build_message
 from .._core.parts import load_attachment
+from .._core.prepared import PreparedMessage, prepare_envelope
 from .._core.recipients import address_key
 from .._core.template import MessageOptions, Template
 from ..config import Direct, Relay, Timeouts, TimeoutSpec, check_number
@@ -38,7 +31,8 @@ from ..errors import InputError
 from ..results import RecipientResult, Report
 from .direct import DirectDelivery, plan_jobs
 from .dispatch import Job, deliver_one, run_pool
-from .session import Endpoint, Session, default_helo, enable_debug
+from .endpoint import Endpoint, default_helo
+from .session import Session, enable_debug
 
 __all__ = ["connect", "send", "sendmail"]
 

@@ -19,14 +19,15 @@ from dataclasses import dataclass, replace
 import anyio
 
 from .._core.address import domain_of
-from .._core.message import PreparedMessage
+from .._core.prepared import PreparedMessage
 from .._io.resolver import MXHost, MXResolver
 from ..config import Direct, Timeouts, TLSMode, as_proxy
 from ..errors import CertificateError, ResolveError, SMTPError, Stage, deadline_passed
 from ..results import Attempt, RecipientResult, result_from_error
 from . import telemetry
 from .dispatch import run_session
-from .session import NO_EXTRAS, Endpoint, Extras, default_ssl_context
+from .endpoint import Endpoint, default_ssl_context
+from .transaction import NO_EXTRAS, Extras
 
 __all__ = ["DirectDelivery", "next_address_may_help", "plan_jobs"]
 

@@ -15,13 +15,15 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from .._core.message import PreparedMessage
+from .._core.prepared import PreparedMessage
 from .._io.anyio_driver import loop_clock
 from ..config import Timeouts
 from ..errors import SMTPError, deadline_passed
 from ..results import RecipientResult, internal_error, result_from_error
 from . import telemetry
-from .session import NO_EXTRAS, Endpoint, Extras, Session
+from .endpoint import Endpoint
+from .session import Session
+from .transaction import NO_EXTRAS, Extras
 
 __all__ = ["deliver_one", "run_pool", "run_session"]
 

@@ -25,7 +25,7 @@ __all__ = ["Job", "JobSource", "Run"]
 @dataclass(frozen=True, slots=True)
 class Job:
     """One recipient's delivery: ``message`` is an EmailMessage, ready bytes, a
-    :class:`~asmtp._core.message.PreparedMessage`, or a function that renders one (called
+    :class:`~asmtp._core.prepared.PreparedMessage`, or a function that renders one (called
     when the job's turn comes, so a long list never holds every message at once), such
     as :meth:`asmtp.Template.bind`'s; one that raises :class:`~asmtp.errors.InputError`
     (a value its template lacks) fails that job alone, at stage "input".

@@ -32,20 +32,23 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from .._core.address import domain_of
 from .._core.dkim import DKIM
-from .._core.message import PreparedMessage, prepare_envelope
+from .._core.prepared import PreparedMessage, prepare_envelope
 from ..config import DSN, Direct, Relay, Timeouts, TimeoutSpec, check_number
 from ..errors import InputError, JournalError, JournalWriteError
 from ..results import RecipientResult, Report, internal_error
 from . import telemetry
 from .direct import DirectDelivery
 from .dispatch import run_session
+from .endpoint import Endpoint, default_helo
 from .jobs import Job, JobSource, Run
-from .journal import Journal, JournalEntry, JournalIdentity, journal_key
+from .journal import Journal
+from .journal_format import JournalEntry, JournalIdentity, journal_key
 from .personalise import Personaliser, check_personalisation
 from .pool import Pool, SessionPool
 from .resume import identity_of, resume_action, unknown_from_earlier_run
 from .retry import Rate, Retry, TokenBucket
-from .session import Endpoint, Extras, default_helo, enable_debug
+from .session import enable_debug
+from .transaction import Extras
 
 __all__ = ["Job", "Mailer"]
 

@@ -21,13 +21,8 @@ from typing import TypeAlias
 
 from .._core.address import check_mailbox, domain_of
 from .._core.dkim import DKIM
-from .._core.message import (
-    MessageIdRemover,
-    PreparedMessage,
-    envelope_of,
-    prepare_message,
-    with_headers,
-)
+from .._core.message import envelope_of
+from .._core.prepared import MessageIdRemover, PreparedMessage, prepare_message, with_headers
 from ..errors import InputError
 
 __all__ = [

@@ -25,12 +25,14 @@ from typing import Literal
 
 import anyio
 
-from .._core.message import PreparedMessage
+from .._core.prepared import PreparedMessage
 from ..config import Timeouts, check_number
 from ..errors import SMTPError, deadline_passed
 from ..results import RecipientResult, result_from_error
 from . import telemetry
-from .session import NO_EXTRAS, Endpoint, Extras, Session
+from .endpoint import Endpoint
+from .session import Session
+from .transaction import NO_EXTRAS, Extras
 
 __all__ = [
     "Pool",

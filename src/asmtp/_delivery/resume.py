@@ -18,9 +18,9 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any, Literal
 
-from .._core.message import PreparedMessage, prepare_message
+from .._core.prepared import PreparedMessage, prepare_message
 from ..results import RecipientResult
-from .journal import JournalEntry, JournalIdentity, message_digest
+from .journal_format import JournalEntry, JournalIdentity, message_digest
 from .personalise import MessageSource, envelope_sender
 
 __all__ = ["ResumeAction", "identity_of", "resume_action", "unknown_from_earlier_run"]

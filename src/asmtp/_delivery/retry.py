@@ -68,7 +68,7 @@ class Retry:
     def retryable(self, result: RecipientResult) -> bool:
         if result.status == "transient":
             # A 5xx to AUTH is the relay's verdict on the credentials: the rest of the
-            # run fails fast on it (asmtp._delivery.session.AuthCache), so a retry would only wait.
+            # run fails fast on it (asmtp._delivery.endpoint.AuthCache), so a retry would only wait.
             return not (result.stage == "auth" and (result.code or 0) >= 500)
         return result.status == "unknown" and self.retry_unknown
 

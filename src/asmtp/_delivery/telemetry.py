@@ -33,7 +33,8 @@ from typing import Literal, Protocol
 
 from ..errors import SMTPError
 from ..results import RecipientResult
-from .session import Endpoint, Session, StageObserver
+from .endpoint import Endpoint
+from .session import Session, StageObserver
 
 __all__ = ["Hooks", "SessionWatch", "hooks"]
 

@@ -3,7 +3,8 @@ sans-IO :class:`~asmtp._core.protocol.ClientProtocol`, for event loops other tha
 (trio).
 
 Owns, for that driver: connecting (``anyio.connect_tcp``, implicit TLS included; or
-through a proxy, :mod:`asmtp._io.proxy`; or on a socket the caller connected),
+through a proxy, :mod:`asmtp._io.proxy`; or on a socket the caller connected; or to a
+Unix-domain socket, ``anyio.connect_unix``),
 STARTTLS (``TLSStream.wrap``), the per-step deadline (one ``anyio.fail_at`` around each
 wait), and the buffering that keeps :meth:`StreamConnection.write` synchronous. anyio,
 OS and SSL exceptions become :mod:`asmtp.errors` through the map both drivers share,
@@ -16,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import math
 import select
 import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Unpack, cast
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, SocketStream
@@ -34,11 +34,9 @@ from .._core.reply import NEED_DATA, Reply
 from .._core.steps import WRITE_BLOCK, Command, Data, Receive, Send, Steps
 from ..errors import LocalProtocolError, SMTPError, SMTPTimeoutError, Stage, TransportError
 from .asyncio_driver import Connection, open_connection
+from .connect import ConnectOptions, connecting_to, named, peer_of, tls_name_of, unix_path_of
 from .exceptions import connection_closed, lost_while_sending, translate_errors
 from .proxy import open_tunnel_stream
-
-if TYPE_CHECKING:
-    from ..config import Proxy
 
 __all__ = [
     "AnyConnection",
@@ -265,8 +263,10 @@ class StreamConnection:
 
     @property
     def peer(self) -> str | None:
-        """The server's IP address (asked when read)."""
+        """The server's IP address, or a Unix socket's path (asked when read)."""
         address = self._stream.extra(SocketAttribute.remote_address, None)
+        if isinstance(address, str):
+            return address or None
         return str(address[0]) if isinstance(address, tuple) else None
 
     async def aclose(self, timeout: float = 1.0) -> None:
@@ -330,24 +330,12 @@ def _peer_gone(sock: socket.socket) -> bool:
 
 
 async def open_stream_connection(
-    proto: ClientProtocol,
-    host: str,
-    port: int,
-    *,
-    address: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
-    source_address: str | None = None,
-    timeout: float | None = None,
-    proxy: Proxy | None = None,
-    sock: socket.socket | None = None,
+    proto: ClientProtocol, host: str, port: int, **options: Unpack[ConnectOptions]
 ) -> StreamConnection:
-    """Connect to ``address`` (an IP; defaults to ``host``) and return the connection,
-    as :func:`asmtp._io.asyncio_driver.open_connection` does. With ``ssl_context`` the TLS
-    handshake runs at once (implicit TLS, RFC 8314), checked against
-    ``server_hostname`` (defaults to ``host``). ``timeout`` covers the connect, the
-    handshake and, once the caller reads it, the greeting. ``proxy``: connect through
-    it; ``sock``: a socket the caller connected (the connection owns it from then on).
+    """Connect to ``host`` (or to ``address``) and return the connection, as
+    :func:`asmtp._io.asyncio_driver.open_connection` does, with the same options
+    (:class:`~asmtp._io.connect.ConnectOptions`); ``timeout`` covers the connect, the
+    implicit TLS handshake and, once the caller reads it, the greeting.
 
     For event loops other than asyncio (under asyncio, anyio's streams do not sit on a
     socket that can be closed synchronously; :func:`open_best` picks the asyncio driver
@@ -357,77 +345,69 @@ async def open_stream_connection(
             "open_stream_connection is the driver for trio; use "
             "asmtp._io.asyncio_driver.open_connection (or open_best) under asyncio"
         )
+    timeout = options.get("timeout")
+    proxy = options.get("proxy")
     deadline = math.inf if timeout is None else anyio.current_time() + timeout
     stream: ByteStream
-    doing = f"connecting to {host}" + (f" through {proxy.label}" if proxy is not None else "")
+    where = named(host, options)  # a Unix socket's path, or the host
     with (
-        translate_errors("connect", host, timeout=timeout, doing=doing),
+        translate_errors("connect", where, timeout=timeout, doing=connecting_to(where, proxy)),
         anyio.fail_at(deadline),
     ):
-        if sock is None and proxy is None:
-            if ssl_context is None:
-                stream = await anyio.connect_tcp(address or host, port, local_host=source_address)
-            else:
-                stream = await anyio.connect_tcp(
-                    address or host,
-                    port,
-                    local_host=source_address,
-                    tls=True,
-                    ssl_context=ssl_context,
-                    tls_hostname=server_hostname or host,
-                    tls_standard_compatible=False,
-                )
+        ssl_context = options.get("ssl_context")
+        unix = unix_path_of(options) is not None
+        if options.get("sock") is not None or proxy is not None or unix:
+            stream = await _tunnel_or_socket(host, port, options)
+        elif ssl_context is None:
+            stream = await anyio.connect_tcp(
+                peer_of(host, options), port, local_host=options.get("source_address")
+            )
         else:
-            stream = await _tunnel_or_socket(
-                host,
+            stream = await anyio.connect_tcp(
+                peer_of(host, options),
                 port,
-                address=address,
+                local_host=options.get("source_address"),
+                tls=True,
                 ssl_context=ssl_context,
-                server_hostname=server_hostname,
-                source_address=source_address,
-                timeout=timeout,
-                proxy=proxy,
-                sock=sock,
+                tls_hostname=tls_name_of(host, options),
+                tls_standard_compatible=False,
             )
     conn = StreamConnection(proto, stream, host=host)
     conn._timeout, conn._deadline = timeout, deadline  # the greeting shares the connect's step
     return conn
 
 
-async def _tunnel_or_socket(
-    host: str,
-    port: int,
-    *,
-    address: str | None,
-    ssl_context: ssl.SSLContext | None,
-    server_hostname: str | None,
-    source_address: str | None,
-    timeout: float | None,
-    proxy: Proxy | None,
-    sock: socket.socket | None,
-) -> ByteStream:
-    """The stream of a tunnel through ``proxy``, or of the caller's ``sock``, with the
-    TLS handshake of implicit TLS run on it (end to end: checked against the SMTP
-    server's name)."""
+async def _tunnel_or_socket(host: str, port: int, options: ConnectOptions) -> ByteStream:
+    """The stream of a tunnel through the proxy, of the caller's socket, or of a Unix
+    socket, with the TLS handshake of implicit TLS run on it (end to end: checked
+    against the SMTP server's name)."""
     raw: SocketStream
+    sock, proxy, path = options.get("sock"), options.get("proxy"), unix_path_of(options)
     if sock is not None:
         try:
             raw = await SocketStream.from_socket(sock)
         except BaseException:
             sock.close()
             raise
+    elif path is not None:
+        raw = await anyio.connect_unix(path)
     else:
         assert proxy is not None
         raw = await open_tunnel_stream(
-            proxy, address or host, port, source_address=source_address, timeout=timeout
+            proxy,
+            peer_of(host, options),
+            port,
+            source_address=options.get("source_address"),
+            timeout=options.get("timeout"),
         )
+    ssl_context = options.get("ssl_context")
     if ssl_context is None:
         return raw
     try:
         return await TLSStream.wrap(
             raw,
             server_side=False,
-            hostname=server_hostname or host,
+            hostname=tls_name_of(host, options),
             ssl_context=ssl_context,
             standard_compatible=False,
         )
@@ -437,37 +417,16 @@ async def _tunnel_or_socket(
 
 
 async def open_best(
-    proto: ClientProtocol,
-    host: str,
-    port: int,
-    *,
-    address: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
-    source_address: str | None = None,
-    timeout: float | None = None,
-    proxy: Proxy | None = None,
-    sock: socket.socket | None = None,
+    proto: ClientProtocol, host: str, port: int, **options: Unpack[ConnectOptions]
 ) -> AnyConnection:
     """Open a connection with the driver for the running async library: the
     ``BufferedProtocol`` one on asyncio (uvloop included), anyio streams elsewhere;
-    through ``proxy``, or on the caller's connected ``sock``, when given."""
+    through a proxy, or on the caller's connected socket, when the options
+    (:class:`~asmtp._io.connect.ConnectOptions`) say so."""
     loop = _asyncio_loop()
-    opener = (
-        open_stream_connection if loop is None else functools.partial(open_connection, loop=loop)
-    )
-    return await opener(
-        proto,
-        host,
-        port,
-        address=address,
-        ssl_context=ssl_context,
-        server_hostname=server_hostname,
-        source_address=source_address,
-        timeout=timeout,
-        proxy=proxy,
-        sock=sock,
-    )
+    if loop is None:
+        return await open_stream_connection(proto, host, port, **options)
+    return await open_connection(proto, host, port, loop=loop, **options)
 
 
 if TYPE_CHECKING:  # both drivers offer what a session needs

@@ -8,7 +8,8 @@ flow control, STARTTLS through ``loop.start_tls``, and the per-step timeout (one
 per connection, re-armed lazily, never one per step). OS and SSL exceptions become
 :mod:`asmtp.errors` through the map both drivers share, :mod:`asmtp._io.exceptions`.
 A connection through a proxy, or on a socket the caller connected, starts from that
-socket (:mod:`asmtp._io.proxy` opens the tunnel) and is the same connection from there.
+socket (:mod:`asmtp._io.proxy` opens the tunnel) and is the same connection from there;
+so is one to a Unix-domain socket (``loop.create_unix_connection``).
 
 Writing keeps memory bounded: data up to :data:`~asmtp._core.steps.WRITE_BLOCK` goes to the
 transport at once; larger data (a big message) stays views of the caller's bytes in a
@@ -27,17 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 import threading
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, Unpack, cast
 
 from .._core.protocol import ClientProtocol
 from .._core.reply import NEED_DATA
 from .._core.steps import WRITE_BLOCK, Await, Command, Data, Receive, Send, Steps
 from ..errors import ConnectionLostError, SMTPError, SMTPTimeoutError, Stage
+from .connect import ConnectOptions, connecting_to, named, peer_of, tls_name_of, unix_path_of
 from .exceptions import (
     connection_closed,
     lost_while_sending,
@@ -46,9 +47,6 @@ from .exceptions import (
     translate_errors,
 )
 from .proxy import open_tunnel_socket
-
-if TYPE_CHECKING:
-    from ..config import Proxy
 
 __all__ = ["Connection", "open_connection"]
 
@@ -496,8 +494,10 @@ class Connection(asyncio.BufferedProtocol):
 
     @property
     def peer(self) -> str | None:
-        """The server's IP address."""
+        """The server's IP address (a Unix socket's path)."""
         info = self._transport.get_extra_info("peername") if self._transport else None
+        if isinstance(info, str):
+            return info or None
         return str(info[0]) if info else None
 
     async def aclose(self, timeout: float = 1.0) -> None:
@@ -533,33 +533,24 @@ async def open_connection(
     host: str,
     port: int,
     *,
-    address: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
-    source_address: str | None = None,
-    timeout: float | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
-    proxy: Proxy | None = None,
-    sock: socket.socket | None = None,
+    **options: Unpack[ConnectOptions],
 ) -> Connection:
-    """Connect to ``address`` (an IP; defaults to ``host``) and return the connection.
-    With ``ssl_context`` the TLS handshake runs at once (implicit TLS, RFC 8314),
-    checked against ``server_hostname`` (defaults to ``host``). ``timeout`` covers the
-    connect and, once the caller reads it, the greeting.
-
-    ``proxy``: connect through it (the proxy is asked for ``address`` or ``host``).
-    ``sock``: a socket the caller connected already, used instead of connecting (the
-    connection owns it from then on and closes it)."""
+    """Connect to ``host`` (or to ``address``) and return the connection; the options
+    (implicit TLS, a proxy, the caller's socket...) are
+    :class:`~asmtp._io.connect.ConnectOptions`. ``timeout`` covers the connect, the
+    implicit TLS handshake and, once the caller reads it, the greeting."""
     loop = loop or asyncio.get_running_loop()
+    timeout, proxy, sock = options.get("timeout"), options.get("proxy"), options.get("sock")
+    source_address, path = options.get("source_address"), unix_path_of(options)
     conn = Connection(proto, host=host, loop=loop)
     conn.step(timeout)
-    local = (source_address, 0) if source_address else None
     conn._task = asyncio.current_task(loop)  # the timer cancels it on timeout
     try:
         if sock is None and proxy is not None:
             sock = await open_tunnel_socket(
                 proxy,
-                address or host,
+                peer_of(host, options),
                 port,
                 source_address=source_address,
                 timeout=timeout,
@@ -567,10 +558,15 @@ async def open_connection(
             )
         if sock is not None:
             await loop.create_connection(lambda: conn, sock=sock)
+        elif path is not None:
+            await loop.create_unix_connection(lambda: conn, path)
         else:
-            await loop.create_connection(lambda: conn, address or host, port, local_addr=local)
+            local = (source_address, 0) if source_address else None
+            peer = peer_of(host, options)
+            await loop.create_connection(lambda: conn, peer, port, local_addr=local)
+        ssl_context = options.get("ssl_context")
         if ssl_context is not None:
-            await conn._handshake(ssl_context, server_hostname or host)
+            await conn._handshake(ssl_context, tls_name_of(host, options))
     except BaseException as exc:
         # Inline rather than _cancellable and translate_errors: once per connection.
         conn.abort()
@@ -579,10 +575,10 @@ async def open_connection(
         if isinstance(exc, asyncio.CancelledError):
             task = conn._task
             if conn._timed_out and task is not None and task.uncancel() == 0:
-                through = f" through {proxy.label}" if proxy is not None else ""
-                raise step_timed_out(timeout, f"connecting to {host}{through}", "connect") from None
+                doing = connecting_to(named(host, options), proxy)
+                raise step_timed_out(timeout, doing, "connect") from None
             raise
-        error = translate(exc, "connect", host)
+        error = translate(exc, "connect", named(host, options))
         if error is None:
             raise
         raise error from error.__cause__

@@ -28,13 +28,8 @@ from functools import partial
 from typing import Any, cast
 
 from .._core.address import check_header, domain_of, parse_address_list
-from .._core.message import (
-    Attachment,
-    MessageIdRemover,
-    PreparedMessage,
-    prepare_message,
-    with_headers,
-)
+from .._core.message import Attachment
+from .._core.prepared import MessageIdRemover, PreparedMessage, prepare_message, with_headers
 from .._core.recipients import BadRow, Placeholders, Recipient, RecipientRows, decode_lines
 from .._core.sanitize import printable
 from .._core.template import Rendered, Template

@@ -17,7 +17,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._core.message import build_message, prepare_envelope
+from .._core.message import build_message
+from .._core.prepared import prepare_envelope
 from .._delivery.session import enable_debug
 from ..config import Relay
 from ..errors import InputError

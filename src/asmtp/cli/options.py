@@ -50,6 +50,7 @@ __all__ = [
     "proxy_url",
     "rate",
     "rate_per_second",
+    "relay_address",
     "run_loop",
     "size",
 ]
@@ -139,6 +140,21 @@ def host_port(value: str) -> tuple[str, int | None]:
     if not host:
         raise argparse.ArgumentTypeError(f"not HOST[:PORT]: {value!r}")
     return host, number
+
+
+def relay_address(value: str) -> tuple[str, int | None, str | None]:
+    """``--relay``: ``HOST[:PORT]`` (see :func:`host_port`) or ``unix:/PATH``, a
+    Unix-domain socket: ``(host, port, path)``, host "" and port None for a socket.
+
+    >>> relay_address("mx.example.com:24"), relay_address("unix:/run/dovecot/lmtp")
+    (('mx.example.com', 24, None), ('', None, '/run/dovecot/lmtp'))
+    """
+    if value.startswith("unix:"):
+        path = value[len("unix:") :]
+        if not path:
+            raise argparse.ArgumentTypeError(f"not unix:/PATH: {value!r}")
+        return "", None, path
+    return (*host_port(value), None)
 
 
 def host_port_or(default: int) -> Callable[[str], tuple[str, int]]:

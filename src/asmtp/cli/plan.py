@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from .._core.address import check_header, check_mailbox, parse_address_list
-from .._core.message import AddressInput, Attachment, PreparedMessage, build_message
+from .._core.message import AddressInput, Attachment, build_message
+from .._core.prepared import PreparedMessage
 from .._core.recipients import address_key
 from .._delivery.direct import plan_jobs
-from .._delivery.journal import JournalIdentity, template_digest
+from .._delivery.journal_format import JournalIdentity, template_digest
 from .._delivery.mailer import Job, Mailer
 from .._delivery.retry import Rate, Retry
 from .._io.resolver import MXResolver
@@ -168,6 +169,17 @@ def destination(args: argparse.Namespace) -> Relay | Direct:
             f"{', '.join(auth)}: only with --relay (direct delivery to MX hosts "
             "does not authenticate)"
         )
+    relay_only = [
+        flag
+        for flag, value in (
+            ("--lmtp", args.lmtp or None),
+            ("--client-cert", args.client_cert),
+            ("--client-key", args.client_key),
+        )
+        if value is not None
+    ]
+    if relay_only:
+        raise InputError(f"{', '.join(relay_only)}: only with --relay")
     if args.tls == "implicit":
         raise InputError(
             "--tls implicit is for a relay's port 465; direct delivery takes "
@@ -185,21 +197,34 @@ def destination(args: argparse.Namespace) -> Relay | Direct:
         per_domain=args.per_domain if args.per_domain is not None else PER_DOMAIN,
         batch_per_domain=bool(args.batch_per_domain),
         proxy=proxy_from_args(args),
+        chunking=not args.no_chunking,
     )
 
 
 def _relay(args: argparse.Namespace) -> Relay:
-    host, port = args.relay
+    host, port, path = args.relay
+    if port is None and path is None:
+        if args.lmtp:
+            raise InputError(
+                "--lmtp: LMTP over TCP has no standard port: --relay HOST:PORT (24 is "
+                "common), or --relay unix:/PATH"
+            )
+        port = 465 if args.tls == "implicit" else 587
     password = password_from_env(args.user, args.password_env)
     return Relay(
         host,
-        port or (465 if args.tls == "implicit" else 587),
+        port or 0,
         username=args.user,
         password=password,
         tls=cast(TLSMode | None, args.tls),
         allow_plaintext_auth=args.allow_plaintext_auth,
         helo=args.helo,
         proxy=proxy_from_args(args),
+        chunking=not args.no_chunking,
+        lmtp=args.lmtp,
+        path=path,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
     )
 
 

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import anyio
 
-from .._core.message import PreparedMessage
+from .._core.prepared import PreparedMessage
 from .._delivery.direct import DirectDelivery, plan_jobs
+from .._delivery.endpoint import default_helo
 from .._delivery.mailer import Job, Mailer
-from .._delivery.session import default_helo
 from ..config import Direct, Timeouts
 from .output import RunOutput
 from .plan import SendPlan

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .._core.address import parse_address_list
-from .._core.message import prepare_envelope
+from .._core.prepared import prepare_envelope
 from .._core.sanitize import printable
 from .._delivery.session import enable_debug
 from ..config import TLS_MODES
@@ -35,11 +35,11 @@ from .options import (
     add_proxy,
     add_timeout,
     fit_open_files,
-    host_port,
     non_negative_int,
     port,
     positive_int,
     rate,
+    relay_address,
     run_loop,
 )
 from .output import ProgressBar, RunOutput
@@ -132,9 +132,24 @@ def add_send_parser(sub: Any) -> None:
     relay = send.add_argument_group("relay")
     relay.add_argument(
         "--relay",
-        type=host_port,
+        type=relay_address,
         metavar="HOST[:PORT]",
-        help="the server to hand the mail to (port default 587, or 465 with --tls implicit)",
+        help="the server to hand the mail to (port default 587, or 465 with --tls implicit), "
+        "or unix:/PATH, a Unix-domain socket (TLS default none there)",
+    )
+    relay.add_argument(
+        "--lmtp",
+        action="store_true",
+        help="the relay speaks LMTP (RFC 2033: LHLO, a reply per recipient); over TCP "
+        "give the port (24 is common)",
+    )
+    relay.add_argument(
+        "--client-cert",
+        metavar="FILE",
+        help="present this client certificate (PEM; its key too unless --client-key)",
+    )
+    relay.add_argument(
+        "--client-key", metavar="FILE", help="with --client-cert: the key's PEM file"
     )
     relay.add_argument("--user", metavar="USER", help="authenticate as USER")
     relay.add_argument(
@@ -176,6 +191,11 @@ def add_send_parser(sub: Any) -> None:
         "direct default: opportunistic (implicit is not allowed)",
     )
     common.add_argument("--helo", metavar="NAME", help="the name to greet with (EHLO)")
+    common.add_argument(
+        "--no-chunking",
+        action="store_true",
+        help="send with DATA even where the server offers CHUNKING (BDAT)",
+    )
     add_proxy(common)
     common.add_argument(
         "--concurrency",
@@ -382,6 +402,9 @@ _FLAG_OF = {
     "helo": "--helo",
     "username": "--user",
     "Relay host": "--relay",
+    "Relay path": "--relay unix:",
+    "client_cert": "--client-cert",
+    "client_key": "--client-key",
     "timeout": "--timeout",
     "concurrency": "--concurrency",
 }

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
-from ..._core.message import PreparedMessage, prepare_message
+from ..._core.prepared import PreparedMessage, prepare_message
 from ...config import TLS_MODES, Proxy, TLSMode
 from ...errors import InputError
 

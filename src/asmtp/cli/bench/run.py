@@ -47,10 +47,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ..._core.message import PreparedMessage
+from ..._core.prepared import PreparedMessage
 from ..._core.protocol import SUCCESS_CODES, State
 from ..._core.steps import Steps
-from ..._delivery.session import Endpoint, Session, reply_error
+from ..._delivery.endpoint import Endpoint
+from ..._delivery.session import Session
+from ..._delivery.transaction import reply_error
 from ..._version import __version__
 from ...config import Timeouts
 from ...errors import InputError, MessageRejectedError, ReplyError, SMTPError
