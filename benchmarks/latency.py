@@ -666,7 +666,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--skip-close",
         action="store_true",
         help="reuse rows: exit once every send has its result, without closing the sessions"
-        " (default with --quick: asmtp's pool closes its sessions one after another)",
+        " (default with --quick)",
     )
     args = parser.parse_args(argv)
     if args.worker:
