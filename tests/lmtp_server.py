@@ -20,7 +20,9 @@ RSET, NOOP and QUIT, in order, so commands may arrive pipelined. Options:
   for ``250 2.0.0 <address> saved`` (a 2xx reply records a delivery); a ``421`` closes
   the connection after it is sent;
 * ``close_after``: close the connection (without QUIT's courtesy) once that many
-  per-recipient replies of a transaction have been sent.
+  per-recipient replies of a transaction have been sent;
+* ``stall_after``: once that many per-recipient replies have been sent, say nothing
+  more (the connection stays open until the client goes).
 
 Records (thread-safe snapshots): :attr:`deliveries` (one per recipient saved),
 :attr:`commands` (command lines as received), :attr:`connections`.
@@ -68,6 +70,7 @@ class LMTPServer:
         rcpt_reply: Script | None = None,
         delivery_reply: Script | None = None,
         close_after: int | None = None,
+        stall_after: int | None = None,
     ) -> None:
         self.path = path
         self.host = "127.0.0.1"
@@ -77,6 +80,7 @@ class LMTPServer:
         self.rcpt_reply = rcpt_reply
         self.delivery_reply = delivery_reply
         self.close_after = close_after
+        self.stall_after = stall_after
         self._lock = threading.Lock()
         self._deliveries: list[Delivery] = []
         self._commands: list[str] = []
@@ -236,6 +240,10 @@ class LMTPServer:
             if self.close_after is not None and sent == self.close_after:
                 await writer.drain()
                 writer.transport.abort()
+                return False
+            if self.stall_after is not None and sent == self.stall_after:
+                await writer.drain()
+                await writer.wait_closed()  # silence until the client gives up
                 return False
             script = self.delivery_reply
             reply = (script(rcpt) if script is not None else None) or f"250 2.0.0 <{rcpt}> saved"

@@ -20,6 +20,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 import pytest
 
 import asmtp
@@ -27,6 +28,7 @@ from asmtp._core.prepared import prepare_message
 from asmtp._core.protocol import ClientProtocol, State
 from asmtp._core.reply import NEED_DATA, Reply
 from asmtp._core.steps import Await, Command, Send, Steps
+from asmtp._delivery.dispatch import run_session
 from asmtp._delivery.endpoint import Endpoint
 from asmtp._delivery.session import Session
 from asmtp.config import Timeouts
@@ -554,3 +556,23 @@ def test_the_cli_wants_a_port_for_lmtp_over_tcp() -> None:
     done = asmtp_cli(*SEND, "--to", "ann@example.test", "--relay", "127.0.0.1", "--lmtp")
     assert done.returncode == 2
     assert "LMTP over TCP has no standard port" in done.stderr
+
+
+@pytest.mark.anyio
+async def test_a_deadline_after_some_replies_keeps_them(lmtp_server: type[LMTPServer]) -> None:
+    """The recipient's deadline passes while an LMTP server, having answered for the
+    first recipient, says nothing more: that answer stands; the others' fate is
+    unknown (the message may have been delivered)."""
+    server = lmtp_server(stall_after=1)
+    relay = asmtp.Relay("127.0.0.1", server.port, lmtp=True, tls="none")
+    endpoint = await Endpoint.for_relay(relay)
+    rcpts = ["ann@example.test", "bob@example.test"]
+    prepared = prepare_message(message(rcpts))
+    results, error = await run_session(
+        endpoint, Timeouts.of(10.0), SENDER, rcpts, prepared, deadline=anyio.current_time() + 1.0
+    )
+    assert error is not None and error.stage == "message"
+    assert [summary(r) for r in results] == [
+        ("ann@example.test", "delivered", "message", 250),
+        ("bob@example.test", "unknown", "message", None),
+    ]

@@ -9,7 +9,6 @@ every session in flight and re-raises, with no result made up.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -113,16 +112,20 @@ async def run_session(
             error = exc
         elif isinstance(exc, TimeoutError):
             error = deadline_passed(session.stage)
+        elapsed = clock() - t0
+        missing = [rcpt for rcpt in recipients if rcpt not in final]
         if error is not None:
-            failed = functools.partial(result_from_error, error=error)
+            # What the server answered before the end (a refused RCPT, an LMTP
+            # recipient's reply after the dot) stays that recipient's result.
+            for result in session.cut_short(missing, error, elapsed):
+                final[result.recipient] = result
         else:  # a bug in asmtp must not cost other recipients theirs
             logger.exception("asmtp internal error while delivering to %s", ", ".join(recipients))
-            failed = functools.partial(internal_error, exc=exc, stage=session.stage)
-        elapsed = clock() - t0
-        for rcpt in recipients:
-            if rcpt not in final:
-                final[rcpt] = failed(
+            for rcpt in missing:
+                final[rcpt] = internal_error(
                     rcpt,
+                    exc,
+                    stage=session.stage,
                     host=endpoint.host,
                     tls=session.tls,
                     elapsed=elapsed,

@@ -370,7 +370,7 @@ class Session(SessionState):
                 self, sender, recipients, message, extras, last
             )
         except SMTPError as exc:
-            return self._failed(recipients, exc, clock() - started, self._refused, self._answered)
+            return self.cut_short(recipients, exc, clock() - started)
         elapsed = clock() - started
         host, tls = self.endpoint.host, self.tls
         answered = self._answered  # LMTP: each accepted recipient's own reply
@@ -383,6 +383,14 @@ class Session(SessionState):
             else:
                 results.append(_result_of(rcpt, reply, "rcpt", host, tls, elapsed))
         return results
+
+    def cut_short(
+        self, recipients: Sequence[str], error: SMTPError, elapsed: float
+    ) -> list[RecipientResult]:
+        """The results of ``recipients`` when ``error`` ended the current transaction
+        (or a deadline cut it short): what the server had answered for a recipient
+        stays that recipient's result (:meth:`_failed`)."""
+        return self._failed(recipients, error, elapsed, self._refused, self._answered)
 
     def _failed(
         self,
