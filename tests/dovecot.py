@@ -14,6 +14,13 @@ transaction still getting theirs::
     ...                                 # asmtp sends to server.port or server.socket
     [(mailbox, msg)] = server.messages()
 
+Given ``ca`` (a trustme CA) and ``passwords`` (``{"ann@example.test": "s3cret"}``), it
+serves the Maildirs over IMAP and POP3 too, with a certificate from that CA: implicit
+TLS on ``imaps_port`` and ``pop3s_port``, STARTTLS/STLS on ``imap_port`` and
+``pop3_port``. :meth:`DovecotServer.deliver` puts a message straight into a Maildir
+(as a delivery agent would), :meth:`DovecotServer.stored` says where each one is now
+(folder, seen or not), for the tests of :mod:`asmtp.bounces`.
+
 Dovecot's ``master`` must start as root (its services drop to ``dovecot`` and the
 mail user); the ``dovecot`` fixture skips when it cannot. The fixture stops every
 server it started: SIGTERM to the master, which ends its services.
@@ -21,13 +28,13 @@ server it started: SIGTERM to the master, which ends its services.
 
 from __future__ import annotations
 
-import contextlib
 import email
 import email.policy
 import os
 import pwd
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import tempfile
@@ -37,6 +44,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+import trustme
 
 from servers import free_port
 
@@ -55,6 +63,9 @@ def dovecot_missing() -> str | None:
         return "Dovecot is not installed (apt-get install dovecot-core dovecot-lmtpd)"
     if not os.path.exists("/usr/lib/dovecot/lmtp"):
         return "Dovecot's LMTP server is not installed (apt-get install dovecot-lmtpd)"
+    for name, package in (("imap", "dovecot-imapd"), ("pop3", "dovecot-pop3d")):
+        if not os.path.exists(f"/usr/lib/dovecot/{name}"):
+            return f"Dovecot's {name.upper()} server is not installed (apt-get install {package})"
     if os.geteuid() != 0:
         return "Dovecot's master must start as root"
     for user in ("dovecot", "dovenull", _MAIL_USER):
@@ -69,12 +80,23 @@ class DovecotServer:
     """A private Dovecot serving LMTP; see the module docstring."""
 
     def __init__(
-        self, *, mailboxes: Sequence[str] = (), quota: Mapping[str, str] | None = None
+        self,
+        *,
+        mailboxes: Sequence[str] = (),
+        quota: Mapping[str, str] | None = None,
+        passwords: Mapping[str, str] | None = None,
+        ca: trustme.CA | None = None,
     ) -> None:
         self.mailboxes = tuple(mailboxes)
         self.quota = dict(quota or {})
+        self.passwords = dict(passwords or {})
+        self.ca = ca
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
+        #: IMAP (STARTTLS), IMAPS, POP3 (STLS), POP3S: served when ``ca`` is given
+        self.imap_port, self.imaps_port, self.pop3_port, self.pop3s_port = (
+            (free_port(self.host) for _ in range(4)) if ca is not None else (0, 0, 0, 0)
+        )
         # Not pytest's tmp_path: its parent is root's alone (0700), and Dovecot's
         # services, running as other users, open paths under this folder by name.
         self.root = Path(tempfile.mkdtemp(prefix="asmtp-dovecot-"))
@@ -107,17 +129,21 @@ class DovecotServer:
                 if mailbox in self.quota
                 else ""
             )
-            lines.append(f"{mailbox}::{user.pw_uid}:{user.pw_gid}::{home}::{extra}\n")
+            password = f"{{PLAIN}}{self.passwords[mailbox]}" if mailbox in self.passwords else ""
+            lines.append(f"{mailbox}:{password}:{user.pw_uid}:{user.pw_gid}::{home}::{extra}\n")
         (root / "users").write_text("".join(lines))
-        (root / "dovecot.conf").write_text(
-            f"""\
+        (root / "dovecot.conf").write_text(self._config() + self._mail_access_config())
+
+    def _config(self) -> str:
+        root = self.root
+        return f"""\
 base_dir = {root}/run
 state_dir = {root}/state
 log_path = {self.log}
 hostname = {HOSTNAME}
-protocols = lmtp
+protocols = lmtp{" imap pop3" if self.ca is not None else ""}
 listen = {self.host}
-ssl = no
+ssl = {"no" if self.ca is None else "yes"}
 mail_location = maildir:~/Maildir
 first_valid_uid = 1
 default_internal_user = dovecot
@@ -145,7 +171,54 @@ service lmtp {{
   }}
 }}
 """
-        )
+
+    def _mail_access_config(self) -> str:
+        """IMAP and POP3 with TLS (a certificate from ``ca``), when ``ca`` is given."""
+        if self.ca is None:
+            return ""
+        pem = self.root / "tls.pem"
+        self.ca.issue_cert(
+            "127.0.0.1", "localhost", HOSTNAME
+        ).private_key_and_cert_chain_pem.write_to_path(str(pem))
+        pem.chmod(0o600)  # read by the master, as root
+        host = self.host
+        return f"""\
+ssl_cert = <{pem}
+ssl_key = <{pem}
+# no plaintext login, not even on loopback (Dovecot trusts the local address otherwise)
+disable_plaintext_auth = yes
+auth_failure_delay = 0
+ssl_min_protocol = TLSv1.2
+namespace inbox {{
+  inbox = yes
+  separator = /
+  mailbox Bounces {{
+    auto = create
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = {host}
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    address = {host}
+    port = {self.imaps_port}
+    ssl = yes
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = {host}
+    port = {self.pop3_port}
+  }}
+  inet_listener pop3s {{
+    address = {host}
+    port = {self.pop3s_port}
+    ssl = yes
+  }}
+}}
+"""
 
     def start(self) -> DovecotServer:
         self._write_config()
@@ -167,9 +240,13 @@ service lmtp {{
     def _answers(self) -> bool:
         if not os.path.exists(self.socket):
             return False
-        with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 1):
-            return True
-        return False
+        ports = [self.port, self.imap_port, self.imaps_port, self.pop3_port, self.pop3s_port]
+        for port in (p for p in ports if p):
+            try:
+                socket.create_connection((self.host, port), 1).close()
+            except OSError:
+                return False
+        return True
 
     def _diagnostics(self) -> str:
         texts = [p.read_text(errors="replace") for p in (self.root / "master.err", self.log)]
@@ -186,6 +263,27 @@ service lmtp {{
                 master.wait(timeout=10.0)
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def deliver(self, mailbox: str, raw: bytes, sender: str = "") -> str:
+        """Deliver ``raw`` into ``mailbox`` through Dovecot's own LMTP (its index then
+        knows the message at once, as with any delivery; a file dropped into the
+        Maildir would be seen only at Dovecot's next full scan). ``sender`` is the
+        envelope's, ``<>`` by default, as a bounce's. Returns its Message-ID."""
+        with smtplib.LMTP(self.socket, timeout=10) as lmtp:
+            lmtp.sendmail(sender, [mailbox], raw)
+        return _message_id(raw)
+
+    def stored(self, mailbox: str) -> dict[str, tuple[str, bool]]:
+        """Where each message of ``mailbox`` is now, by Message-ID: its folder ("INBOX"
+        or the folder's name) and whether it is flagged seen (``S`` in its Maildir name)."""
+        maildir = self._maildir(mailbox)
+        folders = [("INBOX", maildir), *((p.name[1:], p) for p in maildir.glob(".?*"))]
+        found = {}
+        for folder, path in folders:
+            for message in [*path.glob("new/*"), *path.glob("cur/*")]:
+                info = message.name.partition(":2,")[2]
+                found[_message_id(message.read_bytes())] = (folder, "S" in info)
+        return found
+
     def messages(self) -> list[tuple[str, EmailMessage]]:
         """Every message delivered, as (mailbox, message), mailbox by mailbox."""
         found = []
@@ -196,6 +294,11 @@ service lmtp {{
                 assert isinstance(msg, EmailMessage)
                 found.append((mailbox, msg))
         return found
+
+
+def _message_id(raw: bytes) -> str:
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    return str(message["Message-ID"] or "").strip()
 
 
 @pytest.fixture

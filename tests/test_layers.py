@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "asmtp.sync",
             "asmtp.django",
             "asmtp.otel",
+            "asmtp.bounces",
             "asmtp.testing",
             "asmtp._pytest_plugin",
         ),

@@ -26,6 +26,7 @@ from ._delivery.journal_format import JournalIdentity
 from ._delivery.mailer import Job, Mailer
 from ._delivery.pool import Pool
 from ._delivery.retry import Rate, Retry
+from ._delivery.suppress import SuppressionList
 from ._io.resolver import MXHost, MXResolver, resolve_mx
 from .config import DSN, Direct, Proxy, Relay, Timeouts
 from .errors import (
@@ -42,6 +43,7 @@ from .errors import (
     JournalRefusedError,
     JournalWriteError,
     LocalProtocolError,
+    MailboxError,
     MessageRejectedError,
     NoAddressError,
     NoSuchDomainError,
@@ -85,6 +87,7 @@ __all__ = (
     "LocalProtocolError",
     "MXHost",
     "MXResolver",
+    "MailboxError",
     "Mailer",
     "MessageRejectedError",
     "NoAddressError",
@@ -107,6 +110,7 @@ __all__ = (
     "SMTPError",
     "SMTPTimeoutError",
     "Stage",
+    "SuppressionList",
     "TLSError",
     "TLSUnavailableError",
     "Template",

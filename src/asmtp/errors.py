@@ -55,6 +55,7 @@ __all__ = [
     "JournalRefusedError",
     "JournalWriteError",
     "LocalProtocolError",
+    "MailboxError",
     "MessageRejectedError",
     "NoAddressError",
     "NoSuchDomainError",
@@ -244,6 +245,12 @@ class MessageRejectedError(SMTPError):
     or needs 8BITMIME or SMTPUTF8 and the server does not offer them."""
 
     permanent = True
+
+
+class MailboxError(SMTPError):
+    """A mailbox could not be read over IMAP or POP3 (:mod:`asmtp.bounces`): the server
+    refused the login, has no such mailbox or folder, or answered a command with an
+    error. The message names the mailbox by its URL, never with the password."""
 
 
 class ResolveError(SMTPError):

@@ -309,6 +309,7 @@ class MailerOptions(TypedDict, total=False):
     verp: str | None
     dkim: asmtp.DKIM | None
     debug: bool
+    suppress: str | os.PathLike[str] | asmtp.SuppressionList | Iterable[str] | None
 
 
 class _Held:

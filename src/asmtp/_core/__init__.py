@@ -7,6 +7,7 @@ driver (``steps``), SASL (``sasl``), address and header checks (``address``), me
 building and envelopes (``message``, with ``parts`` and ``template``), the message made
 ready to send (``prepared``: serialized by ``serialize``, its octets checked and
 dot-stuffed by ``wire``), DKIM signing (``dkim``), recipients files
-(``recipients``) and server text made safe for a terminal (``sanitize``). It may import
+(``recipients``), bounces and complaints classified (``bounce``, reading messages through
+``bounce_parse``) and server text made safe for a terminal (``sanitize``). It may import
 layer 0 (:mod:`asmtp.errors`, :mod:`asmtp._version`) and the standard library.
 """

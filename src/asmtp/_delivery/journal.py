@@ -34,6 +34,11 @@ The guarantees:
 * **Write failures.** The first failed write or fsync leaves the journal failed: every
   later write raises :class:`JournalWriteError` and nothing more is written (so a torn
   fragment is only ever the last line).
+
+After a run, :func:`record_bounce` appends what a returned message says about a
+recipient ("bounce" lines, against the keys the journal holds for that recipient), under
+the same lock: a journal in use by a running send is waited for briefly, then refused
+with :class:`JournalLockedError`.
 """
 
 from __future__ import annotations
@@ -46,12 +51,14 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
+from .._core.bounce import Bounce
 from ..errors import (
     JournalFormatError,
     JournalIdentityError,
@@ -68,9 +75,15 @@ from .journal_format import (
     encode_record,
     read_contents,
     read_first,
+    recipient_key,
 )
 
-__all__ = ["Journal", "read_journal"]
+__all__ = ["Journal", "read_journal", "record_bounce", "record_bounces"]
+
+#: how long record_bounce waits for a journal in use by a running send, by default
+BOUNCE_WAIT = 5.0
+#: the longest diagnostic kept in a bounce record, in characters
+_DIAGNOSTIC = 1000
 
 
 def read_journal(path: str | os.PathLike[str]) -> dict[str, JournalEntry]:
@@ -190,7 +203,7 @@ class Journal:
         return await anyio.to_thread.run_sync(cls._open, target, resume)
 
     @classmethod
-    def _open(cls, path: Path, resume: bool) -> Journal:
+    def _open(cls, path: Path, resume: bool, find: frozenset[str] = frozenset()) -> Journal:
         with _held_lock:
             try:
                 st: os.stat_result | None = os.stat(path)
@@ -227,7 +240,7 @@ class Journal:
                         f"cannot lock the journal {path}: {exc.strerror}"
                     ) from exc
                 _advertise(fd)
-                contents = cls._prepare(fd, path, resume)
+                contents = cls._prepare(fd, path, resume, find)
                 if created:
                     _sync_folder(path)  # the new file's name survives a crash too
             except BaseException:
@@ -237,7 +250,7 @@ class Journal:
             return cls(fd, path, contents, key)
 
     @staticmethod
-    def _prepare(fd: int, path: Path, resume: bool) -> Contents:
+    def _prepare(fd: int, path: Path, resume: bool, find: frozenset[str]) -> Contents:
         size = os.fstat(fd).st_size
         if not resume and size and read_first(fd, path):
             raise JournalFormatError(
@@ -245,7 +258,7 @@ class Journal:
                 "done are skipped), or give a new file"
             )
         # Without resume, only an empty file or a torn header alone gets here.
-        contents = read_contents(fd, path) if size else Contents({})
+        contents = read_contents(fd, path, find=find) if size else Contents({})
         try:
             if contents.size < size:
                 # A torn last line: cut off before anything is appended after it. No
@@ -370,6 +383,92 @@ class Journal:
             if _held.get(self._key) == self._fd:
                 os.close(self._fd)
                 del _held[self._key]
+
+
+# -- bounces after the run ------------------------------------------------------------
+
+
+def record_bounce(
+    path: str | os.PathLike[str], bounce: Bounce, *, wait: float = BOUNCE_WAIT
+) -> bool:
+    """Append a "bounce" record for ``bounce`` to the journal at ``path``, against every
+    key the journal holds for its recipient (matched as addresses are: the domain
+    case-insensitively). False when the journal names no such recipient (or the bounce
+    names none, or there is no journal). A hard bounce makes a later resume report its
+    recipient ``permanent`` ("bounced: 5.1.1 ...") without sending again.
+
+    Blocking (call it in a worker thread from async code). A journal in use by a
+    running send is waited for up to ``wait`` seconds, then refused with
+    :class:`~asmtp.errors.JournalLockedError`; one in use in this process is refused
+    at once. A file that is not a journal raises
+    :class:`~asmtp.errors.JournalFormatError`."""
+    return record_bounces(path, [bounce], wait=wait)[0]
+
+
+def record_bounces(
+    path: str | os.PathLike[str], bounces: Iterable[Bounce], *, wait: float = BOUNCE_WAIT
+) -> list[bool]:
+    """:func:`record_bounce` for many bounces at once: the journal is read once, and the
+    records appended with one fsync. One bool per bounce, in order."""
+    bounces = list(bounces)
+    target = Path(path)
+    sought = [recipient_key(b.recipient) if b.recipient else None for b in bounces]
+    if not any(sought) or not target.exists():
+        return [False] * len(bounces)
+    journal = _open_waiting(target, frozenset(k for k in sought if k), wait)
+    try:
+        found = journal._contents.found
+        lines: list[bytes] = []
+        done: list[bool] = []
+        for bounce, key in zip(bounces, sought, strict=True):
+            keys = found.get(key, {}) if key else {}
+            done.append(bool(keys))
+            for raw_key in keys.values():
+                lines.append(encode_record(_bounce_record(raw_key, bounce)))
+        if lines:
+            try:
+                journal._append(b"".join(lines))
+            except OSError as exc:
+                raise JournalWriteError(
+                    f"the journal {target} cannot be written ({exc.strerror or exc}): "
+                    "the bounces were not recorded",
+                    errno=exc.errno,
+                ) from exc
+        return done
+    finally:
+        journal._close()
+
+
+def _open_waiting(path: Path, find: frozenset[str], wait: float) -> Journal:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return Journal._open(path, True, find)
+        except JournalLockedError as exc:
+            here = "in this process" in exc.message
+            if here or time.monotonic() >= deadline:
+                raise JournalLockedError(
+                    f"{exc.message}. Bounces are recorded when the send has ended"
+                ) from None
+        time.sleep(0.05)
+
+
+def _bounce_record(key: Any, bounce: Bounce) -> dict[str, Any]:
+    diagnostic = bounce.diagnostic
+    if diagnostic is not None and len(diagnostic) > _DIAGNOSTIC:
+        diagnostic = diagnostic[:_DIAGNOSTIC] + "..."
+    return {
+        "event": "bounce",
+        "key": key,
+        "recipient": bounce.recipient,
+        "kind": bounce.kind,
+        "status": bounce.status,
+        "diagnostic": diagnostic,
+        "action": bounce.action,
+        "message_id": bounce.message_id,
+        "source": bounce.source,
+        "time": _now(),
+    }
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -2,17 +2,22 @@
 
 This module owns the journal's format; :mod:`~asmtp._delivery.journal` owns the file
 (its lock, repairing it, appending with fsync). A journal is JSON Lines. The first line
-is a header saying which run the journal belongs to; then two kinds of line::
+is a header saying which run the journal belongs to; then these kinds of line::
 
     {"asmtp": "journal", "format": 1, "event": "identity", "version": "0.1.0",
      "sender": "news@example.com", "message": "sha256:9f2c...", "campaign": null, ...}
     {"event": "dot", "key": "a@example.org", "recipient": "a@example.org", "time": ...}
     {"event": "result", "key": "a@example.org", "recipient": ..., "status": "delivered", ...}
+    {"event": "bounce", "key": "a@example.org", "recipient": ..., "kind": "hard",
+     "status": "5.1.1", "diagnostic": "550 5.1.1 no such user", ...}
 
 (the header is one line in the file). A later "identity" line, written when a mismatch
 was overridden, replaces the header's identity. On resume, a key whose last line is a
 delivered or permanent result is skipped, and one whose last line is "dot" is "unknown"
-(the message may have arrived).
+(the message may have arrived). A "bounce" line, appended after the run by
+:func:`~asmtp._delivery.journal.record_bounce`, records a returned message: a hard one
+makes its key "bounced" (reported, never sent again); other kinds change nothing. A
+journal without bounce lines reads as before.
 
 Here: encoding a record as one line (never longer than :data:`MAX_LINE`), reading lines
 back from a descriptor (streamed: a chunk and one line held at a time; a longer line is
@@ -25,6 +30,7 @@ the last :class:`JournalEntry` per key (shared between keys), and a run's
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -32,11 +38,13 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import JournalFormatError
+from .._core.address import check_mailbox
+from .._core.recipients import address_key
+from ..errors import InputError, JournalFormatError
 
 __all__ = [
     "FORMAT",
@@ -50,6 +58,7 @@ __all__ = [
     "message_digest",
     "read_contents",
     "read_first",
+    "recipient_key",
     "template_digest",
 ]
 
@@ -61,6 +70,8 @@ MAX_LINE = 1 << 20
 MARKER = b'{"asmtp": "journal"'
 _CHUNK = 1 << 16
 _STATUSES = frozenset({"delivered", "transient", "permanent", "unknown"})
+#: the records that name a key
+_KEYED = frozenset({"dot", "result", "bounce"})
 _KEY_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str)
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring
 
@@ -186,12 +197,14 @@ def message_digest(data: bytes, *, prepared: bool = False) -> str:
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
     """What the journal says last about one key, as far as a resume needs it: "dot"
-    (the message may have arrived), or a "result" with its status (and, for an unknown
-    one, the host). Shared between keys: a million keys hold a handful of these."""
+    (the message may have arrived), a "result" with its status (and, for an unknown
+    one, the host), or a hard "bounce" (``status``: its enhanced status, ``detail``: the
+    server's words). Shared between keys: a million keys hold a handful of these."""
 
-    event: str  # "dot" or "result"
-    status: str | None  # the result's status, for a "result" line
+    event: str  # "dot", "result" or "bounce"
+    status: str | None  # the result's status, for a "result" line; a bounce's "5.1.1"
     host: str | None = None
+    detail: str | None = None  # a bounce's diagnostic
 
 
 _DOT = JournalEntry("dot", None)
@@ -210,6 +223,9 @@ class Contents:
     size: int = 0
     #: the last line is a whole record without its newline: add it
     needs_newline: bool = False
+    #: for :func:`read_contents`'s ``find``: the keys (as written) of the records
+    #: naming each recipient sought, by :func:`recipient_key`
+    found: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class _Reader:
@@ -275,10 +291,11 @@ def _parse(line: bytes) -> Any:
 class _Scan:
     """The rules of reading a journal back, record by record."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, find: frozenset[str] = frozenset()) -> None:
         self.path = path
         self.contents = Contents({})
         self._shared: dict[tuple[str, str | None], JournalEntry] = {}
+        self._find = find
 
     def damaged(self, number: int, why: str) -> JournalFormatError:
         return JournalFormatError(
@@ -297,7 +314,7 @@ class _Scan:
             if not whole:
                 return False  # the header was being written: nothing was recorded yet
             raise self.damaged(number, "is a damaged header")
-        if isinstance(value, dict) and value.get("event") in ("dot", "result"):
+        if isinstance(value, dict) and value.get("event") in _KEYED:
             self.record(number, value)  # from before headers: identity stays None
             return True
         raise JournalFormatError(
@@ -327,7 +344,7 @@ class _Scan:
         if not isinstance(value, dict):
             raise self.damaged(number, "is not a journal record")
         event = value.get("event")
-        if "asmtp" in value or event not in ("dot", "result", "identity"):
+        if "asmtp" in value or (event not in _KEYED and event != "identity"):
             raise self.damaged(number, "is not a journal record")
         if event == "identity":
             self.identity(number, value)
@@ -338,8 +355,15 @@ class _Scan:
             key = journal_key(value["key"])
         except (ValueError, RecursionError):
             raise self.damaged(number, "has a key that cannot be read") from None
+        if self._find:
+            self._note(key, value)
         entry: JournalEntry | None = _DOT
-        if event == "result":
+        if event == "bounce":
+            entry = self._bounce(number, value)
+            self.contents.empty = False
+            if entry is None:
+                return  # not a hard bounce: the key's entry stays as it was
+        elif event == "result":
             status, host = value.get("status"), value.get("host")
             if status not in _STATUSES or not (host is None or isinstance(host, str)):
                 raise self.damaged(number, "is a result without a valid status")
@@ -349,6 +373,24 @@ class _Scan:
             self.contents.entries.pop(key, None)
         else:
             self.contents.entries[key] = entry
+
+    def _note(self, key: str, value: dict[str, Any]) -> None:
+        """Remember the key of a record naming a recipient sought."""
+        recipient = value.get("recipient")
+        if isinstance(recipient, str):
+            sought = recipient_key(recipient)
+            if sought in self._find:
+                self.contents.found.setdefault(sought, {}).setdefault(key, value["key"])
+
+    def _bounce(self, number: int, value: dict[str, Any]) -> JournalEntry | None:
+        kind, status, diagnostic = (value.get(n) for n in ("kind", "status", "diagnostic"))
+        if not isinstance(kind, str) or not all(
+            f is None or isinstance(f, str) for f in (status, diagnostic)
+        ):
+            raise self.damaged(number, "is a damaged bounce record")
+        if kind != "hard":
+            return None
+        return JournalEntry("bounce", status, None, diagnostic)
 
     def _entry(self, status: str, host: str | None) -> JournalEntry | None:
         if status == "transient":
@@ -362,12 +404,14 @@ class _Scan:
         return entry
 
 
-def read_contents(fd: int, path: Path) -> Contents:
+def read_contents(fd: int, path: Path, *, find: frozenset[str] = frozenset()) -> Contents:
     """The journal open on ``fd`` read back (the caller holds its lock or only looks):
-    the last entry per key, the identity in force, and where its whole lines end. Raises
-    :class:`JournalFormatError` for a file that is not a journal or a damaged line."""
+    the last entry per key, the identity in force, and where its whole lines end;
+    ``find``: recipients (as :func:`recipient_key` gives them) whose keys to collect in
+    :attr:`Contents.found`. Raises :class:`JournalFormatError` for a file that is not a
+    journal or a damaged line."""
     reader = _Reader(fd, path)
-    scan = _Scan(path)
+    scan = _Scan(path, find)
     contents = scan.contents
     for number, line, start, whole in reader.lines():
         if whole:
@@ -383,7 +427,7 @@ def read_contents(fd: int, path: Path) -> Contents:
             kept = scan.first(number, line, whole)
         else:
             value = _parse(line)
-            kept = isinstance(value, dict) and value.get("event") in ("dot", "result")
+            kept = isinstance(value, dict) and value.get("event") in _KEYED
             if kept:
                 try:
                     scan.record(number, value)
@@ -393,6 +437,15 @@ def read_contents(fd: int, path: Path) -> Contents:
             contents.size = start + len(line)
             contents.needs_newline = True
     return contents
+
+
+def recipient_key(address: str) -> str:
+    """A recipient as journal records are matched to a bounce: the checked address
+    (IDN domain in A-labels) with its domain in lower case; what is no address is
+    compared as written, its domain lower-cased."""
+    with contextlib.suppress(InputError):
+        address = check_mailbox(address, field="recipient")
+    return address_key(address)
 
 
 def read_first(fd: int, path: Path) -> bool:

@@ -45,9 +45,10 @@ from .journal import Journal
 from .journal_format import JournalEntry, JournalIdentity, journal_key
 from .personalise import Personaliser, check_personalisation
 from .pool import Pool, SessionPool
-from .resume import identity_of, resume_action, unknown_from_earlier_run
+from .resume import bounced_in_earlier_run, identity_of, resume_action, unknown_from_earlier_run
 from .retry import Rate, Retry, TokenBucket
 from .session import enable_debug
+from .suppress import SuppressionList
 from .transaction import Extras
 
 __all__ = ["Job", "Mailer"]
@@ -97,6 +98,12 @@ class Mailer:
     name their recipient. With either, each copy gets its own Message-ID (on the
     domain of the message's own), so replies and bounces can be matched to their
     recipient; a message rendered per job (``Job(message=callable)``) keeps its own.
+    ``suppress``: addresses never to send to (a suppression list file's path, an
+    :class:`~asmtp.SuppressionList`, or addresses): each gets one result, ``permanent``
+    at stage "input" ("suppressed: <reason>"), with no connection made. On resume, a
+    recipient whose hard bounce was recorded in the journal
+    (:func:`~asmtp._delivery.journal.record_bounce`) is reported ``permanent``
+    ("bounced: 5.1.1 ...") and not sent again (counted in :attr:`bounced`).
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class Mailer:
         pool: bool | Pool = False,
         dkim: DKIM | None = None,
         debug: bool = False,
+        suppress: str | os.PathLike[str] | SuppressionList | Iterable[str] | None = None,
     ) -> None:
         check_number("concurrency", concurrency, integer=True)
         if relay is not None and not isinstance(relay, (Relay, Direct)):
@@ -168,6 +176,14 @@ class Mailer:
             enable_debug()
         #: recipients skipped because the journal shows them done (resume)
         self.skipped = 0
+        #: recipients reported, not sent, for a hard bounce the journal records (resume)
+        self.bounced = 0
+        #: addresses not sent to (None: none)
+        self.suppress = (
+            suppress
+            if suppress is None or isinstance(suppress, SuppressionList)
+            else SuppressionList(suppress)
+        )
         self._stopping = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._runs: set[Run] = set()
@@ -361,6 +377,24 @@ class Mailer:
             result = unknown_from_earlier_run(job.recipient, prior, job.key)
             await self._record(result)
             return result
+        if action == "bounced":
+            assert prior is not None
+            self.bounced += 1
+            # not journaled: the bounce stays the key's last line, so that every
+            # resume reports it alike
+            result = bounced_in_earlier_run(job.recipient, prior, job.key)
+            await self._record(result, journal=False)
+            return result
+        if self.suppress is not None and (why := self.suppress.why(job.recipient)) is not None:
+            result = RecipientResult(
+                recipient=job.recipient,
+                status="permanent",
+                message=f"suppressed: {why}",
+                stage="input",
+                key=job.key,
+            )
+            await self._record(result)
+            return result
         try:
             try:
                 sender, recipient, prepared = self._personalise.prepare(
@@ -385,11 +419,11 @@ class Mailer:
         await self._record(result)
         return result
 
-    async def _record(self, result: RecipientResult) -> None:
+    async def _record(self, result: RecipientResult, *, journal: bool = True) -> None:
         """Every job's result passes here: to the journal, and to telemetry."""
         if telemetry.hooks is not None:
             telemetry.hooks.outcomes((result,))
-        if self._journal is not None and self._journal_error is None:
+        if journal and self._journal is not None and self._journal_error is None:
             try:
                 await self._journal.result(result)
             except JournalError as exc:

@@ -9,6 +9,9 @@ Owns the resume rules, as pure functions (the journal is read by
 * a key whose last line is "dot", or an ``unknown`` result, may have been delivered
   (RFC 5321 section 6.1): it is reported ``unknown``, not sent again, unless
   ``Retry(retry_unknown=True)`` says to send it anyway;
+* a key whose last line is a hard "bounce" (recorded after its run by
+  :func:`~asmtp._delivery.journal.record_bounce`) is reported ``permanent``
+  ("bounced: 5.1.1 ..."), not sent again;
 * any other key (no line, a transient result) is sent.
 """
 
@@ -23,11 +26,17 @@ from ..results import RecipientResult
 from .journal_format import JournalEntry, JournalIdentity, message_digest
 from .personalise import MessageSource, envelope_sender
 
-__all__ = ["ResumeAction", "identity_of", "resume_action", "unknown_from_earlier_run"]
+__all__ = [
+    "ResumeAction",
+    "bounced_in_earlier_run",
+    "identity_of",
+    "resume_action",
+    "unknown_from_earlier_run",
+]
 
 #: "send" the job; "skip" it (done in an earlier run); "unknown": report it as
-#: possibly delivered without sending it
-ResumeAction = Literal["send", "skip", "unknown"]
+#: possibly delivered without sending it; "bounced": report its recorded hard bounce
+ResumeAction = Literal["send", "skip", "unknown", "bounced"]
 
 
 def resume_action(prior: JournalEntry | None, *, retry_unknown: bool) -> ResumeAction:
@@ -36,6 +45,8 @@ def resume_action(prior: JournalEntry | None, *, retry_unknown: bool) -> ResumeA
     have arrived (:attr:`asmtp.Retry.retry_unknown`)."""
     if prior is None:
         return "send"
+    if prior.event == "bounce":
+        return "bounced"
     if prior.event == "result" and prior.status in ("delivered", "permanent"):
         return "skip"
     if (prior.event == "dot" or prior.status == "unknown") and not retry_unknown:
@@ -53,6 +64,20 @@ def unknown_from_earlier_run(recipient: str, prior: JournalEntry, key: Any) -> R
         message="the end-of-data dot was sent in an earlier run and no reply "
         "was recorded: the message may have been delivered",
         host=prior.host,
+        key=key,
+    )
+
+
+def bounced_in_earlier_run(recipient: str, prior: JournalEntry, key: Any) -> RecipientResult:
+    """The result of a job not sent again because a hard bounce was recorded for it
+    after an earlier run."""
+    said = " ".join(part for part in (prior.status, prior.detail) if part)
+    return RecipientResult(
+        recipient=recipient,
+        status="permanent",
+        enhanced_status=prior.status,
+        stage="message",
+        message=f"bounced: {said or 'a hard bounce was recorded in the journal'}",
         key=key,
     )
 

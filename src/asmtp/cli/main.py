@@ -7,7 +7,8 @@ through a relay or straight to each domain's mail exchangers), ``asmtp mx``
 (:mod:`asmtp.cli.mx`: where mail for a domain would go), ``asmtp demo``
 (:mod:`asmtp.cli.demo`: try it on a local server), ``asmtp bench``
 (:mod:`asmtp.cli.bench`: load-test your own server) and ``asmtp sink``
-(:mod:`asmtp.cli.sink`: a server to load-test your own client). What they share
+(:mod:`asmtp.cli.sink`: a server to load-test your own client) and ``asmtp bounces``
+(:mod:`asmtp.cli.bounces`: read bounces back from a mailbox). What they share
 (argument types, exit statuses, the event-loop runner, stdout plumbing) is in
 :mod:`asmtp.cli.options`.
 
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 from .._version import __version__
 from ..errors import InputError
 from .bench.main import add_bench_parser, main_bench
+from .bounces import add_bounces_parser, cmd_bounces
 from .demo import add_demo_parser, cmd_demo
 from .mx import add_mx_parser, cmd_mx
 from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -49,6 +51,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     "bench": main_bench,
     "sink": main_sink,
+    "bounces": cmd_bounces,
 }
 
 #: what each command imports beyond asmtp's own dependencies: the ``cli`` extra
@@ -57,6 +60,7 @@ _EXTRA_MODULES = {
     "send": ("rich.console",),
     "bench": ("rich.console",),
     "demo": ("rich.console", "aiosmtpd.smtp"),
+    "bounces": ("rich.console",),
 }
 
 
@@ -77,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_bench_parser(sub)
     add_sink_parser(sub)
+    add_bounces_parser(sub)
     return parser
 
 

@@ -240,6 +240,8 @@ class RunOutput:
 
 def _reply_label(result: RecipientResult) -> str:
     """``250``, ``550 5.1.1``, ``invalid input``, ``(connect)``: a summary row's reply."""
+    if result.message.startswith(("suppressed: ", "bounced: ")):
+        return result.message.partition(":")[0]  # not sent: listed, or bounced earlier
     if result.stage == "input":
         return "invalid input"
     if result.code is None:

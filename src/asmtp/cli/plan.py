@@ -29,6 +29,7 @@ from .._delivery.direct import plan_jobs
 from .._delivery.journal_format import JournalIdentity, template_digest
 from .._delivery.mailer import Job, Mailer
 from .._delivery.retry import Rate, Retry
+from .._delivery.suppress import SuppressionList
 from .._io.resolver import MXResolver
 from ..config import DSN, Direct, Relay, TLSMode
 from ..errors import InputError
@@ -66,6 +67,7 @@ _BULK_OPTIONS = (
     "dsn",
     "verp",
     "skip_invalid",
+    "suppress",
 )
 
 
@@ -251,6 +253,7 @@ class MailerSettings:
     unsubscribe: str | None = None
     verp: str | None = None
     debug: bool = False
+    suppress: SuppressionList | None = None
 
     def mailer(self) -> Mailer:
         return Mailer(
@@ -269,6 +272,7 @@ class MailerSettings:
             unsubscribe=self.unsubscribe,
             verp=self.verp,
             debug=self.debug,
+            suppress=self.suppress,
         )
 
 
@@ -309,6 +313,8 @@ def mailer_settings(args: argparse.Namespace) -> MailerSettings:
         unsubscribe=unsubscribe,
         verp=args.verp,
         debug=args.debug,
+        # read once, before anything is sent: a file that is no list is refused (exit 2)
+        suppress=SuppressionList(args.suppress) if args.suppress is not None else None,
     )
 
 

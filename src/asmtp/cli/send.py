@@ -247,6 +247,12 @@ def add_send_parser(sub: Any) -> None:
         help="with --resume: continue the journal even though its run differs from this "
         "one (another --from, message or --campaign), or it predates journal headers",
     )
+    bulk.add_argument(
+        "--suppress",
+        metavar="FILE",
+        help="never send to the addresses FILE lists (one per line, '# reason' after "
+        "it; asmtp bounces --suppress adds to it): each is reported permanent, suppressed",
+    )
     bulk.add_argument("--rate", type=rate, metavar="RATE", help="at most RATE, e.g. 50/s, 1000/h")
     bulk.add_argument(
         "--rate-per-domain", type=rate, metavar="RATE", help="at most RATE to one domain"
