@@ -170,7 +170,8 @@ def cmd_bounces(args: argparse.Namespace) -> int:
             failed = exc
 
     run_loop(run())
-    if not args.json:
+    # A mailbox that could not be read at all has nothing to sum up: the error says it.
+    if not args.json and (failed is None or counts):
         _print_summary(mailbox, counts, samples)
     if failed is not None:
         print(f"asmtp: error: {printable(failed.message)}", file=sys.stderr)
