@@ -242,7 +242,7 @@ class Journal:
                 _advertise(fd)
                 contents = cls._prepare(fd, path, resume, find)
                 if created:
-                    _sync_folder(path)  # the new file's name survives a crash too
+                    sync_folder(path)  # the new file's name survives a crash too
             except BaseException:
                 os.close(fd)
                 raise
@@ -478,7 +478,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _sync_folder(path: Path) -> None:
+def sync_folder(path: Path) -> None:
+    """fsync the folder holding ``path``: a new file's name survives a crash (best effort)."""
     with contextlib.suppress(OSError):
         folder = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
         try:

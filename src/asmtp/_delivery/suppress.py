@@ -22,7 +22,6 @@ with an :class:`~asmtp.errors.InputError` naming it and never written to.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 from .._core.address import check_mailbox
 from .._core.recipients import address_key
 from ..errors import InputError
+from .journal import sync_folder
 
 __all__ = ["SuppressionList", "suppression_key"]
 
@@ -242,14 +242,5 @@ class SuppressionList:
         finally:
             os.close(fd)
         if created:
-            _sync_folder(self.path)
+            sync_folder(self.path)
         return True
-
-
-def _sync_folder(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        folder = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
