@@ -34,7 +34,14 @@ from .._delivery.personalise import check_personalisation
 from .._delivery.suppress import SuppressionList
 from ..bounces import Bounce, Mailbox, Returned, read_imap, read_pop3
 from ..errors import InputError, SMTPError
-from .options import EXIT_FAILED, EXIT_OK, add_timeout, positive_float, run_loop
+from .options import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_timeout,
+    positive_float,
+    run_loop,
+    secret_from_env,
+)
 
 __all__ = ["add_bounces_parser", "cmd_bounces"]
 
@@ -111,9 +118,7 @@ def _settings(args: argparse.Namespace) -> tuple[Mailbox, str, ssl.SSLContext]:
         raise InputError("--duration goes with --follow")
     if args.verp is not None:
         check_personalisation(None, args.verp)
-    password = os.environ.get(args.password_env)
-    if password is None:
-        raise InputError(f"--password-env: environment variable {args.password_env} is not set")
+    password = secret_from_env("--password-env", args.password_env)
     context = ssl.create_default_context()
     if args.ca_file is not None:
         try:

@@ -321,7 +321,7 @@ def proxy_from_args(args: argparse.Namespace) -> Proxy | None:
         raise InputError("--proxy-password-env needs a user name in --proxy (socks5://USER@HOST)")
     password = None
     if variable:
-        password = os.environ.get(variable)
+        password = secret_from_env("--proxy-password-env", variable)
         if not password:
             raise InputError(f"--proxy-password-env: environment variable {variable} is not set")
     try:
@@ -340,10 +340,16 @@ def password_from_env(user: str | None, variable: str | None) -> str | None:
         return None
     if not variable:
         raise InputError("--user needs --password-env VAR (the password is never a flag)")
-    password = os.environ.get(variable)
-    if password is None:
-        raise InputError(f"--password-env: environment variable {variable} is not set")
-    return password
+    return secret_from_env("--password-env", variable)
+
+
+def secret_from_env(flag: str, variable: str) -> str:
+    """The value of the environment variable ``flag`` names (``--password-env VAR``):
+    secrets come from the environment, never from a flag, which ``ps`` shows."""
+    value = os.environ.get(variable)
+    if value is None:
+        raise InputError(f"{flag}: environment variable {variable} is not set")
+    return value
 
 
 # ----------------------------------------------------------------------- plumbing
