@@ -126,6 +126,16 @@ class _SinkProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def flush(self, until: float) -> None:
+        """Write now every batch due by ``until`` (loop time), the sink stopping: a
+        timer due at the same instant as the stop must not lose its reply."""
+        queue = self._queue
+        while queue and queue[0][0] <= until:
+            _, received, replies, end = queue.popleft()
+            self._write(replies, end, received)
+            if end is not None:
+                queue.clear()
+
     def _answer(self, replies: bytes, end: End | None, delay: float, received: float) -> None:
         if delay <= 0 and not self._queue:
             self._write(replies, end, received)
@@ -254,10 +264,12 @@ class SinkServer:
         # the replies already asked for are due within one delay of now: wait for them
         # once (connections still sending will not be answered past this)
         loop = self.loop
+        until = loop.time() + drain
         due = max((c.last_due for c in self._connections if c.waiting), default=None)
         if due is not None:
             await asyncio.sleep(min(drain, max(0.0, due - loop.time())))
         for connection in list(self._connections):
+            connection.flush(until)  # timers are coarse (uvloop: 1 ms): no reply lost
             connection.abort()
         for task in list(self._tasks):
             task.cancel()
