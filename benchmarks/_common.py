@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -313,3 +314,23 @@ def header(title: str, info: dict[str, str], placement: str, versions: dict[str,
         f"- Python {info['python']}, uvloop {info['uvloop']}"
         + "".join(f", {v}" for v in sorted(set(versions.values())) if v),
     ]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+    """Wait until something listens on ``host:port`` (a server just started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {host}:{port}")

@@ -17,6 +17,10 @@ served zones, the chain in the answer section); NOERROR with no answer and the z
 SOA in the authority section when the name has no record of that type; NXDOMAIN with
 the SOA when the name does not exist under a served zone; REFUSED outside them.
 
+``ad=True`` plays a validating resolver (for DANE tests): every answer carries the AD
+bit ("authenticated data", RFC 4035 section 3.2.3) except for the names in
+:attr:`DNSServer.insecure` (the answers a real resolver could not validate).
+
 The ``dns_server`` fixture yields ``make(zones, **options) -> DNSServer`` and stops
 every server it started at teardown.
 """
@@ -70,6 +74,7 @@ class DNSServer:
         *,
         default_ttl: int = 300,
         soa_minimum: int = 60,
+        ad: bool = False,
     ) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"test DNS server must listen on loopback, not {host}")
@@ -81,6 +86,10 @@ class DNSServer:
         for origin, text in zones.items():
             self.add_zone(origin, text, default_ttl=default_ttl, soa_minimum=soa_minimum)
         self.mode = "normal"
+        #: answers carry the AD bit (a validating resolver's word), unless the name is
+        #: in ``insecure`` (names with a final dot, lower case)
+        self.ad = ad
+        self.insecure: set[str] = set()
         self._name_modes: dict[dns.name.Name, str] = {}
         self._queries: list[tuple[str, str, int]] = []
         self._held: list[tuple[bytes, Any]] = []
@@ -284,6 +293,8 @@ class DNSServer:
         else:
             with self._lock:
                 self._answer(response, query.question[0].name, query.question[0].rdtype)
+                if self.ad and _key(query.question[0].name.to_text()) not in self.insecure:
+                    response.flags |= dns.flags.AD
         max_size = query.payload if query.edns >= 0 else 512
         try:
             return response.to_wire(max_size=max_size)

@@ -479,6 +479,9 @@ def test_mx_json(dns_server: MakeDNS) -> None:
     )
     assert done.returncode == 1, done.stderr
     ok, null, nx, again = json_lines(done.stdout)
+    # each resolved domain's TLS policy (no _mta-sts record here: opportunistic)
+    assert [h["policy"] for h in ok.pop("tls_policy")["hosts"]] == ["opportunistic"] * 2
+    again.pop("tls_policy")
     assert ok == {
         "domain": "example.test",
         "status": "ok",
@@ -486,6 +489,7 @@ def test_mx_json(dns_server: MakeDNS) -> None:
             {"host": "mx1.example.test", "preference": 10, "addresses": ["127.0.0.2"]},
             {"host": "mx2.example.test", "preference": 20, "addresses": ["127.0.0.3"]},
         ],
+        "site": "mx1.example.test,mx2.example.test",
     }
     assert again == ok  # an address is taken for its domain
     assert (null["domain"], null["status"], null["hosts"]) == ("null.test", "null_mx", [])

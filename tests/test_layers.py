@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "asmtp.bounces",
             "asmtp.testing",
             "asmtp._pytest_plugin",
+            "asmtp.celery",
         ),
     ),
     (6, "the command line", ("asmtp.cli", "asmtp.__main__")),

@@ -382,6 +382,7 @@ async def test_direct_delivery_spans(
         helo="client.asmtp.test",
         rng=random.Random(1),
         dns_timeout=2.0,
+        shaping=None,  # one session per job, traced as one span (kept sessions: metrics)
     )
     report = await asmtp.send(
         note(["ann@example.test", "ann@nosuch.example.test"]), relay=settings, timeout=5

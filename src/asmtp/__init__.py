@@ -20,13 +20,16 @@ from ._core.dkim import DKIM
 from ._core.message import build_message
 from ._core.prepared import PreparedMessage, prepare_message
 from ._core.reply import Reply
+from ._core.shaping_rules import Rule, Shaping, SiteLimits
 from ._core.template import Template
+from ._core.tlsrpt import ReportPolicy, TLSReportLog
 from ._delivery.api import ConnectedSession, connect, send, sendmail
 from ._delivery.journal_format import JournalIdentity
 from ._delivery.mailer import Job, Mailer
 from ._delivery.pool import Pool
 from ._delivery.retry import Rate, Retry
 from ._delivery.suppress import SuppressionList
+from ._delivery.workers import Workers
 from ._io.resolver import MXHost, MXResolver, resolve_mx
 from .config import DSN, Direct, Proxy, Relay, Timeouts
 from .errors import (
@@ -104,19 +107,25 @@ __all__ = (
     "Reply",
     "ReplyError",
     "Report",
+    "ReportPolicy",
     "ResolveError",
     "Retry",
+    "Rule",
     "RunningLoopError",
     "SMTPError",
     "SMTPTimeoutError",
+    "Shaping",
+    "SiteLimits",
     "Stage",
     "SuppressionList",
     "TLSError",
+    "TLSReportLog",
     "TLSUnavailableError",
     "Template",
     "TemporaryResolveError",
     "Timeouts",
     "TransportError",
+    "Workers",
     "__version__",
     "build_message",
     "connect",

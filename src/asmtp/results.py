@@ -25,7 +25,9 @@ __all__ = [
 ]
 
 Status = Literal["delivered", "transient", "permanent", "unknown"]
-TLSState = Literal["verified", "unverified", "none"]
+#: "verified": the web PKI and the host name; "dane": the server's TLSA records (RFC
+#: 7672); "sts": verified as the domain's MTA-STS policy asks (RFC 8461)
+TLSState = Literal["verified", "dane", "sts", "unverified", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,9 @@ class RecipientResult:
     ``status`` is "delivered"; "transient" (may succeed later); "permanent" (will not);
     or "unknown" (the end-of-data dot was sent and no reply came: it may have been
     delivered, so it must not be blindly retried). ``stage`` says where it ended.
+    ``tls`` is the TLS outcome; in direct delivery ``tls_policy`` names the policy the
+    host was held to ("dane", "sts", "sts-testing", "starttls", "opportunistic",
+    "none").
     """
 
     recipient: str
@@ -64,6 +69,11 @@ class RecipientResult:
     key: Any = None
     #: how many times delivery was tried (retries of transient failures)
     attempts: int = 1
+    #: direct delivery: the TLS policy the MX host was held to
+    tls_policy: str | None = None
+    #: direct delivery: the site (the MX hosts its domain resolves to, sorted, comma
+    #: separated) whose limits and state the recipient shared
+    site: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -88,6 +98,10 @@ class RecipientResult:
             out["key"] = self.key
         if self.attempts != 1:
             out["attempts"] = self.attempts
+        if self.site is not None:
+            out["site"] = self.site
+        if self.tls_policy is not None:
+            out["tls_policy"] = self.tls_policy
         return out
 
 
@@ -119,6 +133,55 @@ class Report(Sequence[RecipientResult]):
         return iter(self.results)
 
 
+# Every field but the nine a session's answer sets, with its default; and each field's
+# slot, to fill it without the frozen class's per-field object.__setattr__ (a result is
+# made per recipient: this is the fan-out's hot path).
+_ANSWER_FIELDS = ("recipient", "status", "code", "enhanced_status", "message", "stage")
+_SLOT = {
+    f.name: getattr(RecipientResult, f.name).__set__ for f in dataclasses.fields(RecipientResult)
+}
+_REST = tuple(
+    (_SLOT[f.name], f.default)
+    for f in dataclasses.fields(RecipientResult)
+    if f.name not in (*_ANSWER_FIELDS, "host", "tls", "elapsed")
+    and f.default is not dataclasses.MISSING
+)
+_QUICK = len(_REST) + 9 == len(_SLOT) and not hasattr(RecipientResult, "__post_init__")
+
+
+def answered(
+    recipient: str,
+    status: Status,
+    code: int,
+    enhanced_status: str | None,
+    message: str,
+    stage: Stage,
+    host: str | None,
+    tls: TLSState,
+    elapsed: float,
+) -> RecipientResult:
+    """``RecipientResult(recipient, status, code, ...)`` for a server's answer, every
+    other field at its default; the same value, made about three times as fast."""
+    if not _QUICK:  # a field without a default, or a check in __post_init__
+        return RecipientResult(
+            recipient, status, code, enhanced_status, message, stage, host, tls, elapsed
+        )
+    result: RecipientResult = object.__new__(RecipientResult)
+    slot = _SLOT
+    slot["recipient"](result, recipient)
+    slot["status"](result, status)
+    slot["code"](result, code)
+    slot["enhanced_status"](result, enhanced_status)
+    slot["message"](result, message)
+    slot["stage"](result, stage)
+    slot["host"](result, host)
+    slot["tls"](result, tls)
+    slot["elapsed"](result, elapsed)
+    for set_default, value in _REST:
+        set_default(result, value)
+    return result
+
+
 def result_from_error(
     recipient: str,
     error: SMTPError,
@@ -129,6 +192,7 @@ def result_from_error(
     dot_sent: bool = False,
     tried: tuple[Attempt, ...] = (),
     key: Any = None,
+    site: str | None = None,
 ) -> RecipientResult:
     """Classify a failure: a reply error keeps its code; a local failure after the
     end-of-data dot was sent is "unknown" (RFC 5321 section 6.1: it may have arrived)."""
@@ -155,6 +219,7 @@ def result_from_error(
         elapsed=elapsed,
         tried=tried,
         key=key,
+        site=site,
     )
 
 

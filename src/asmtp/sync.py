@@ -40,6 +40,7 @@ from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack
 
 import asmtp
 
+from ._delivery.shared_state import SharedLimits
 from .config import DSN, Direct, Relay, TimeoutSpec, check_number
 from .errors import InputError, RunningLoopError, SMTPError, SMTPTimeoutError
 from .results import Report
@@ -305,11 +306,14 @@ class MailerOptions(TypedDict, total=False):
     identity: asmtp.JournalIdentity | None
     ignore_identity: bool
     dsn: DSN | None
+    requiretls: bool
     unsubscribe: str | None
     verp: str | None
     dkim: asmtp.DKIM | None
     debug: bool
     suppress: str | os.PathLike[str] | asmtp.SuppressionList | Iterable[str] | None
+    #: limits held with other processes (asmtp.celery's workers set it)
+    shared_limits: SharedLimits | None
 
 
 class _Held:

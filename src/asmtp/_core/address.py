@@ -51,6 +51,10 @@ _LOCAL_SPECIALS = re.compile(r'[\x00-\x20\x7f<>()\[\]\\,;:@"]')
 _QUOTED_LOCAL = re.compile(r'"(?:[^"\\\x00-\x1f\x7f]|\\[\x20-\x7e])*"')
 # LDH labels (underscore tolerated: it is found in real mail domains).
 _ASCII_DOMAIN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+# The common case in one match: an unquoted ASCII local part (no specials, no controls,
+# no space) and an LDH domain. Such an address passes every check below unchanged, so
+# it is returned as it is; anything else takes the full checks.
+_PLAIN_ADDR = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 
 # getaddresses() grew strict parsing (on by default) in 3.13 and security releases of
 # 3.11/3.12; ask for it explicitly where it exists.
@@ -126,6 +130,13 @@ def check_mailbox(addr: str, *, field: str, allow_empty: bool = False) -> str:
     """  # noqa: E501
     if not isinstance(addr, str):
         raise _refuse(field, addr, "is not a string")
+    if _PLAIN_ADDR.fullmatch(addr):
+        return addr
+    return _check_mailbox_fully(addr, field, allow_empty)
+
+
+def _check_mailbox_fully(addr: str, field: str, allow_empty: bool) -> str:
+    """Every check of :func:`check_mailbox`, for an address the fast match did not take."""
     _check_no_line_breaks(field, addr)
     if addr == "":
         if allow_empty:
@@ -258,6 +269,9 @@ def parse_address_list(value: str | Iterable[str] | None, *, field: str) -> list
     for item in items:
         if not isinstance(item, str):
             raise _refuse(field, item, "is not a string")
+        if _PLAIN_ADDR.fullmatch(item):
+            result.append(("", item))
+            continue
         _check_no_line_breaks(field, item)
         if item.strip():
             result.extend(_parse_one(field, item))

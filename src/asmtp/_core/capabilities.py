@@ -38,6 +38,21 @@ class Capabilities:
     extensions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     #: False after a HELO fallback: the server speaks plain RFC 821 SMTP.
     esmtp: bool = True
+    # What every transaction asks, worked out once (a server's reply is parsed once).
+    pipelining: bool = field(init=False, repr=False, compare=False)
+    starttls: bool = field(init=False, repr=False, compare=False)
+    eight_bit_mime: bool = field(init=False, repr=False, compare=False)
+    smtputf8: bool = field(init=False, repr=False, compare=False)
+    dsn: bool = field(init=False, repr=False, compare=False)
+    #: The server's message size limit (RFC 1870); None when not announced or 0
+    #: (no fixed limit).
+    size: int | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ext = self.extensions
+        for name, keyword in _FLAGS:
+            object.__setattr__(self, name, keyword in ext)
+        object.__setattr__(self, "size", _size_limit(ext.get("SIZE")))
 
     @classmethod
     def from_ehlo(cls, reply: Reply) -> Capabilities:
@@ -52,39 +67,6 @@ class Capabilities:
         return isinstance(keyword, str) and keyword.upper() in self.extensions
 
     @property
-    def pipelining(self) -> bool:
-        return "PIPELINING" in self.extensions
-
-    @property
-    def starttls(self) -> bool:
-        return "STARTTLS" in self.extensions
-
-    @property
-    def eight_bit_mime(self) -> bool:
-        return "8BITMIME" in self.extensions
-
-    @property
-    def smtputf8(self) -> bool:
-        return "SMTPUTF8" in self.extensions
-
-    @property
-    def dsn(self) -> bool:
-        return "DSN" in self.extensions
-
-    @property
-    def size(self) -> int | None:
-        """The server's message size limit (RFC 1870); None when not announced or 0
-        (no fixed limit)."""
-        raw = self.extensions.get("SIZE")
-        if raw is None:
-            return None
-        try:
-            value = int(raw.split()[0]) if raw else 0
-        except ValueError:
-            return None
-        return value or None
-
-    @property
     def auth(self) -> tuple[str, ...]:
         """SASL mechanisms offered (RFC 4954), upper case, without duplicates."""
         raw = self.extensions.get("AUTH", "")
@@ -92,6 +74,25 @@ class Capabilities:
         for mech in raw.upper().split():
             seen.setdefault(mech, None)
         return tuple(seen)
+
+
+_FLAGS = (
+    ("pipelining", "PIPELINING"),
+    ("starttls", "STARTTLS"),
+    ("eight_bit_mime", "8BITMIME"),
+    ("smtputf8", "SMTPUTF8"),
+    ("dsn", "DSN"),
+)
+
+
+def _size_limit(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        value = int(raw.split()[0]) if raw else 0
+    except ValueError:
+        return None
+    return value or None
 
 
 @functools.lru_cache(maxsize=256)

@@ -3,20 +3,21 @@
 This module owns what a message says: building an :class:`~email.message.EmailMessage`
 from plain arguments, every one checked first (:func:`build_message`), and the SMTP
 envelope a message implies: its reverse-path and recipients, read from its address
-headers (:func:`envelope_of`). MIME itself is left to the :mod:`email` package; nothing
-here writes MIME by hand. What goes around the body (attachments, inline images,
-calendar invites, List-* and priority fields) is checked in :mod:`~asmtp._core.parts`
-and put into the tree here. Turning a message into the octets sent is
+headers (:func:`envelope_of`). The common shapes (text, HTML, an alternative,
+attachments) are put together by :mod:`~asmtp._core.mime` from parts whose fields are
+stored as the email package would write them, parsed only when read; the rest (inline
+images, calendar invites, values it would encode or fold) by the :mod:`email` package
+itself. What goes around the body (attachments, inline images, calendar invites,
+List-* and priority fields) is checked in :mod:`~asmtp._core.parts` and put into the
+tree here. Turning a message into the octets sent is
 :mod:`~asmtp._core.prepared`'s (:func:`~asmtp._core.prepared.prepare_message`).
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
 import re
 from collections.abc import Iterable, Mapping
-from email import policy as email_policy
 from email.header import Header, decode_header
 from email.headerregistry import Address, AddressHeader
 from email.message import EmailMessage, Message
@@ -30,8 +31,17 @@ from .address import (
     check_mailbox,
     domain_of,
     parse_address_list,
-    split_mailbox,
     unique_addresses,
+)
+from .mime import (
+    BASE64_BLOCK,
+    BUILD_POLICY,
+    address_objects,
+    address_text,
+    base64_lines,
+    content_tree,
+    fast_attachment,
+    plain_value,
 )
 from .parts import (
     Attachment,
@@ -70,7 +80,7 @@ HeadersInput: TypeAlias = Mapping[str, str | None] | Iterable[tuple[str, str | N
 
 # Bodies built here are 7-bit clean (quoted-printable or base64 when the text is not
 # plain short ASCII), so they go to any server, with or without 8BITMIME.
-_BUILD_POLICY = email_policy.default.clone(cte_type="7bit")
+_BUILD_POLICY = BUILD_POLICY
 
 # Set through build_message's own arguments, or derived from the body.
 _RESERVED_HEADERS = {
@@ -93,19 +103,18 @@ ADDRESS_HEADERS = frozenset(
 )
 _MESSAGE_ID = re.compile(r"<[^<>\s@]+@[^<>\s@]+>")
 _QUOTED_PAIR = re.compile(r"\\(.)")
-# Octets base64-encoded at once: whole lines of 76 characters (57 octets each), ~1 MiB.
-_BASE64_BLOCK = 57 * 18_000
+_BASE64_BLOCK = BASE64_BLOCK
+_address_objects = address_objects
 
 
-def _address_objects(pairs: list[tuple[str, str]]) -> list[Address]:
-    addresses = []
-    for name, addr in pairs:
-        local, domain = split_mailbox(addr)
-        if local.startswith('"'):
-            # Address() takes the local part unquoted and quotes it again as needed.
-            local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
-        addresses.append(Address(display_name=name, username=local, domain=domain))
-    return addresses
+def _set_field(msg: EmailMessage, name: str, value: str | list[tuple[str, str]]) -> None:
+    """``msg[name] = value``, stored raw when the email package would write the value
+    as it is (:mod:`~asmtp._core.mime`): parsed when read, not now."""
+    text = value if isinstance(value, str) else address_text(value)
+    if text is not None and plain_value(name, text):
+        msg.set_raw(name, text)
+    else:
+        msg[name] = text if isinstance(value, str) else _address_objects(value)
 
 
 def _header_items(headers: HeadersInput) -> list[tuple[str, str | list[Address] | None]]:
@@ -283,15 +292,15 @@ def build_message(
 
     msg = EmailMessage(policy=_BUILD_POLICY)
     try:
-        msg["From"] = _address_objects(from_pairs)
+        _set_field(msg, "From", from_pairs)
         if to_pairs:
-            msg["To"] = _address_objects(to_pairs)
+            _set_field(msg, "To", to_pairs)
         if cc_pairs:
-            msg["Cc"] = _address_objects(cc_pairs)
-        msg["Subject"] = subject
-        msg["Date"] = date_value
-        msg["Message-ID"] = message_id_value
-        msg["X-Mailer"] = X_MAILER
+            _set_field(msg, "Cc", cc_pairs)
+        _set_field(msg, "Subject", subject)
+        _set_field(msg, "Date", date_value)
+        _set_field(msg, "Message-ID", message_id_value)
+        _set_field(msg, "X-Mailer", X_MAILER)
         for name, field_value in more_fields:
             msg[name] = field_value
         replaced: set[str] = set()
@@ -305,6 +314,11 @@ def build_message(
                 msg[name] = value
     except ValueError as exc:  # e.g. a second Reply-To: the email package refuses it
         raise InputError(f"headers: {exc}") from exc
+
+    if not images and invite is None and all(fast_attachment(n, t) for n, _, t in loaded):
+        # the common shapes, their parts' fields written here (the same as below)
+        content_tree(msg, body, mailtype, alt_text, loaded)
+        return msg
 
     def cte(text: str) -> str | None:
         # RFC 2045 2.7: no NUL in 7bit data; quoted-printable carries it as =00.
@@ -354,12 +368,8 @@ def build_message(
             msg.add_attachment(b"", maintype=maintype, subtype=subtype, filename=filename)
         except (TypeError, ValueError) as exc:
             raise InputError(f"attachments: {filename!r}: {exc}") from exc
-        # RFC 2045 6.8: base64 in lines of 76 characters, as the email package writes
-        # it, a block of lines at a time into one buffer (the email package and
-        # encodebytes hold an object per line); the raw bytes go before the text is made.
-        encoded = bytearray()
-        for start in range(0, len(data), _BASE64_BLOCK):
-            encoded += base64.encodebytes(data[start : start + _BASE64_BLOCK])
+        # the raw bytes go before the text is made (mime.base64_lines: RFC 2045 6.8)
+        encoded = base64_lines(data)
         del data
         *_, part = msg.iter_parts()
         part.set_payload(encoded.decode("ascii"))

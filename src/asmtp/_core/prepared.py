@@ -281,9 +281,13 @@ def prepare_envelope(
     message: EmailMessage | bytes,
     sender: str | None,
     recipients: str | Iterable[str] | None,
+    *,
+    reuse: tuple[bytes, PreparedMessage] | None = None,
 ) -> tuple[str, list[str], PreparedMessage]:
     """The envelope and the serialized message for a send: from the message's
-    headers unless ``sender``/``recipients`` are given; bytes need both."""
+    headers unless ``sender``/``recipients`` are given; bytes need both. ``reuse``:
+    an earlier send's bytes and their preparation, taken again when ``message`` is
+    that very bytes object (bytes cannot change; a message object could)."""
     if isinstance(message, EmailMessage):
         env_sender, rcpts = envelope_of(message, sender=sender, recipients=recipients)
     elif isinstance(message, (bytes, bytearray, memoryview)):
@@ -293,6 +297,8 @@ def prepare_envelope(
         rcpts = unique_addresses(a for _, a in parse_address_list(recipients, field="recipients"))
         if not rcpts:
             raise InputError("no recipients")
+        if reuse is not None and reuse[0] is message:
+            return env_sender, rcpts, reuse[1]
         message = bytes(message)
     else:
         raise InputError(f"message must be an EmailMessage or bytes, not {type(message).__name__}")

@@ -73,7 +73,7 @@ from ..errors import (
     Stage,
 )
 from .capabilities import Capabilities
-from .reply import NEED_DATA, Reply, ReplyParser, _NeedData
+from .reply import Reply, ReplyParser, _NeedData
 
 __all__ = ["AUTH_CONTINUE", "SUCCESS_CODES", "ClientProtocol", "State"]
 
@@ -139,6 +139,15 @@ _AFTER_REPLY: Final[Mapping[Stage, tuple[State | None, State | None]]] = {
     "quit": (State.CLOSED, State.CLOSED),
 }
 
+#: The fast path of every reply: (command, success code) -> (the state it leads to,)
+#: (None: the state stays), for the successes that do nothing else (not DATA's 354,
+#: EHLO's, HELO's, LHLO's, STARTTLS's or AUTH's 235: :meth:`ClientProtocol._apply`).
+_SIMPLE_SUCCESS: Final[Mapping[tuple[Stage, int], tuple[State | None]]] = {
+    (kind, code): (_AFTER_REPLY[kind][0],)
+    for kind, codes in SUCCESS_CODES.items()
+    if kind not in ("data", "ehlo", "helo", "lhlo", "starttls", "auth")
+    for code in codes
+}
 #: A command, as :data:`_SENDABLE_IN` knows it: each awaits the reply of the stage of
 #: its name but "auth-response", the answer to AUTH's 334 challenge (an "auth" reply).
 _Command = Stage | Literal["auth-response"]
@@ -257,7 +266,7 @@ class ClientProtocol:
             if stage is None:
                 raise
             raise RemoteProtocolError(f"{exc} (awaiting {_awaited(stage)})", stage=stage) from exc
-        if reply is NEED_DATA:
+        if isinstance(reply, _NeedData):
             if parser.eof:
                 stage = self.awaiting
                 self.state = State.CLOSED
@@ -267,15 +276,27 @@ class ClientProtocol:
                     stage=stage,
                 )
             return reply
-        assert isinstance(reply, Reply)
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             self.state = State.CLOSED
             raise RemoteProtocolError(f"unexpected reply with nothing asked: {reply}")
-        kind = self._pending.popleft()
+        kind = pending.popleft()
         if self.trace is not None:
             for i, line in enumerate(reply.lines):
                 sep = " " if i == len(reply.lines) - 1 else "-"
                 self.trace(f"< {reply.code}{sep}{line}")
+        # The common case, settled by the table alone: a success that only moves the
+        # state on (MAIL's 250, RCPT's, the dot's, QUIT's 221...).
+        simple = _SIMPLE_SUCCESS.get((kind, reply.code))
+        if simple is not None and not self.lmtp:
+            after = simple[0]
+            if after is State.READY or after is State.CLOSED:
+                self._enter(after)
+            elif after is not None:
+                self.state = after
+            elif kind == "rcpt":
+                self._accepted += 1
+            return reply
         try:
             self._apply(kind, reply)
         except RemoteProtocolError as exc:

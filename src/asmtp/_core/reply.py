@@ -23,6 +23,13 @@ MAX_LINES = 256
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
+#: Replies already parsed, by their octets on the wire: a server says the same greeting,
+#: EHLO and "250 2.1.0 Ok" to every session, so each wording is parsed once (a Reply is
+#: never changed once made, so one can be shared). Bounded in count and in size.
+_SEEN: dict[bytes, Reply] = {}
+_SEEN_MOST = 1024
+_SEEN_LONGEST = 2048
+
 
 class _NeedData:
     __slots__ = ()
@@ -43,9 +50,10 @@ class Reply:
     (550, '5.1.1', '<jack@example.org>: no such user')
     """
 
-    __slots__ = ("code", "lines")
+    __slots__ = ("_status", "code", "lines")
 
     def __init__(self, code: int, lines: tuple[str, ...]) -> None:
+        self._status: tuple[str | None, str] | None = None  # status_and_message's
         self.code = code
         self.lines = lines
 
@@ -67,6 +75,12 @@ class Reply:
 
     def status_and_message(self) -> tuple[str | None, str]:
         """``(enhanced_status, message)`` with one match, for when both are wanted."""
+        found = self._status
+        if found is None:
+            found = self._status = self._split_status()
+        return found
+
+    def _split_status(self) -> tuple[str | None, str]:
         lines = self.lines
         text = lines[0].strip() if len(lines) == 1 else " ".join(line.strip() for line in lines)
         m = _ENHANCED.match(text)
@@ -137,17 +151,21 @@ class ReplyParser:
         buf = self._buf
         if not buf:
             return NEED_DATA
-        start, count, max_line = self._scan, self._count, self.max_line
-        if not start:
-            # Fast path: most replies are one line ("250 2.1.0 Ok\r\n").
+        if not self._scan:
+            # Fast path: most replies are one line ("250 2.1.0 Ok\r\n"), and seen before.
             end = buf.find(b"\n")
-            if 4 <= end <= max_line and buf[3] == 0x20:
-                head = buf[:3]
-                if head.isdigit() and 200 <= (code := int(head)) <= 599:
-                    stop = end - 1 if buf[end - 1] == 0x0D else end
-                    text = buf[4:stop].decode("utf-8", "replace")
+            if 4 <= end <= self.max_line and buf[3] == 0x20:
+                raw = bytes(buf[: end + 1])
+                reply = _SEEN.get(raw)
+                if reply is None:
+                    reply = _one_line(raw, end)
+                if reply is not None:
                     del buf[: end + 1]
-                    return Reply(code, (text,))
+                    return reply
+        return self._slow(buf)
+
+    def _slow(self, buf: bytearray) -> Reply | _NeedData:
+        start, count, max_line = self._scan, self._count, self.max_line
         # Skip the continuation lines ("ddd-...") in one regex match, resuming where
         # the last call stopped; the reply ends with the first line after them.
         matched = _continuations(max_line).match(buf, start)
@@ -166,31 +184,57 @@ class ReplyParser:
             # A continuation line the match stopped at: only a too long one.
             raise RemoteProtocolError(f"reply line longer than {max_line} octets")
         self._scan = self._count = 0
-        block = buf[: end + 1].decode("utf-8", "replace")
+        raw = bytes(buf[: end + 1])
         del buf[: end + 1]
-        lines = block.split("\n")
-        lines.pop()  # after the final newline
-        last = lines[-1].removesuffix("\r")
-        code_text = last[:3]
-        if not (code_text.isascii() and code_text.isdigit()) or last[3:4] not in ("", " "):
-            raise RemoteProtocolError(f"malformed reply line: {_show(last)}")
-        code = int(code_text)
-        if not 200 <= code <= 599:
-            raise RemoteProtocolError(f"reply code out of range: {_show(last)}")
-        if count == 0:
-            return Reply(code, (last[4:],))
-        lines.pop()
-        for line in lines:
-            if not line.startswith(code_text):
-                other = line[:3]
-                if other.isascii() and other.isdigit():
-                    raise RemoteProtocolError(
-                        f"reply lines disagree on the code ({other} then {code})"
-                    )
-                raise RemoteProtocolError(f"malformed reply line: {_show(line)}")
-        texts = [line[4:].removesuffix("\r") for line in lines]
-        texts.append(last[4:])
-        return Reply(code, tuple(texts))
+        seen = _SEEN.get(raw)
+        if seen is not None:
+            return seen
+        return _remember(raw, _parse_block(raw, count))
+
+
+def _one_line(raw: bytes, end: int) -> Reply | None:
+    """The reply of the one line ``raw`` (its newline at ``end``), or None when it
+    is not a plain one (the general path then says what is wrong)."""
+    head = raw[:3]
+    if not head.isdigit() or not 200 <= (code := int(head)) <= 599:
+        return None
+    stop = end - 1 if raw[end - 1] == 0x0D else end
+    return _remember(raw, Reply(code, (raw[4:stop].decode("utf-8", "replace"),)))
+
+
+def _remember(raw: bytes, reply: Reply) -> Reply:
+    if len(raw) <= _SEEN_LONGEST:
+        if len(_SEEN) >= _SEEN_MOST:
+            _SEEN.clear()  # unique texts ("queued as 4F2A9...") must not pile up
+        _SEEN[raw] = reply
+    return reply
+
+
+def _parse_block(raw: bytes, count: int) -> Reply:
+    """The reply of ``raw``: ``count`` continuation lines, then the last one (RFC
+    5321 4.2: every line with the same code)."""
+    block = raw.decode("utf-8", "replace")
+    lines = block.split("\n")
+    lines.pop()  # after the final newline
+    last = lines[-1].removesuffix("\r")
+    code_text = last[:3]
+    if not (code_text.isascii() and code_text.isdigit()) or last[3:4] not in ("", " "):
+        raise RemoteProtocolError(f"malformed reply line: {_show(last)}")
+    code = int(code_text)
+    if not 200 <= code <= 599:
+        raise RemoteProtocolError(f"reply code out of range: {_show(last)}")
+    if count == 0:
+        return Reply(code, (last[4:],))
+    lines.pop()
+    for line in lines:
+        if not line.startswith(code_text):
+            other = line[:3]
+            if other.isascii() and other.isdigit():
+                raise RemoteProtocolError(f"reply lines disagree on the code ({other} then {code})")
+            raise RemoteProtocolError(f"malformed reply line: {_show(line)}")
+    texts = [line[4:].removesuffix("\r") for line in lines]
+    texts.append(last[4:])
+    return Reply(code, tuple(texts))
 
 
 @functools.cache

@@ -32,9 +32,13 @@ from typing import Any, Self
 from ..errors import InputError
 from .address import domain_of
 from .message import ADDRESS_HEADERS, header_addresses
+from .mime import SMTP_POLICY, SMTPUTF8_POLICY
 from .wire import BLOCK, MAX_LINE_LENGTH, Wire, first_long_line, to_wire
 
 __all__ = ["serialize_email"]
+
+# The email package folds a field longer than this (policy.max_line_length).
+MAX_HEADER_LINE = 78
 
 
 def _taken(pieces: list[bytes]) -> Iterator[bytes]:
@@ -108,9 +112,25 @@ def _new_boundaries(message: Message) -> set[str]:
         if isinstance(part.get_payload(), str):
             continue  # written as it is, without boundaries
         boundary: str = _PieceGenerator._make_boundary()  # type: ignore[attr-defined]
-        part.set_boundary(boundary)
+        _set_boundary(part, boundary)
         given.add(boundary)
     return given
+
+
+def _set_boundary(part: Message, boundary: str) -> None:
+    """``part.set_boundary(boundary)``; a Content-Type stored raw without parameters, as
+    the last field (as build_message makes them), is rewritten raw, folded as the email
+    package folds it, rather than parsed and stored as a field object."""
+    items = list(part.raw_items())
+    name, value = items[-1] if items else ("", "")
+    if name.lower() != "content-type" or type(value) is not str or ";" in value:
+        part.set_boundary(boundary)
+        return
+    del part["Content-Type"]
+    field = f'{value}; boundary="{boundary}"'
+    if len("Content-Type: ") + len(field) > MAX_HEADER_LINE:
+        field = f'{value};\n boundary="{boundary}"'
+    part.set_raw("Content-Type", field)
 
 
 def _clashes(message: Message, parts: Sequence[bytes], boundaries: set[str]) -> list[Message]:
@@ -135,8 +155,9 @@ def _clashes(message: Message, parts: Sequence[bytes], boundaries: set[str]) -> 
 
 def _has_non_ascii_address(message: Message) -> bool:
     for part in message.walk():
-        for name, value in part.items():
-            if name.lower() not in ADDRESS_HEADERS:
+        for name, value in part.raw_items():
+            # an ASCII field (stored raw, or parsed and shown decoded) has ASCII addresses
+            if name.lower() not in ADDRESS_HEADERS or str(value).isascii():
                 continue
             header = value
             if not isinstance(header, AddressHeader):
@@ -158,10 +179,10 @@ def _serialize(message: Message) -> tuple[list[bytes], bool]:
     # (RFC 2047 5 forbids that) or fail, depending on the Python version.
     if not _has_non_ascii_address(message):
         try:
-            return _pieces_of(message, email_policy.SMTP), False
+            return _pieces_of(message, SMTP_POLICY), False
         except UnicodeEncodeError:
             pass
-    return _pieces_of(message, email_policy.SMTPUTF8), True
+    return _pieces_of(message, SMTPUTF8_POLICY), True
 
 
 # A clash with a random boundary needs a body that holds it: a second one is plenty.

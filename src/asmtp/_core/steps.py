@@ -28,7 +28,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, NamedTuple, TypeVar
 
-__all__ = ["WRITE_BLOCK", "Await", "Command", "Data", "Receive", "Send", "Step", "Steps"]
+__all__ = [
+    "GREETING",
+    "WRITE_BLOCK",
+    "Await",
+    "Command",
+    "Data",
+    "Receive",
+    "Send",
+    "Step",
+    "Steps",
+    "receive",
+]
 
 T = TypeVar("T")
 
@@ -60,6 +71,23 @@ class Receive(NamedTuple):
 
     timeout: float | None
     same_step: bool = False
+
+
+#: the greeting, read within the connect's step
+GREETING = Receive(None, same_step=True)
+
+_RECEIVES: dict[float | None, Receive] = {}
+
+
+def receive(timeout: float | None) -> Receive:
+    """``Receive(timeout)``, made once per timeout: a step is a value, and a session
+    waits for a reply several times a message with the same few timeouts."""
+    step = _RECEIVES.get(timeout)
+    if step is None:
+        if len(_RECEIVES) >= 64:
+            _RECEIVES.clear()
+        step = _RECEIVES[timeout] = Receive(timeout)
+    return step
 
 
 class Send(NamedTuple):

@@ -30,7 +30,7 @@ from ..config import Direct, Relay, Timeouts, TimeoutSpec, check_number
 from ..errors import InputError
 from ..results import RecipientResult, Report
 from .direct import DirectDelivery, plan_jobs
-from .dispatch import Job, deliver_one, run_pool
+from .dispatch import Job, run_pool, run_session
 from .endpoint import Endpoint, default_helo
 from .session import Session, enable_debug
 
@@ -327,9 +327,10 @@ async def _fan_out(
         endpoint = await Endpoint.for_relay(relay)
 
         async def run(job: Job) -> list[RecipientResult]:
-            return await deliver_one(
+            results, _ = await run_session(
                 endpoint, timeouts, sender, [rcpts[i] for i in job], message_of(job), debug=debug
             )
+            return results
 
         jobs = [[i] for i in range(len(rcpts))]
     results = await run_pool(len(rcpts), jobs, concurrency, run)

@@ -91,20 +91,17 @@ async def run_session(
     )
     final: dict[str, RecipientResult] = {}
 
-    async def body() -> None:
-        conn = await session.open()
-        await conn.run(
-            session.one_shot(
-                sender, recipients, message, final, started=t0, extras=extras, clock=clock
-            )
-        )
-
+    steps = session.one_shot(
+        sender, recipients, message, final, started=t0, extras=extras, clock=clock
+    )
     try:
-        if deadline is None:
-            await body()
+        if deadline is None:  # the fan-out's case: no cancel scope
+            conn = await session.open()
+            await conn.run(steps)
         else:
             with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
-                await body()
+                conn = await session.open()
+                await conn.run(steps)
     except Exception as exc:
         session.abort()
         error: SMTPError | None = None

@@ -113,7 +113,11 @@ async def resolve_password(password: Password | None) -> str:
 
 
 def tls_state_of(context: ssl.SSLContext) -> TLSState:
-    """What a result says of a connection under ``context``: verified or not."""
+    """What a result says of a connection under ``context``: verified or not (or
+    what a context checking the certificate its own way says, e.g. DANE's)."""
+    own: TLSState | None = getattr(context, "tls_state", None)
+    if own is not None:
+        return own
     verified = context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     return "verified" if verified else "unverified"
 

@@ -322,12 +322,19 @@ class Journal:
         """Record that the end-of-data dot for ``recipient`` is about to be sent."""
         await self._write({"event": "dot", "key": key, "recipient": recipient, "time": _now()})
 
+    async def dots(self, dots: Iterable[tuple[Any, str]]) -> None:
+        """Record several ``(key, recipient)`` dots at once (one batch of the group commit)."""
+        now = _now()
+        await self._write(
+            *[{"event": "dot", "key": k, "recipient": r, "time": now} for k, r in dots]
+        )
+
     async def result(self, result: RecipientResult) -> None:
-        record = result.as_dict()
-        record["key"] = result.key if result.key is not None else result.recipient
-        record["event"] = "result"
-        record["time"] = _now()
-        await self._write(record)
+        await self._write(_result_record(result))
+
+    async def results(self, results: Iterable[RecipientResult]) -> None:
+        """Record several results at once (one batch of the group commit)."""
+        await self._write(*[_result_record(result) for result in results])
 
     @property
     def failed(self) -> JournalWriteError | None:
@@ -341,10 +348,10 @@ class Journal:
             errno=failure.errno,
         )
 
-    async def _write(self, record: dict[str, Any]) -> None:
+    async def _write(self, *records: dict[str, Any]) -> None:
         if (failed := self.failed) is not None:
             raise failed
-        self._pending.append(encode_record(record))
+        self._pending.extend(encode_record(record) for record in records)
         batch = self._batch
         if self._flushing:
             await batch.wait()
@@ -451,6 +458,14 @@ def _open_waiting(path: Path, find: frozenset[str], wait: float) -> Journal:
                     f"{exc.message}. Bounces are recorded when the send has ended"
                 ) from None
         time.sleep(0.05)
+
+
+def _result_record(result: RecipientResult) -> dict[str, Any]:
+    record = result.as_dict()
+    record["key"] = result.key if result.key is not None else result.recipient
+    record["event"] = "result"
+    record["time"] = _now()
+    return record
 
 
 def _bounce_record(key: Any, bounce: Bounce) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import types
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, MutableMapping, Sequence
 from dataclasses import replace
 from email.message import EmailMessage
 from typing import Any
@@ -45,9 +45,17 @@ from .journal import Journal
 from .journal_format import JournalEntry, JournalIdentity, journal_key
 from .personalise import Personaliser, check_personalisation
 from .pool import Pool, SessionPool
-from .resume import bounced_in_earlier_run, identity_of, resume_action, unknown_from_earlier_run
-from .retry import Rate, Retry, TokenBucket
+from .resume import (
+    bounced_in_earlier_run,
+    identity_of,
+    resume_action,
+    suppressed,
+    unknown_from_earlier_run,
+)
+from .retry import LocalRates, Rate, Retry
 from .session import enable_debug
+from .shared_state import SharedJournal, SharedLimits
+from .sites import SiteLimiter
 from .suppress import SuppressionList
 from .transaction import Extras
 
@@ -89,7 +97,10 @@ class Mailer:
     (:class:`~asmtp.errors.JournalFormatError`). If the journal cannot be written, no further
     dot is sent, the Mailer stops taking jobs, and leaving ``async with`` raises
     :class:`~asmtp.errors.JournalWriteError`.
-    ``dsn``: an :class:`~asmtp.DSN`. ``dkim``: an :class:`~asmtp.DKIM` signer (the
+    ``dsn``: an :class:`~asmtp.DSN`. ``requiretls``: each message goes only over
+    authenticated TLS to servers offering REQUIRETLS (RFC 8689), with that MAIL
+    parameter; elsewhere the recipient fails (permanent once no MX host could take it,
+    enhanced status 5.7.30 in the message). ``dkim``: an :class:`~asmtp.DKIM` signer (the
     ``dkim`` extra): each message is signed once, over exactly the bytes sent.
     ``pool``: True or an :class:`~asmtp.Pool` to keep sessions to the relay open and
     reuse them (web backends). ``unsubscribe``: a URL template ("{recipient}")
@@ -104,6 +115,10 @@ class Mailer:
     recipient whose hard bounce was recorded in the journal
     (:func:`~asmtp._delivery.journal.record_bounce`) is reported ``permanent``
     ("bounced: 5.1.1 ...") and not sent again (counted in :attr:`bounced`).
+    ``journal`` may also be a :class:`~asmtp._delivery.shared_state.SharedJournal` and
+    ``shared_limits`` a :class:`~asmtp._delivery.shared_state.SharedLimits`: state held
+    with other processes (:mod:`asmtp.celery`'s workers keep both in Redis); then
+    ``rate``/``rate_per_domain`` are the shared limits' business.
     """
 
     def __init__(
@@ -116,18 +131,20 @@ class Mailer:
         rate: str | Rate | None = None,
         rate_per_domain: str | Rate | None = None,
         recipient_deadline: float | None = None,
-        journal: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | SharedJournal | None = None,
         resume: bool = False,
         campaign: str | None = None,
         identity: JournalIdentity | None = None,
         ignore_identity: bool = False,
         dsn: DSN | None = None,
+        requiretls: bool = False,
         unsubscribe: str | None = None,
         verp: str | None = None,
         pool: bool | Pool = False,
         dkim: DKIM | None = None,
         debug: bool = False,
         suppress: str | os.PathLike[str] | SuppressionList | Iterable[str] | None = None,
+        shared_limits: SharedLimits | None = None,
     ) -> None:
         check_number("concurrency", concurrency, integer=True)
         if relay is not None and not isinstance(relay, (Relay, Direct)):
@@ -168,6 +185,7 @@ class Mailer:
         self.identity = identity
         self.ignore_identity = ignore_identity
         self.dsn = dsn
+        self.requiretls = requiretls
         self.unsubscribe = unsubscribe
         self.verp = verp
         self.dkim = dkim
@@ -187,19 +205,22 @@ class Mailer:
         self._stopping = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._runs: set[Run] = set()
+        self._last_bytes: tuple[bytes, PreparedMessage] | None = None  # send()'s last
         self._endpoint: Endpoint | None = None
         self._direct: DirectDelivery | None = None
-        self._journal: Journal | None = None
-        self._done: dict[str, JournalEntry] = {}
+        self._journal: Journal | SharedJournal | None = None
+        #: rates and connection caps shared with other processes (asmtp.celery's workers)
+        self._shared_limits = shared_limits
+        self._done: MutableMapping[str, JournalEntry] = {}
         self._journal_error: JournalError | None = None
         self._claim = anyio.Lock()
         self._claimed = False
         self._limiter = anyio.CapacityLimiter(concurrency)
-        self._bucket: TokenBucket | None = None
-        self._domain_buckets: dict[str, TokenBucket] = {}
+        self._rates = LocalRates(self.rate, self.rate_per_domain)
         self._personalise = Personaliser(unsubscribe=unsubscribe, verp=verp, dkim=dkim)
         self._pool: SessionPool | None = None
-        self._reaper = anyio.CancelScope()
+        # made on entering: a Mailer may be made outside an event loop (asmtp.Workers)
+        self._reaper: anyio.CancelScope | None = None
 
     # -- lifetime -----------------------------------------------------------------
 
@@ -216,8 +237,6 @@ class Mailer:
                 self._direct = DirectDelivery(
                     self.relay, self.timeouts, helo=helo, debug=self.debug
                 )
-            if self.rate is not None:
-                self._bucket = TokenBucket(self.rate)
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
         except BaseException:
@@ -226,11 +245,16 @@ class Mailer:
         if self.pool is not None:
             assert self._endpoint is not None
             self._pool = SessionPool(self._endpoint, self.timeouts, self.pool, debug=self.debug)
-            self._tg.start_soon(self._reap, self._pool)
+            self._reaper = anyio.CancelScope()
+            self._tg.start_soon(self._reap, self._pool, self._reaper)
         return self
 
-    async def _open_journal(self, path: str | os.PathLike[str]) -> None:
-        journal = await Journal.open(path, resume=self.resume)
+    async def _open_journal(self, path: str | os.PathLike[str] | SharedJournal) -> None:
+        journal: Journal | SharedJournal
+        if isinstance(path, SharedJournal):
+            journal = path  # held elsewhere (Redis): its owner fills its entries
+        else:
+            journal = await Journal.open(path, resume=self.resume)
         try:
             if self.identity is not None:
                 await journal.claim(self.identity, ignore_identity=self.ignore_identity)
@@ -246,9 +270,14 @@ class Mailer:
         if journal is not None:
             await journal.aclose()
 
-    async def _reap(self, pool: SessionPool) -> None:
-        with self._reaper:
+    async def _reap(self, pool: SessionPool, scope: anyio.CancelScope) -> None:
+        with scope:
             await pool.reap()
+
+    @property
+    def sites(self) -> SiteLimiter | None:
+        """Direct delivery with shaping: the sites of this run (None otherwise)."""
+        return self._direct.sites if self._direct is not None else None
 
     @property
     def sessions_opened(self) -> int:
@@ -258,7 +287,8 @@ class Mailer:
     async def __aexit__(self, *exc: Any) -> bool | None:
         for run in list(self._runs):
             run.cancel()
-        self._reaper.cancel()
+        if self._reaper is not None:
+            self._reaper.cancel()
         tg, self._tg = self._tg, None
         try:
             if self._pool is not None:
@@ -301,13 +331,34 @@ class Mailer:
     ) -> Report:
         """One message to its recipients (envelope as for :func:`asmtp.send`), with
         this mailer's retries, limits and journal. One result per recipient, in order."""
-        env_sender, rcpts, prepared = prepare_envelope(message, sender, recipients)
+        last = self._last_bytes
+        env_sender, rcpts, prepared = prepare_envelope(message, sender, recipients, reuse=last)
+        if type(message) is bytes and (last is None or last[0] is not message):
+            self._last_bytes = (message, prepared)  # the same bytes sent again: reused
         order = {r: i for i, r in enumerate(rcpts)}
         jobs = [Job(r, prepared, sender=env_sender) for r in rcpts]
+        if len(jobs) == 1:
+            return Report(tuple(r for r in [await self._send_one(jobs[0])] if r is not None))
         results: list[RecipientResult | None] = [None] * len(rcpts)
         async for result in self.deliver(jobs):
             results[order[result.recipient]] = result
         return Report(tuple(r for r in results if r is not None))
+
+    async def _send_one(self, job: Job) -> RecipientResult | None:
+        """One job in the caller's task (a web backend's usual send): what deliver()
+        does for it, without a worker task and a result stream per send."""
+        if self._tg is None:
+            raise InputError("use the Mailer as `async with asmtp.Mailer(...) as mailer:`")
+        if self._stopping:
+            return None
+        run = Run()  # cancelled with the others when the mailer closes
+        self._runs.add(run)
+        try:
+            with run.scope():
+                return await self._run_job(job)
+            return None  # the run was cancelled
+        finally:
+            self._runs.discard(run)
 
     async def deliver(
         self, jobs: Iterable[Job] | AsyncIterable[Job]
@@ -386,13 +437,7 @@ class Mailer:
             await self._record(result, journal=False)
             return result
         if self.suppress is not None and (why := self.suppress.why(job.recipient)) is not None:
-            result = RecipientResult(
-                recipient=job.recipient,
-                status="permanent",
-                message=f"suppressed: {why}",
-                stage="input",
-                key=job.key,
-            )
+            result = suppressed(job.recipient, why, job.key)
             await self._record(result)
             return result
         try:
@@ -480,7 +525,11 @@ class Mailer:
                             f"not sent: {exc.message}", errno=errno, stage="message"
                         ) from exc
 
-        extras = Extras(dsn=self.dsn, before_dot=before_dot if journal is not None else None)
+        extras = Extras(
+            dsn=self.dsn,
+            before_dot=before_dot if journal is not None else None,
+            requiretls=self.requiretls,
+        )
         tries = 0
         result: RecipientResult | None = None
         while True:
@@ -497,7 +546,12 @@ class Mailer:
                     # (or keeps its last result); a resumed run takes it from here.
                     break
                 tries += 1
-                result = await self._attempt(sender, recipient, prepared, extras, deadline)
+                if self._shared_limits is not None:
+                    # a connection slot of the domain's, across every process of the run
+                    async with self._shared_limits.connection(domain_of(recipient)):
+                        result = await self._attempt(sender, recipient, prepared, extras, deadline)
+                else:
+                    result = await self._attempt(sender, recipient, prepared, extras, deadline)
             finally:
                 self._limiter.release()
             elapsed = time.monotonic() - start
@@ -552,11 +606,4 @@ class Mailer:
         return results[0]
 
     async def _throttle(self, recipient: str) -> None:
-        if self._bucket is not None:
-            await self._bucket.take()
-        if self.rate_per_domain is not None:
-            domain = domain_of(recipient)
-            bucket = self._domain_buckets.get(domain)
-            if bucket is None:
-                bucket = self._domain_buckets[domain] = TokenBucket(self.rate_per_domain)
-            await bucket.take()
+        await (self._shared_limits or self._rates).take(domain_of(recipient))

@@ -38,12 +38,11 @@ __all__ = [
     "verp_token",
 ]
 
-#: a job's message: whole, ready bytes, prepared, or a function that renders it
-MessageSource: TypeAlias = (
-    EmailMessage | bytes | PreparedMessage | Callable[[], EmailMessage | bytes]
-)
 #: a job's message once rendered
 MessageInput: TypeAlias = EmailMessage | bytes | PreparedMessage
+#: a job's message: whole, ready bytes, prepared, or a function that renders it (such
+#: as a :class:`~asmtp._core.compiled.CompiledMessage` filled for one recipient)
+MessageSource: TypeAlias = MessageInput | Callable[[], MessageInput]
 # A message as jobs that share it need it: whole (and signed), or the base of
 # personalised copies with the domain for their Message-IDs.
 _Prepared: TypeAlias = PreparedMessage | tuple[PreparedMessage, str]

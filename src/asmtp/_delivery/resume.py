@@ -31,6 +31,7 @@ __all__ = [
     "bounced_in_earlier_run",
     "identity_of",
     "resume_action",
+    "suppressed",
     "unknown_from_earlier_run",
 ]
 
@@ -78,6 +79,18 @@ def bounced_in_earlier_run(recipient: str, prior: JournalEntry, key: Any) -> Rec
         enhanced_status=prior.status,
         stage="message",
         message=f"bounced: {said or 'a hard bounce was recorded in the journal'}",
+        key=key,
+    )
+
+
+def suppressed(recipient: str, why: str, key: Any) -> RecipientResult:
+    """The result of a job not sent because its address is on the suppression list
+    (``why``: the reason recorded there)."""
+    return RecipientResult(
+        recipient=recipient,
+        status="permanent",
+        message=f"suppressed: {why}",
+        stage="input",
         key=key,
     )
 

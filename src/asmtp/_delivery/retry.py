@@ -135,3 +135,27 @@ class TokenBucket:
                     self._tokens -= 1
                     return
                 await anyio.sleep((1 - self._tokens) / self.rate)
+
+
+class LocalRates:
+    """The overall rate and each domain's, kept in this process (what
+    :class:`~asmtp._delivery.shared_state.SharedLimits` gives across processes):
+    :meth:`take` waits for a token of each. Buckets are made on first use, inside
+    the running event loop."""
+
+    def __init__(self, rate: Rate | None, per_domain: Rate | None) -> None:
+        self._rate = rate
+        self._per_domain = per_domain
+        self._bucket: TokenBucket | None = None
+        self._domains: dict[str, TokenBucket] = {}
+
+    async def take(self, domain: str) -> None:
+        if self._rate is not None:
+            if self._bucket is None:
+                self._bucket = TokenBucket(self._rate)
+            await self._bucket.take()
+        if self._per_domain is not None:
+            bucket = self._domains.get(domain)
+            if bucket is None:
+                bucket = self._domains[domain] = TokenBucket(self._per_domain)
+            await bucket.take()

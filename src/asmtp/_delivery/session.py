@@ -36,8 +36,9 @@ from .._core.protocol import AUTH_CONTINUE, SUCCESS_CODES, ClientProtocol, State
 from .._core.reply import Reply
 from .._core.sanitize import printable
 from .._core.sasl import Mechanism, choose_mechanism, make_mechanism
-from .._core.steps import Await, Command, Receive, Steps
+from .._core.steps import GREETING, Await, Command, Receive, Steps, receive
 from .._io.anyio_driver import AnyConnection, loop_clock, open_best
+from .._io.connect import ConnectOptions
 from ..config import Timeouts
 from ..errors import (
     AuthenticationError,
@@ -48,7 +49,7 @@ from ..errors import (
     Stage,
     TLSUnavailableError,
 )
-from ..results import RecipientResult, Status, TLSState, result_from_error
+from ..results import RecipientResult, Status, TLSState, answered, result_from_error
 from .endpoint import AuthCache, Endpoint, resolve_password, tls_state_of, token_digest
 from .transaction import (
     NO_EXTRAS,
@@ -178,20 +179,21 @@ class Session(SessionState):
             self.stage = "connect"
             if self.on_stage is not None:
                 self._mark("connect")
+            # Only what is set: None is the same as not given.
+            options: ConnectOptions = {"address": address, "timeout": self.timeouts.connect}
+            if implicit:
+                options["ssl_context"] = ep.ssl_context
+                options["server_hostname"] = ep.host
+            if ep.source_address is not None:
+                options["source_address"] = ep.source_address
+            if ep.proxy is not None:
+                options["proxy"] = ep.proxy
+            if sock is not None:
+                options["sock"] = sock
+            if ep.path is not None:
+                options["path"] = ep.path
             try:
-                self._conn = await open_best(
-                    self.proto,
-                    ep.host,
-                    ep.port,
-                    address=address,
-                    ssl_context=ep.ssl_context if implicit else None,
-                    server_hostname=ep.host,
-                    source_address=ep.source_address,
-                    timeout=self.timeouts.connect,
-                    proxy=ep.proxy,
-                    sock=sock,
-                    path=ep.path,
-                )
+                self._conn = await open_best(self.proto, ep.host, ep.port, **options)
                 break
             except ConnectError as exc:
                 last = exc
@@ -210,7 +212,7 @@ class Session(SessionState):
         """The greeting (within the connect's step), EHLO, STARTTLS and AUTH."""
         ep = self.endpoint
         self.stage = "greeting"  # since open()
-        greeting: Reply = yield Receive(None, same_step=True)
+        greeting: Reply = yield GREETING
         if greeting.code not in SUCCESS_CODES["greeting"]:
             raise reply_error(greeting, "greeting")
         yield from self._ehlo()
@@ -355,6 +357,25 @@ class Session(SessionState):
             return self._failed(recipients, exc, clock() - t0)
         return await conn.run(self._deliver(sender, recipients, message, t0, extras, last, clock))
 
+    async def deliver_all(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: PreparedMessage,
+        *,
+        started: float | None = None,
+        extras: Extras = NO_EXTRAS,
+    ) -> list[RecipientResult]:
+        """Transactions on this open session until every recipient has a result:
+        those refused with 452 "too many recipients" go on in a new transaction, as in
+        :meth:`one_shot` (a kept session carrying a batch of one domain's recipients)."""
+        results: dict[str, RecipientResult] = {}
+        pending = list(recipients)
+        while pending:
+            got = await self.deliver(sender, pending, message, started=started, extras=extras)
+            pending = _go_again(got, results, self.proto.closed)
+        return [results[r] for r in recipients]
+
     def _deliver(
         self,
         sender: str,
@@ -436,12 +457,7 @@ class Session(SessionState):
         pending = list(recipients)
         while pending:
             got = yield from self._deliver(sender, pending, message, started, extras, True, clock)
-            again = [r.recipient for r in got if r.code == 452 and r.stage == "rcpt"]
-            progress = len(again) < len(pending)
-            for r in got:
-                if not (progress and r.recipient in again):
-                    results[r.recipient] = r
-            pending = again if progress and not self.proto.closed else []
+            pending = _go_again(got, results, self.proto.closed)
         try:
             yield from self.quit_steps()
         except SMTPError:
@@ -469,7 +485,7 @@ class Session(SessionState):
         when the session is past saying QUIT."""
         proto = self.proto
         if proto.awaiting == "quit":  # pipelined after the last message
-            step: Command | Receive = Receive(self.timeouts.command)
+            step: Command | Receive = receive(self.timeouts.command)
         elif proto.state in (State.READY, State.MAIL, State.CONNECTED, State.REFUSED):
             step = Command(proto.quit(), self.timeouts.command)
         else:
@@ -553,14 +569,19 @@ def _result_of(
     else:  # the protocol lets no other reply through; never count one as delivered
         status = "unknown" if stage == "message" else "transient"
         text = f"{stage} answered {reply}"
-    return RecipientResult(
-        recipient=rcpt,
-        status=status,
-        code=code,
-        enhanced_status=enhanced,
-        message=text,
-        stage=stage,
-        host=host,
-        tls=tls,
-        elapsed=elapsed,
-    )
+    return answered(rcpt, status, code, enhanced, text, stage, host, tls, elapsed)
+
+
+def _go_again(
+    got: Sequence[RecipientResult], results: dict[str, RecipientResult], closed: bool
+) -> list[str]:
+    """After one transaction: the recipients refused with 452 "too many recipients"
+    that go on in another (RFC 5321 section 4.5.3.1.10), the others' results kept in
+    ``results``. None go again when the transaction made no progress (every one was
+    refused so) or the connection is closed: then the 452 is their result."""
+    again = [r.recipient for r in got if r.code == 452 and r.stage == "rcpt"]
+    progress = len(again) < len(got)
+    for r in got:
+        if not (progress and r.recipient in again):
+            results[r.recipient] = r
+    return again if progress and not closed else []

@@ -25,7 +25,8 @@ from typing import Literal
 from .._core.prepared import PreparedMessage
 from .._core.protocol import SUCCESS_CODES, ClientProtocol
 from .._core.reply import Reply
-from .._core.steps import Await, Command, Receive, Send, Steps
+from .._core.requiretls import requiretls_refusal
+from .._core.steps import Await, Command, Send, Steps, receive
 from .._io.anyio_driver import AnyConnection
 from ..config import DSN, Timeouts
 from ..errors import ConnectionLostError, MessageRejectedError, ReplyError, SMTPError, Stage
@@ -63,11 +64,13 @@ BeforeDot = Callable[[Sequence[str]], Awaitable[None]]
 @dataclass(frozen=True, slots=True)
 class Extras:
     """What a bulk sender adds to each transaction: DSN requests (used only when the
-    server offers DSN) and a hook awaited just before the end-of-data dot is sent,
-    with the recipients that will get the message (the journal's pre-dot line)."""
+    server offers DSN), a hook awaited just before the end-of-data dot is sent,
+    with the recipients that will get the message (the journal's pre-dot line), and
+    ``requiretls`` (RFC 8689: only over authenticated TLS to a server offering it)."""
 
     dsn: DSN | None = None
     before_dot: BeforeDot | None = None
+    requiretls: bool = False
 
 
 NO_EXTRAS: Extras = Extras()
@@ -143,6 +146,12 @@ def transaction_steps(
     dsn = extras.dsn if proto.capabilities.dsn else None
     if dsn is not None:
         params.extend(dsn.mail_params())
+    if extras.requiretls:
+        refusal = requiretls_refusal(proto.capabilities, s.tls, s.endpoint.host)
+        if refusal is not None:
+            # the TLS stage: another MX host may do; permanent once none does (section 4.2.1)
+            raise MessageRejectedError(refusal, stage="starttls")
+        params.append("REQUIRETLS")
     s.stage = "mail"
     if s.on_stage is not None:
         s._mark("mail")
@@ -266,7 +275,7 @@ def _rcpt_replies(s: SessionState, t: _Transaction, pipelined: bool) -> Steps[No
         s._mark("rcpt")
     for rcpt in t.recipients:
         if pipelined:
-            reply: Reply = yield Receive(command)
+            reply: Reply = yield receive(command)
         else:
             rcpt_params = dsn.rcpt_params(rcpt) if dsn is not None else ()
             reply = yield Command(proto.rcpt(rcpt, rcpt_params), command)
@@ -307,7 +316,7 @@ def _by_data(s: SessionState, t: _Transaction) -> Steps[Reply]:
         s.stage = "data"
         if s.on_stage is not None:
             s._mark("data")
-        data_reply: Reply = yield Receive(command)
+        data_reply: Reply = yield receive(command)
         if mail_reply.code not in _MAIL_OK:
             refused.clear()  # the RCPTs' replies (503) answered no transaction
             s._needs_rset = data_reply.code in _DATA_OK
@@ -342,7 +351,7 @@ def _by_data(s: SessionState, t: _Transaction) -> Steps[Reply]:
     yield Send(content, timeouts.data_block, True)
     s.dot_sent = True
     try:
-        final: Reply = yield Receive(timeouts.data_end)
+        final: Reply = yield receive(timeouts.data_end)
         if proto.lmtp:
             final = yield from _per_recipient(s, t, final)
     except ConnectionLostError as exc:
@@ -380,7 +389,7 @@ def _per_recipient(s: SessionState, t: _Transaction, first: Reply) -> Steps[Repl
             final = reply  # the first refusal, or the last reply
         if proto.awaiting != "message":
             break
-        reply = yield Receive(s.timeouts.data_end)
+        reply = yield receive(s.timeouts.data_end)
     if next(accepted, None) is not None:  # a 421: the others' replies will never come
         raise ConnectionLostError(
             f"the server closed the session ({reply.code}) after answering for "
@@ -469,7 +478,7 @@ def _by_bdat(s: SessionState, t: _Transaction) -> Steps[Reply]:
     yield Send((commands + first[0], *first[1:]), timeouts.data_block, whole)
     s.dot_sent = whole
     try:
-        mail_reply: Reply = yield Receive(command)
+        mail_reply: Reply = yield receive(command)
         if proto.closed:
             s.dot_sent = False
             raise reply_error(mail_reply, "mail")
@@ -478,12 +487,12 @@ def _by_bdat(s: SessionState, t: _Transaction) -> Steps[Reply]:
             s.stage = "message"
             if s.on_stage is not None:
                 s._mark("message")
-            chunk_reply: Reply = yield Receive(timeouts.data_end)
+            chunk_reply: Reply = yield receive(timeouts.data_end)
             if proto.lmtp:  # RFC 2033 4.2: the last chunk gets a reply per recipient
                 chunk_reply = yield from _per_recipient(s, t, chunk_reply)
         else:
             s.stage = "bdat"
-            chunk_reply = yield Receive(command)
+            chunk_reply = yield receive(command)
     except ConnectionLostError as exc:
         unread = _end_unread(s) if s.dot_sent else None
         if unread is not None:
@@ -539,7 +548,7 @@ def _chunks(
     failed: Reply | None = None
     try:
         for _ in middle:
-            reply = yield Receive(timeouts.command)
+            reply = yield receive(timeouts.command)
             if proto.closed:
                 s.dot_sent = False
                 raise reply_error(reply, "bdat")
@@ -547,7 +556,7 @@ def _chunks(
                 failed = reply  # the transaction failed: nothing will be delivered
                 s.dot_sent = False
         s.stage = "message"
-        final: Reply = yield Receive(timeouts.data_end)
+        final: Reply = yield receive(timeouts.data_end)
         if proto.lmtp and failed is None:  # RFC 2033 4.2: a reply per recipient
             final = yield from _per_recipient(s, t, final)
     except SMTPError as exc:

@@ -32,7 +32,7 @@ import ssl
 import threading
 from collections import deque
 from collections.abc import Iterator
-from typing import Any, NamedTuple, TypeVar, Unpack, cast
+from typing import Any, TypeVar, Unpack, cast
 
 from .._core.protocol import ClientProtocol
 from .._core.reply import NEED_DATA
@@ -74,8 +74,9 @@ def _read_buffer() -> memoryview:
 _IDLE, _REPLY, _DRAIN = 0, 1, 2
 
 
-class _Finished(NamedTuple):
-    value: Any
+#: what the task's waiter is resolved with when the steps have ended (their value
+#: is in ``Connection._value``)
+_FINISHED = object()
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -106,6 +107,7 @@ class Connection(asyncio.BufferedProtocol):
         "_timer",
         "_timer_at",
         "_transport",
+        "_value",
         "_view",
         "_waiter",
         "_wants",
@@ -142,6 +144,7 @@ class Connection(asyncio.BufferedProtocol):
         self._task: asyncio.Task[object] | None = None  # cancelled on timeout in connect/TLS
         self._timed_out = False
         self._steps: Steps[Any] | None = None  # the steps being run, if any
+        self._value: Any = None  # what they returned
         self._wants = _IDLE  # what they wait for
 
     # -- asyncio.BufferedProtocol callbacks ---------------------------------------
@@ -332,9 +335,10 @@ class Connection(asyncio.BufferedProtocol):
                 raise
             finally:
                 self._waiter = None
-            if type(outcome) is _Finished:
+            if outcome is _FINISHED:
                 self._steps = None
-                return cast(T, outcome.value)
+                value, self._value = self._value, None
+                return cast(T, value)
             assert isinstance(outcome, Await)
             try:
                 value, error = await outcome.call(), None
@@ -358,7 +362,8 @@ class Connection(asyncio.BufferedProtocol):
                 step = steps.send(value) if error is None else steps.throw(error)
             except StopIteration as stop:
                 self._steps = None
-                waiter.set_result(_Finished(stop.value))
+                self._value = stop.value
+                waiter.set_result(_FINISHED)
                 return
             except BaseException as exc:  # the steps gave up: the task raises it
                 self._steps = None
@@ -366,12 +371,19 @@ class Connection(asyncio.BufferedProtocol):
                 return
             value = error = None
             try:
-                if isinstance(step, Command):
+                if type(step) is Receive:
+                    # A reply already here (pipelined replies come in one read) ends
+                    # the step at once: only one still to come starts the step's clock.
+                    value = proto.next_reply()
+                    if value is NEED_DATA:
+                        if not step.same_step:
+                            self.step(step.timeout)
+                        self._wants = _REPLY
+                        return
+                    continue
+                elif type(step) is Command:
                     self.step(step.timeout)
                     self._write(step.data)
-                elif isinstance(step, Receive):
-                    if not step.same_step:
-                        self.step(step.timeout)
                 elif isinstance(step, Send):
                     self.step(step.timeout)
                     self._write(step.data)

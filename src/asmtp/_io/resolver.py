@@ -26,6 +26,7 @@ import anyio
 import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
@@ -34,6 +35,7 @@ import dns.rdtypes.ANY.MX
 import dns.resolver
 import dns.rrset
 
+from .._core.dane import TLSARecord
 from ..errors import (
     InputError,
     NoAddressError,
@@ -42,7 +44,7 @@ from ..errors import (
     TemporaryResolveError,
 )
 
-__all__ = ["MXHost", "MXResolver", "resolve_mx"]
+__all__ = ["MXHost", "MXResolver", "TLSAAnswer", "resolve_mx"]
 
 #: how long a negative answer without an SOA record is cached, in seconds
 _NEGATIVE_TTL_DEFAULT = 60.0
@@ -57,6 +59,8 @@ _A = dns.rdatatype.A
 _AAAA = dns.rdatatype.AAAA
 _MX = dns.rdatatype.MX
 _SOA = dns.rdatatype.SOA
+_TXT = dns.rdatatype.TXT
+_TLSA = dns.rdatatype.TLSA
 
 _Key = tuple[dns.name.Name, dns.rdatatype.RdataType]
 
@@ -100,6 +104,21 @@ class _Lookup:
     rrset: dns.rrset.RRset | None = None
     ttl: float = 0.0
     reason: str = ""
+    #: the answer came with the AD bit from a resolver trusted to validate DNSSEC
+    authenticated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TLSAAnswer:
+    """The TLSA records of ``_PORT._tcp.HOST`` (RFC 7672 section 2.2): ``records``
+    (empty: none published), whether the answer is DNSSEC-validated
+    (``authenticated``: the AD bit of a trusted resolver; also for "none published"),
+    and ``failure``, the reason when the lookup failed (a validating resolver answers
+    SERVFAIL for a forged answer: such a host must not be used)."""
+
+    records: tuple[TLSARecord, ...] = ()
+    authenticated: bool = False
+    failure: str | None = None
 
 
 @dataclass(slots=True)
@@ -117,10 +136,13 @@ class MXResolver:
     """Resolves recipient domains to their mail exchangers, with a cache.
 
     ``dns_servers`` lists the servers to ask, each ``"IP"`` or ``"IP:PORT"`` (IPv6 as
-    ``"[::1]:5353"``); None reads the system's ``/etc/resolv.conf``. ``timeout`` is the
-    lifetime of one DNS query in seconds (the MX query and then the address queries each
-    get this long). ``rng`` orders mail exchangers of equal preference (RFC 5321 section
-    5.1); pass a seeded :class:`random.Random` for a reproducible order.
+    ``"[::1]:5353"``); None reads the system's ``/etc/resolv.conf``. ``trust_ad``: those
+    servers validate DNSSEC and the path to them is trusted (a local unbound): queries
+    ask for the AD bit and answers carrying it count as authenticated (DANE needs that).
+    ``timeout`` is the lifetime of one DNS query in seconds (the MX query and then the
+    address queries each get this long). ``rng`` orders mail exchangers of equal
+    preference (RFC 5321 section 5.1); pass a seeded :class:`random.Random` for a
+    reproducible order.
 
     One resolver is meant to live as long as the sender: its cache and its sharing of
     queries in flight work across all the recipients it resolves.
@@ -131,6 +153,8 @@ class MXResolver:
         dns_servers: Sequence[str] | None = None,
         timeout: float = 5.0,
         rng: random.Random | None = None,
+        *,
+        trust_ad: bool = False,
     ) -> None:
         if not timeout > 0:
             raise InputError(f"DNS timeout must be a positive number of seconds, not {timeout!r}")
@@ -152,6 +176,11 @@ class MXResolver:
                 dns.nameserver.Do53Nameserver(address, port) for address, port in servers
             ]
         resolver.lifetime = timeout
+        if trust_ad:
+            # RFC 6840 section 5.7: AD in a query asks the resolver to say whether it
+            # validated the answer, without the DNSSEC records themselves (no DO).
+            resolver.flags = dns.flags.RD | dns.flags.AD
+        self.trust_ad = trust_ad
         self._resolver = resolver
         self._timeout = timeout
         self._rng = rng if rng is not None else random.Random()
@@ -237,6 +266,36 @@ class MXResolver:
             names = ", ".join(_ascii(target) for _, target in ordered)
             message = f"{shown}: no mail exchanger has an address ({names})"
         raise NoAddressError(message, domain=shown, permanent=True, enhanced_status="5.1.2")
+
+    async def txt(self, name: str) -> tuple[str, ...] | None:
+        """The TXT records of ``name``, each its strings joined (RFC 7208 3.3 style):
+        empty when there are none, None when the lookup failed."""
+        lookup = await self._lookup(_domain_name(name), _TXT)
+        if lookup.status is _Status.FAILED:
+            return None
+        if lookup.rrset is None:
+            return ()
+        return tuple(b"".join(rdata.strings).decode("utf-8", "replace") for rdata in lookup.rrset)
+
+    async def tlsa(self, host: str, port: int = 25) -> TLSAAnswer:
+        """The TLSA records of ``_PORT._tcp.HOST`` and whether they are authenticated;
+        never raises for a DNS failure (see :class:`TLSAAnswer`)."""
+        lookup = await self._lookup(_domain_name(f"_{port}._tcp.{host}"), _TLSA)
+        if lookup.status is _Status.FAILED:
+            return TLSAAnswer(failure=lookup.reason)
+        records: tuple[TLSARecord, ...] = ()
+        if lookup.rrset is not None:
+            records = tuple(
+                TLSARecord(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in lookup.rrset
+            )
+        return TLSAAnswer(records, lookup.authenticated)
+
+    async def addresses(self, host: str) -> tuple[str, ...]:
+        """The A then AAAA addresses of ``host`` (empty when it has none or the lookups
+        failed), through the cache like every other question."""
+        name = _domain_name(host)
+        found = await self._addresses([name])
+        return found[name][0]
 
     def _order(self, targets: list[tuple[int, dns.name.Name]]) -> list[tuple[int, dns.name.Name]]:
         """Sort by preference; shuffle each group of equal preference (RFC 5321 5.1).
@@ -351,10 +410,12 @@ class MXResolver:
             return _Lookup(_Status.FAILED, reason=f"no DNS server answered the {what} query: {exc}")
         except dns.exception.DNSException as exc:
             return _Lookup(_Status.FAILED, reason=f"{what} query failed: {exc}")
+        secure = self.trust_ad and bool(answer.response.flags & dns.flags.AD)
         if answer.rrset is None:
-            return _Lookup(_Status.NODATA, ttl=_negative_ttl(answer.response))
+            ttl = _negative_ttl(answer.response)
+            return _Lookup(_Status.NODATA, ttl=ttl, authenticated=secure)
         ttl = min(float(answer.chaining_result.minimum_ttl), _TTL_MAX)
-        return _Lookup(_Status.ANSWER, rrset=answer.rrset, ttl=ttl)
+        return _Lookup(_Status.ANSWER, rrset=answer.rrset, ttl=ttl, authenticated=secure)
 
 
 _default_resolver: MXResolver | None = None

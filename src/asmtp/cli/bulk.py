@@ -21,13 +21,13 @@ import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formataddr, make_msgid
 from functools import partial
 from typing import Any, cast
 
 from .._core.address import check_header, domain_of, parse_address_list
+from .._core.compiled import CompiledMessage
 from .._core.message import Attachment
 from .._core.prepared import MessageIdRemover, PreparedMessage, prepare_message, with_headers
 from .._core.recipients import BadRow, Placeholders, Recipient, RecipientRows, decode_lines
@@ -107,11 +107,19 @@ def plan_recipients_file(
         # Values go into an HTML body as text, not markup: a value "<script>" must not
         # become a script. The subject and plain text take them as they are.
         escape = html.escape if parts.mailtype == "html" and parts.html_escape else None
+        # Built and serialized once; each recipient's copy fills in its To, Subject,
+        # Message-ID and bodies (asmtp._core.compiled), not a message built whole.
+        compiled = CompiledMessage(
+            from_=args.from_,
+            mailtype=parts.mailtype,
+            alternative=parts.alt_text is not None,
+            headers=parts.headers,
+            attachments=loaded,
+        )
 
-        def render(r: Recipient) -> EmailMessage:
+        def render(r: Recipient) -> PreparedMessage:
             if jinja is not None:
-                rendered = jinja.render(r.fields, recipient=r.address)
-                personalised = replace(_rendered(parts, rendered), attachments=loaded)
+                personalised = _rendered(parts, jinja.render(r.fields, recipient=r.address))
             else:
                 personalised = replace(
                     parts,
@@ -120,10 +128,12 @@ def plan_recipients_file(
                     alt_text=(
                         placeholders.fill(parts.alt_text, r.fields) if parts.alt_text else None
                     ),
-                    attachments=loaded,
                 )
-            return personalised.build(
-                to=str(Address(display_name=r.name, addr_spec=r.address)), from_=args.from_
+            return compiled.fill(
+                [(r.name, r.address)],
+                personalised.subject,
+                personalised.body,
+                personalised.alt_text,
             )
 
         for first in store.recipients(columns, good_only=True):
@@ -344,7 +354,7 @@ def _recipients_file(name: str) -> Iterator[Iterator[str]]:
         raise InputError(f"--recipients {name}: {exc.message}") from exc
 
 
-def _personal_job(r: Recipient, render: Callable[[Recipient], EmailMessage], sender: str) -> Job:
+def _personal_job(r: Recipient, render: Callable[[Recipient], PreparedMessage], sender: str) -> Job:
     # rendered when the job's turn comes: a long list never holds every message at once
     return Job(r.address, partial(render, r), sender=sender, key=r.key)
 

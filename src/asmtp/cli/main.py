@@ -29,11 +29,14 @@ from .._version import __version__
 from ..errors import InputError
 from .bench.main import add_bench_parser, main_bench
 from .bounces import add_bounces_parser, cmd_bounces
+from .campaign import add_campaign_parser, cmd_campaign
 from .demo import add_demo_parser, cmd_demo
 from .mx import add_mx_parser, cmd_mx
 from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from .send import add_send_parser, as_flags, cmd_send
 from .sink.main import add_sink_parser, main_sink
+from .tlsrpt import add_tlsrpt_parser, cmd_tlsrpt
+from .worker import add_worker_parser, cmd_worker
 
 __all__ = [
     "EXIT_FAILED",
@@ -52,6 +55,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "bench": main_bench,
     "sink": main_sink,
     "bounces": cmd_bounces,
+    "tlsrpt": cmd_tlsrpt,
+    "worker": cmd_worker,
+    "campaign": cmd_campaign,
 }
 
 #: what each command imports beyond asmtp's own dependencies: the ``cli`` extra
@@ -61,6 +67,8 @@ _EXTRA_MODULES = {
     "bench": ("rich.console",),
     "demo": ("rich.console", "aiosmtpd.smtp"),
     "bounces": ("rich.console",),
+    "worker": ("celery", "redis"),
+    "campaign": ("redis",),
 }
 
 
@@ -82,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_sink_parser(sub)
     add_bounces_parser(sub)
+    add_tlsrpt_parser(sub)
+    add_worker_parser(sub)
+    add_campaign_parser(sub)
     return parser
 
 
@@ -91,9 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     missing = _missing_extra(args.command)
     if missing is not None:
+        extra = "celery" if args.command in ("worker", "campaign") else "cli"
         print(
-            f"asmtp: error: asmtp {args.command} needs {missing}, which the cli extra"
-            " installs: pip install 'asmtp[cli]'",
+            f"asmtp: error: asmtp {args.command} needs {missing}, which the {extra} extra"
+            f" installs: pip install 'asmtp[cli,{extra}]'".replace("cli,cli", "cli"),
             file=sys.stderr,
         )
         return EXIT_USAGE

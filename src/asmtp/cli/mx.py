@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._core.sanitize import printable
+from .._delivery.sites import site_name
+from .._delivery.tlspolicy import TLSPolicies, describe_policy
 from .._io.resolver import MXHost, MXResolver
+from ..config import Direct
 from ..errors import ResolveError
 from .options import (
     DNS_TIMEOUT,
@@ -26,8 +29,10 @@ from .options import (
     add_dns_timeout,
     mail_domain,
     output,
+    port,
     run_loop,
 )
+from .tlsrpt import direct_tls_settings
 
 __all__ = ["add_mx_parser", "cmd_mx"]
 
@@ -53,7 +58,16 @@ def add_mx_parser(sub: Any) -> None:
     )
     add_dns_server(mx)
     add_dns_timeout(mx, default=DNS_TIMEOUT)
-    mx.add_argument("--json", action="store_true", help="JSON Lines, one per domain")
+    mx.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON Lines, one per domain, with the TLS policy each MX host would be held to",
+    )
+    mx.add_argument("--tls-policy", metavar="FILE", help="per-domain TLS levels (as asmtp send)")
+    mx.add_argument(
+        "--trust-ad", action="store_true", default=None, help="believe the AD bit: show DANE"
+    )
+    mx.add_argument("--sts-port", type=port, default=443, help=argparse.SUPPRESS)  # tests
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,8 @@ class _MXOutcome:
         }
         if self.error is not None:
             out["message"] = self.error.message
+        else:  # domains on the same MX hosts share one site (its limits and state)
+            out["site"] = site_name(self.hosts)
         return out
 
 
@@ -86,10 +102,14 @@ def cmd_mx(args: argparse.Namespace) -> int:
     resolver = MXResolver(args.dns_server, timeout=args.dns_timeout)
     # each DOMAIN was checked by the parser (mail_domain): an address gives its domain
     outcomes = run_loop(_resolve_all(resolver, args.domains))
+    policies = run_loop(_policies(args, outcomes)) if args.json else {}
     with output() as out:
         for outcome in outcomes:
             if args.json:
-                out.write(json.dumps(outcome.as_dict(), ensure_ascii=False) + "\n")
+                line = outcome.as_dict()
+                if outcome.domain in policies:
+                    line["tls_policy"] = policies[outcome.domain]
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
             else:
                 out.write(_mx_text(outcome))
     return EXIT_OK if all(o.error is None for o in outcomes) else EXIT_FAILED
@@ -105,6 +125,26 @@ async def _resolve_all(resolver: MXResolver, domains: Sequence[str]) -> list[_MX
     return list(await asyncio.gather(*(one(d) for d in domains)))
 
 
+async def _policies(
+    args: argparse.Namespace, outcomes: Sequence[_MXOutcome]
+) -> dict[str, dict[str, object]]:
+    """Each resolved domain's TLS policy, as direct delivery would find it."""
+    settings = Direct(
+        dns_servers=args.dns_server,
+        dns_timeout=args.dns_timeout,
+        sts_port=args.sts_port,
+        **direct_tls_settings(args),
+    )
+    resolver = MXResolver(args.dns_server, timeout=args.dns_timeout, trust_ad=settings.trust_ad)
+    policies = TLSPolicies(settings, resolver)
+    found = {}
+    for outcome in outcomes:
+        if outcome.error is None:
+            hosts = [h.name for h in outcome.hosts]
+            found[outcome.domain] = await describe_policy(policies, outcome.domain, hosts)
+    return found
+
+
 def _mx_text(outcome: _MXOutcome) -> str:
     # names and messages from DNS are shown through printable(): a terminal's, not JSON
     domain = printable(outcome.domain)
@@ -118,4 +158,6 @@ def _mx_text(outcome: _MXOutcome) -> str:
         lines.append(
             f"  {n}. {name:<{width}}  preference {host.preference:<5} {', '.join(host.addresses)}"
         )
+    # the site's name is these hosts' names: said, not repeated (--json carries it)
+    lines.append("  one site with every domain on these hosts: --shaping limits them together")
     return "\n".join(lines) + "\n"

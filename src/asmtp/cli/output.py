@@ -22,9 +22,11 @@ from typing import IO
 from .._core.sanitize import printable
 from .._delivery.api import format_log_line
 from .._delivery.mailer import Job
+from .._delivery.sites import SiteLimiter
 from ..results import RecipientResult
 from .options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, discard_stdout
 from .plan import SendPlan
+from .shaping import progress_text, site_lines
 
 __all__ = ["ProgressBar", "RunOutput"]
 
@@ -68,6 +70,8 @@ class RunOutput:
         self.skipped = 0
         self.statuses: Counter[str] = Counter()
         self.rows: dict[tuple[str, str], _Row] = {}
+        #: direct delivery with --shaping: the run's sites (progress line, summary)
+        self.sites: SiteLimiter | None = None
         self._began = time.monotonic()
         self._stdout_gone = False
 
@@ -214,6 +218,8 @@ class RunOutput:
         console.print(table)
         for text in below:
             console.print(text, markup=False)
+        for text in site_lines(self.sites):  # --shaping: what each site went through
+            console.print(printable(text), markup=False)
         console.print(line, markup=False)
 
     def _other_rows(self) -> list[tuple[str, str, int]]:
@@ -294,6 +300,8 @@ class ProgressBar:
             for s in _STATUSES
             if run.statuses[s] or s == "delivered"
         )
+        if run.sites is not None and (held := progress_text(run.sites.summary())):
+            counts += f" [yellow]{held}[/]"
         self._progress.update(self._task, completed=run.done + run.skipped, counts=counts)
 
     def stop(self, run: RunOutput) -> None:

@@ -25,6 +25,7 @@ from .._core.address import check_header, check_mailbox, parse_address_list
 from .._core.message import AddressInput, Attachment, build_message
 from .._core.prepared import PreparedMessage
 from .._core.recipients import address_key
+from .._core.tlsmap import level_of
 from .._delivery.direct import plan_jobs
 from .._delivery.journal_format import JournalIdentity, template_digest
 from .._delivery.mailer import Job, Mailer
@@ -34,6 +35,9 @@ from .._io.resolver import MXResolver
 from ..config import DSN, Direct, Relay, TLSMode
 from ..errors import InputError
 from .options import DNS_TIMEOUT, password_from_env, proxy_from_args
+from .shaping import DEFAULT as DEFAULT_SHAPING
+from .shaping import load_shaping_file
+from .tlsrpt import DIRECT_TLS_FLAGS, direct_tls_settings
 
 __all__ = [
     "MX_PORT",
@@ -72,7 +76,10 @@ _BULK_OPTIONS = (
 
 
 def is_bulk(args: argparse.Namespace) -> bool:
-    return any(getattr(args, name) is not None for name in _BULK_OPTIONS)
+    # --broker (a queued campaign) is a bulk run too; `asmtp demo` has no such option
+    return getattr(args, "broker", None) is not None or any(
+        getattr(args, name) is not None for name in _BULK_OPTIONS
+    )
 
 
 # ----------------------------------------------------------------------- the message
@@ -150,7 +157,9 @@ def destination(args: argparse.Namespace) -> Relay | Direct:
         "--mx-port": args.mx_port,
         "--per-domain": args.per_domain,
         "--batch-per-domain": args.batch_per_domain,
+        "--shaping": getattr(args, "shaping", None),
         "--dns-timeout": args.dns_timeout,
+        **{f"--{name.replace('_', '-')}": getattr(args, name, None) for name in DIRECT_TLS_FLAGS},
     }
     if args.relay is not None:
         given = [flag for flag, value in direct_flags.items() if value is not None]
@@ -185,7 +194,7 @@ def destination(args: argparse.Namespace) -> Relay | Direct:
     if args.tls == "implicit":
         raise InputError(
             "--tls implicit is for a relay's port 465; direct delivery takes "
-            "opportunistic (the default), starttls or none"
+            "policy (the default), dane, sts, opportunistic, starttls or none"
         )
     dns_timeout = args.dns_timeout if args.dns_timeout is not None else DNS_TIMEOUT
     # Check the DNS servers now (and that the system has some), not mid-send.
@@ -194,12 +203,14 @@ def destination(args: argparse.Namespace) -> Relay | Direct:
         dns_servers=args.dns_server,
         dns_timeout=dns_timeout,
         port=args.mx_port if args.mx_port is not None else MX_PORT,
-        tls=cast(TLSMode, args.tls or "opportunistic"),
+        tls=level_of(args.tls or "policy", "--tls"),
         helo=args.helo,
         per_domain=args.per_domain if args.per_domain is not None else PER_DOMAIN,
         batch_per_domain=bool(args.batch_per_domain),
         proxy=proxy_from_args(args),
         chunking=not args.no_chunking,
+        shaping=load_shaping_file(getattr(args, "shaping", None) or DEFAULT_SHAPING),
+        **direct_tls_settings(args),
     )
 
 
@@ -280,7 +291,7 @@ def mailer_settings(args: argparse.Namespace) -> MailerSettings:
     """The :class:`asmtp.Mailer` settings for the options, checked."""
     if args.journal is not None:
         _check_journal(Path(args.journal), resume=bool(args.resume))
-    elif args.campaign is not None:
+    elif args.campaign is not None and getattr(args, "broker", None) is None:
         raise InputError("--campaign names the run in --journal: give --journal FILE")
     if args.ignore_identity and not args.resume:
         raise InputError("--ignore-identity goes with --resume")

@@ -18,19 +18,22 @@ from .._core.prepared import PreparedMessage
 from .._delivery.direct import DirectDelivery, plan_jobs
 from .._delivery.endpoint import default_helo
 from .._delivery.mailer import Job, Mailer
+from .._delivery.workers import Workers
 from ..config import Direct, Timeouts
 from .output import RunOutput
 from .plan import SendPlan
+from .workers import deliver_on_workers
 
 __all__ = ["DomainBatches", "deliver"]
 
 
-async def deliver(plan: SendPlan, out: RunOutput) -> None:
-    """Deliver every job; the first Ctrl-C stops taking new ones (those in flight finish
-    and are journaled), a second one stops at once."""
+async def deliver(plan: SendPlan, out: RunOutput, workers: Workers | None = None) -> None:
+    """Deliver every job (on ``workers`` when given: ``--workers``); the first Ctrl-C
+    stops taking new ones (those in flight finish and are journaled), a second one stops
+    at once."""
     loop = asyncio.get_running_loop()
     scope = anyio.CancelScope()
-    mailer: Mailer | DomainBatches | None = None
+    mailer: Mailer | DomainBatches | Workers | None = None
 
     def interrupted() -> None:
         out.interrupts += 1
@@ -52,7 +55,10 @@ async def deliver(plan: SendPlan, out: RunOutput) -> None:
     try:
         with scope:
             direct = plan.domain_batches
-            if direct is not None:
+            if workers is not None:
+                mailer = workers
+                await deliver_on_workers(workers, out)
+            elif direct is not None:
                 mailer = batches = DomainBatches(
                     direct,
                     concurrency=settings.concurrency,
@@ -63,6 +69,7 @@ async def deliver(plan: SendPlan, out: RunOutput) -> None:
                 await batches.run(list(plan.jobs()), out)
             else:
                 async with settings.mailer() as mailer:
+                    out.sites = mailer.sites
                     out.started()
                     async for result in mailer.deliver(out.counted(plan.jobs())):
                         out.add(result, mailer.skipped)

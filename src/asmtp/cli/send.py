@@ -24,10 +24,12 @@ from typing import Any
 from .._core.address import parse_address_list
 from .._core.prepared import prepare_envelope
 from .._core.sanitize import printable
+from .._core.tlsmap import TLS_LEVELS
 from .._delivery.session import enable_debug
 from ..config import TLS_MODES
 from ..errors import InputError, JournalIdentityError, JournalRefusedError, SMTPError
 from .bulk import plan_recipients_file
+from .campaign import add_broker_options, check_broker, deliver_campaign
 from .options import (
     EXIT_FAILED,
     add_dns_server,
@@ -54,6 +56,8 @@ from .plan import (
     message_parts,
 )
 from .run import deliver
+from .tlsrpt import add_tls_policy_options, save_tls_report
+from .workers import add_workers_option, start_workers
 
 __all__ = ["add_send_parser", "as_flags", "cmd_send", "plan_send"]
 
@@ -180,15 +184,24 @@ def add_send_parser(sub: Any) -> None:
         default=None,
         help="recipients of one domain share transactions",
     )
+    direct.add_argument(
+        "--shaping",
+        metavar="FILE",
+        help="how delivery adapts to each site (the MX hosts domains share): sessions, "
+        "rates, reuse, rules by reply, from a TOML file; 'default' (the built-in settings, "
+        "used without this flag) or 'off' (fixed --per-domain limits, a session per job)",
+    )
     add_dns_timeout(direct, default=None)
+    add_tls_policy_options(direct)
 
     common = send.add_argument_group("delivery and output")
     common.add_argument(
         "--tls",
-        choices=TLS_MODES,
+        choices=sorted({*TLS_MODES, *TLS_LEVELS}),
         default=None,
-        help="relay default: implicit on port 465, else starttls; "
-        "direct default: opportunistic (implicit is not allowed)",
+        help="relay default: implicit on port 465, else starttls; direct default: "
+        "policy (DANE with --trust-ad, else MTA-STS, else opportunistic; also dane, "
+        "sts, opportunistic, starttls, none)",
     )
     common.add_argument("--helo", metavar="NAME", help="the name to greet with (EHLO)")
     common.add_argument(
@@ -204,6 +217,7 @@ def add_send_parser(sub: Any) -> None:
         metavar="N",
         help="sessions open at once (default 100)",
     )
+    add_workers_option(common)
     add_timeout(common)
     common.add_argument("--debug", action="store_true", help="the SMTP transcript on stderr")
     common.add_argument(
@@ -240,6 +254,7 @@ def add_send_parser(sub: Any) -> None:
         help="name the run in --journal: a --resume run must give the same NAME, and may "
         "then change the message (default: the run is --from and the message's template)",
     )
+    add_broker_options(bulk)
     bulk.add_argument(
         "--ignore-identity",
         action="store_true",
@@ -303,6 +318,7 @@ def add_send_parser(sub: Any) -> None:
 def plan_send(args: argparse.Namespace) -> SendPlan:
     """Check every option and the whole recipients file; InputError before any I/O on
     the net (and before anything is sent)."""
+    check_broker(args)
     if args.resume and args.journal is None:
         raise InputError("--resume needs --journal FILE (the run to continue)")
     if args.skip_invalid and args.recipients is None:
@@ -360,11 +376,16 @@ def cmd_send(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise InputError(f"--log-file: cannot open {args.log_file!r}: {exc.strerror}") from exc
     out.log = log
+    # forked now, with the plan checked and before the event loop (and any thread) starts
+    workers = start_workers(args, plan)
     if show:
         out.progress = ProgressBar(plan.total, forced=bool(args.progress))
     error: SMTPError | None = None
     try:
-        run_loop(deliver(plan, out))
+        if args.broker is not None:  # queued for asmtp worker processes, and followed
+            run_loop(deliver_campaign(plan, out, args))
+        else:
+            run_loop(deliver(plan, out, workers))
     except JournalIdentityError as exc:  # nothing was sent: bad input, exit 2
         raise InputError(
             f"--journal: {exc.message}. Give a new --journal, or pass --ignore-identity to "
@@ -379,6 +400,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             out.progress.stop(out)
         if log is not None:
             log.close()
+        save_tls_report(args, plan.settings.relay)
     out.print_summary()
     if error is not None:
         print(f"asmtp: error: {printable(error.message)}", file=sys.stderr)
@@ -413,6 +435,7 @@ _FLAG_OF = {
     "client_key": "--client-key",
     "timeout": "--timeout",
     "concurrency": "--concurrency",
+    "tls": "--tls",
 }
 _API_NAMES = "|".join(re.escape(name) for name in sorted(_FLAG_OF, key=len, reverse=True))
 _API_FIELD = re.compile(f"^({_API_NAMES})(?=[: ])")
