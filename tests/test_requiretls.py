@@ -206,3 +206,42 @@ async def test_direct_skips_the_mx_without_requiretls_and_never_goes_unverified(
     assert "certificate" in r.tried[1].message
     assert plain.mail_lines == [] and wrong.sessions == 1 and wrong.mail_lines == []
     assert [line.split()[-1] for line in good.mail_lines] == ["REQUIRETLS"]
+
+
+def test_cli_requiretls_sends_the_parameter_or_refuses(
+    mini: list[MiniSMTP], ca: trustme.CA, tmp_path: Any
+) -> None:
+    """``asmtp send --requiretls``: the MAIL parameter to a relay that offers it; a relay
+    that does not gets no message and the run fails (exit 1, permanent 5.7.30)."""
+    from test_cli import asmtp_cli
+
+    pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    env = {"SSL_CERT_FILE": str(pem)}  # the trustme CA, as the system's trust store
+    offering, refusing = free_port("127.0.0.1"), free_port("127.0.0.1")
+    good = start(mini, ca, "127.0.0.1", offering, "localhost", requiretls=True)
+    bad = start(mini, ca, "127.0.0.1", refusing, "localhost", requiretls=False)
+    common = (
+        "--from",
+        "sender@client.test",
+        "--to",
+        "ann@example.test",
+        "--subject",
+        "s",
+        "--body",
+        "b",
+    )
+    sent = asmtp_cli("send", "--relay", f"localhost:{offering}", "--requiretls", *common, env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert [line.split()[-1] for line in good.mail_lines] == ["REQUIRETLS"]
+    refused = asmtp_cli(
+        "send", "--relay", f"localhost:{refusing}", "--requiretls", "--json", *common, env=env
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert "5.7.30" in refused.stdout
+    assert bad.mail_lines == []
+    queued = asmtp_cli(
+        "send", "--relay", f"localhost:{offering}", "--requiretls", "--broker",
+        "redis://127.0.0.1:1/0", "--campaign", "c", *common, env=env,
+    )  # fmt: skip
+    assert queued.returncode == 2 and "--requiretls does not go with --broker" in queued.stderr

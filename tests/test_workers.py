@@ -416,3 +416,45 @@ def test_workers_refusals() -> None:
 
     with pytest.raises(asmtp.RunningLoopError, match="before the event loop"):
         asyncio.run(inside_a_loop())
+
+
+def test_a_workers_mailer_keeps_every_setting_that_is_not_the_parents() -> None:
+    """Each worker builds its own Mailer from the one given to Workers: every setting
+    that is not the parent's to hold (the journal, the global rate, the concurrency
+    shared out) must reach it, or a worker would send differently (e.g. without
+    REQUIRETLS)."""
+    from asmtp._delivery.worker_process import _worker_mailer
+
+    relay = asmtp.Relay("127.0.0.1", 2525, tls="none")
+    given = asmtp.Mailer(
+        relay,
+        timeout=7.0,
+        retry=asmtp.Retry(attempts=5),
+        rate_per_domain="5/s",
+        recipient_deadline=60.0,
+        dsn=asmtp.DSN(),
+        requiretls=True,
+        unsubscribe="https://example.test/u?r={recipient}",
+        verp="bounces+{token}@example.test",
+        suppress=["gone@example.test"],
+    )
+    worker = _worker_mailer(given, 3, None, None)
+    kept = [
+        "relay",
+        "timeouts",
+        "retry",
+        "rate_per_domain",
+        "recipient_deadline",
+        "dsn",
+        "requiretls",
+        "unsubscribe",
+        "verp",
+        "dkim",
+        "debug",
+        "suppress",
+        "pool",
+    ]
+    assert {name: getattr(worker, name) for name in kept} == {
+        name: getattr(given, name) for name in kept
+    }
+    assert worker.concurrency == 3

@@ -478,6 +478,7 @@ def _worker_mailer(
         shared_limits=limits,
         recipient_deadline=settings.recipient_deadline,
         dsn=settings.dsn,
+        requiretls=settings.requiretls,
         unsubscribe=settings.unsubscribe,
         verp=settings.verp,
         pool=settings.pool or False,

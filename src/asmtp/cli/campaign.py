@@ -207,6 +207,11 @@ def check_broker(args: argparse.Namespace) -> None:
         raise InputError(f"--broker must be a redis:// URL: {args.broker!r}")
     if args.campaign is None:
         raise InputError("--broker needs --campaign NAME (the campaign's name in Redis)")
+    if getattr(args, "requiretls", False):
+        raise InputError(
+            "--requiretls does not go with --broker yet: the workers' settings come from "
+            "Redis, which does not carry it (set requiretls=True in your workers' Mailer)"
+        )
     for flag, value in (
         ("--journal", args.journal),
         ("--resume", args.resume),

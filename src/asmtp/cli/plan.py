@@ -261,6 +261,7 @@ class MailerSettings:
     campaign: str | None = None
     ignore_identity: bool = False
     dsn: DSN | None = None
+    requiretls: bool = False
     unsubscribe: str | None = None
     verp: str | None = None
     debug: bool = False
@@ -280,6 +281,7 @@ class MailerSettings:
             campaign=self.campaign,
             ignore_identity=self.ignore_identity,
             dsn=self.dsn,
+            requiretls=self.requiretls,
             unsubscribe=self.unsubscribe,
             verp=self.verp,
             debug=self.debug,
@@ -321,6 +323,7 @@ def mailer_settings(args: argparse.Namespace) -> MailerSettings:
         campaign=args.campaign,
         ignore_identity=bool(args.ignore_identity),
         dsn=DSN() if args.dsn else None,
+        requiretls=bool(getattr(args, "requiretls", False)),
         unsubscribe=unsubscribe,
         verp=args.verp,
         debug=args.debug,

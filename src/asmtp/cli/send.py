@@ -209,6 +209,12 @@ def add_send_parser(sub: Any) -> None:
         action="store_true",
         help="send with DATA even where the server offers CHUNKING (BDAT)",
     )
+    common.add_argument(
+        "--requiretls",
+        action="store_true",
+        help="REQUIRETLS (RFC 8689): send only over authenticated TLS to servers that "
+        "offer REQUIRETLS, and ask every later hop to do the same",
+    )
     add_proxy(common)
     common.add_argument(
         "--concurrency",
