@@ -10,18 +10,16 @@ Owns those commands' options and output. The state is read through
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
-import signal
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 
 from ..errors import InputError, SMTPError
-from .options import EXIT_OK, positive_int, run_loop
+from .options import EXIT_OK, on_ctrl_c, positive_int, run_loop
 from .output import RunOutput
 from .plan import SendPlan
 
@@ -175,7 +173,6 @@ async def deliver_campaign(plan: SendPlan, out: RunOutput, args: argparse.Namesp
 def _interrupt(scope: anyio.CancelScope, out: RunOutput, name: str, broker: str) -> Iterator[None]:
     """The first Ctrl-C stops following the campaign (exit 130), and says how to look
     at it or stop it; the workers go on."""
-    loop = asyncio.get_running_loop()
 
     def interrupted() -> None:
         out.interrupts += 1
@@ -186,15 +183,8 @@ def _interrupt(scope: anyio.CancelScope, out: RunOutput, name: str, broker: str)
         )
         scope.cancel()
 
-    try:
-        loop.add_signal_handler(signal.SIGINT, interrupted)
-    except (NotImplementedError, RuntimeError, ValueError):  # no signals here: ^C raises
+    with on_ctrl_c(interrupted):
         yield
-        return
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
 
 
 def check_broker(args: argparse.Namespace) -> None:

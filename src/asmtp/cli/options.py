@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import re
+import signal
 import sys
 import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator
@@ -41,6 +42,7 @@ __all__ = [
     "host_port_or",
     "mail_domain",
     "non_negative_int",
+    "on_ctrl_c",
     "output",
     "password_from_env",
     "port",
@@ -413,3 +415,20 @@ def fit_open_files(concurrency: int, *, per_session: int = 2) -> int:
         flush=True,
     )
     return fitted
+
+
+@contextlib.contextmanager
+def on_ctrl_c(handler: Callable[[], None]) -> Iterator[None]:
+    """Inside the block Ctrl-C calls ``handler`` (in the running event loop), where the
+    loop can take signal handlers; elsewhere (not the main thread, no signal support)
+    Ctrl-C raises KeyboardInterrupt as usual, which the commands handle."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGINT, handler)
+    except (NotImplementedError, RuntimeError, ValueError):  # no signals here: ^C raises
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)

@@ -8,8 +8,6 @@ journal stays complete); a second stops at once. Layer 6: may import any layer b
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from collections.abc import Sequence
 
 import anyio
@@ -20,6 +18,7 @@ from .._delivery.endpoint import default_helo
 from .._delivery.mailer import Job, Mailer
 from .._delivery.workers import Workers
 from ..config import Direct, Timeouts
+from .options import on_ctrl_c
 from .output import RunOutput
 from .plan import SendPlan
 from .workers import deliver_on_workers
@@ -31,7 +30,6 @@ async def deliver(plan: SendPlan, out: RunOutput, workers: Workers | None = None
     """Deliver every job (on ``workers`` when given: ``--workers``); the first Ctrl-C
     stops taking new ones (those in flight finish and are journaled), a second one stops
     at once."""
-    loop = asyncio.get_running_loop()
     scope = anyio.CancelScope()
     mailer: Mailer | DomainBatches | Workers | None = None
 
@@ -46,14 +44,9 @@ async def deliver(plan: SendPlan, out: RunOutput, workers: Workers | None = None
         else:
             scope.cancel()
 
-    try:
-        loop.add_signal_handler(signal.SIGINT, interrupted)
-        installed = True
-    except (NotImplementedError, RuntimeError, ValueError):  # no signals here: ^C raises
-        installed = False
     settings = plan.settings
     try:
-        with scope:
+        with on_ctrl_c(interrupted), scope:
             direct = plan.domain_batches
             if workers is not None:
                 mailer = workers
@@ -76,8 +69,6 @@ async def deliver(plan: SendPlan, out: RunOutput, workers: Workers | None = None
     finally:
         if mailer is not None:
             out.skipped = mailer.skipped
-        if installed:
-            loop.remove_signal_handler(signal.SIGINT)
         if scope.cancel_called:
             out.notice("asmtp: stopped at once")
 
