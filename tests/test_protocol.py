@@ -187,6 +187,96 @@ def test_greeting_ehlo_and_one_pipelined_transaction() -> None:
     assert proto.state is State.CLOSED
 
 
+def test_envelope_is_mail_rcpts_and_data_in_one_piece() -> None:
+    lines: list[str] = []
+    one_by_one = greeted()
+    out = one_by_one.mail("a@example.com", ["SIZE=100"])
+    out += one_by_one.rcpt("b@example.org", ["NOTIFY=NEVER"]) + one_by_one.rcpt("c@example.org")
+    out += one_by_one.data()
+    at_once = greeted()
+    at_once.trace = lines.append
+    assert (
+        at_once.envelope(
+            "a@example.com",
+            ["b@example.org", "c@example.org"],
+            ["SIZE=100"],
+            [["NOTIFY=NEVER"], []],
+        )
+        == out
+    )
+    assert lines == [
+        "> MAIL FROM:<a@example.com> SIZE=100",
+        "> RCPT TO:<b@example.org> NOTIFY=NEVER",
+        "> RCPT TO:<c@example.org>",
+        "> DATA",
+    ]
+    # the same replies take both to the same place
+    for proto in (one_by_one, at_once):
+        proto.receive_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no such user\r\n354 go\r\n")
+        codes = []
+        while (r := proto.next_reply()) is not NEED_DATA:
+            assert isinstance(r, Reply)
+            codes.append(r.code)
+        assert codes == [250, 250, 550, 354]
+        assert proto.state is State.DATA
+
+
+@pytest.mark.parametrize(
+    ("sender", "recipients", "rcpt_params", "named"),
+    [
+        ("a@example.com\r\nRSET", ["b@example.org"], None, "MAIL"),
+        ("a@example.com", ["b@example.org", "c\0@example.org"], None, "RCPT"),
+        ("a@example.com", ["b@example.org"], [["NOTIFY=NEVER\nQUIT"]], "RCPT"),
+    ],
+)
+def test_envelope_refuses_cr_lf_nul_and_sends_nothing(
+    sender: str, recipients: list[str], rcpt_params: list[list[str]] | None, named: str
+) -> None:
+    proto = greeted()
+    with pytest.raises(LocalProtocolError, match=f"{named} argument holds"):
+        proto.envelope(sender, recipients, (), rcpt_params)
+    assert proto.awaiting is None  # nothing was counted as sent: a clean transaction may follow
+    assert proto.envelope("a@example.com", ["b@example.org"]).startswith(b"MAIL FROM:")
+
+
+def test_envelope_keeps_the_rules_of_its_commands() -> None:
+    with pytest.raises(LocalProtocolError, match="without PIPELINING"):
+        greeted(b"250-mx.example.org\r\n250 SIZE 1000\r\n").envelope("a@x.org", ["b@x.org"])
+    proto = greeted()
+    with pytest.raises(LocalProtocolError, match="DATA without MAIL and RCPT"):
+        proto.envelope("a@example.com", [])
+    with pytest.raises(LocalProtocolError, match="SMTPUTF8"):
+        proto.envelope("a@example.com", ["jöran@example.org"])
+    assert proto.awaiting is None
+    proto.envelope("a@example.com", ["jöran@example.org"], ["SMTPUTF8"], smtputf8=True)
+    with pytest.raises(LocalProtocolError, match="cannot send MAIL while awaiting"):
+        proto.envelope("a@example.com", ["b@example.org"])  # DATA ended the group
+
+
+def test_a_reply_of_many_lines_known_whole_still_meets_each_parsers_limits() -> None:
+    # A parser with the default limits parses (and remembers) an EHLO reply; a stricter
+    # parser fed the same octets still refuses them.
+    for _ in range(2):
+        first = ReplyParser()
+        first.feed(EHLO_REPLY)
+        assert first.next_reply().lines[-1] == "SMTPUTF8"  # type: ignore[union-attr]
+    few_lines = ReplyParser(max_lines=3)
+    few_lines.feed(EHLO_REPLY)
+    with pytest.raises(RemoteProtocolError, match="3 lines"):
+        few_lines.next_reply()
+    short_lines = ReplyParser(max_line=30)
+    short_lines.feed(EHLO_REPLY)
+    with pytest.raises(RemoteProtocolError, match="longer than 30"):
+        short_lines.next_reply()
+    # and a known reply followed by more is taken one reply at a time
+    more = ReplyParser()
+    more.feed(EHLO_REPLY + b"250 2.1.0 Ok\r\n")
+    assert [more.next_reply(), more.next_reply(), more.next_reply()][1:] == [
+        Reply(250, ("2.1.0 Ok",)),
+        NEED_DATA,
+    ]
+
+
 def test_no_pipelining_means_one_command_at_a_time() -> None:
     proto = greeted(b"250-mx.example.org\r\n250 SIZE 1000\r\n")
     proto.mail("a@example.com")

@@ -20,6 +20,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Final
 
 from .reply import Reply
 
@@ -76,7 +77,7 @@ class Capabilities:
         return tuple(seen)
 
 
-_FLAGS = (
+_FLAGS: Final = (
     ("pipelining", "PIPELINING"),
     ("starttls", "STARTTLS"),
     ("eight_bit_mime", "8BITMIME"),
@@ -112,4 +113,4 @@ def _from_ehlo_lines(lines: tuple[str, ...]) -> Capabilities:
     return Capabilities(MappingProxyType(ext))
 
 
-_HELO = Capabilities(MappingProxyType({}), esmtp=False)
+_HELO: Final = Capabilities(MappingProxyType({}), esmtp=False)

@@ -73,7 +73,7 @@ from ..errors import (
     Stage,
 )
 from .capabilities import Capabilities
-from .reply import Reply, ReplyParser, _NeedData
+from .reply import NEED_DATA, Reply, ReplyParser, _NeedData
 
 __all__ = ["AUTH_CONTINUE", "SUCCESS_CODES", "ClientProtocol", "State"]
 
@@ -186,7 +186,7 @@ _NAMES: Final[Mapping[Stage, str]] = {
     "greeting": "the greeting",
     "message": "the end of data",
 }
-_BAD_CHAR = re.compile("[\r\n\0]")
+_BAD_CHAR: Final = re.compile("[\r\n\0]")
 
 
 class ClientProtocol:
@@ -211,6 +211,7 @@ class ClientProtocol:
         "_txn",
         "authenticated",
         "capabilities",
+        "inbox",
         "lmtp",
         "state",
         "tls",
@@ -221,6 +222,10 @@ class ClientProtocol:
         self, *, trace: Trace | None = None, tls: bool = False, lmtp: bool = False
     ) -> None:
         self._parser = ReplyParser()
+        #: the bytes received and not parsed yet: a driver may append what it reads
+        #: here (``proto.inbox += data``) as :meth:`receive_data` does, without a call
+        #: per read; the end of the stream still goes through ``receive_data(b"")``
+        self.inbox = self._parser.buffer
         self._pending: deque[Stage] = deque(("greeting",))
         self._txn = False  # a MAIL has been sent and not yet closed (projected state)
         self._rcpts = 0  # RCPTs sent in the open transaction
@@ -258,6 +263,8 @@ class ClientProtocol:
         :data:`SUCCESS_CODES`) raises :class:`~asmtp.errors.RemoteProtocolError` and
         closes the session."""
         parser = self._parser
+        if not self.inbox and not parser.eof:
+            return NEED_DATA  # the common case after writing a command: no call below
         try:
             reply = parser.next_reply()
         except RemoteProtocolError as exc:
@@ -503,6 +510,58 @@ class ClientProtocol:
         self._rcpts += 1
         tail = " " + " ".join(params) if params else ""
         return self._command("rcpt", f"RCPT TO:<{recipient}>{tail}")
+
+    def envelope(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        params: Sequence[str] = (),
+        rcpt_params: Sequence[Sequence[str]] | None = None,
+        *,
+        smtputf8: bool = False,
+    ) -> bytes:
+        """MAIL, a RCPT for each recipient (with ``rcpt_params[i]``, if given) and DATA
+        as one pipelined group (RFC 2920), for one write: the bytes and every check of
+        :meth:`mail`, :meth:`rcpt` and :meth:`data` in turn, made at once. Needs
+        PIPELINING (as any of them sent behind another does)."""
+        if not self.capabilities.pipelining:
+            raise LocalProtocolError("cannot send MAIL, RCPT and DATA at once without PIPELINING")
+        self._check("mail")
+        if self._txn:
+            raise LocalProtocolError("MAIL while a mail transaction is open")
+        if not recipients:
+            raise LocalProtocolError("DATA without MAIL and RCPT")
+        params = tuple(params)
+        tail = " " + " ".join(params) if params else ""
+        lines = [f"MAIL FROM:<{sender}>{tail}"]
+        if rcpt_params is None:
+            lines += [f"RCPT TO:<{r}>" for r in recipients]
+        else:
+            lines += [
+                f"RCPT TO:<{r}> {' '.join(p)}" if p else f"RCPT TO:<{r}>"
+                for r, p in zip(recipients, rcpt_params, strict=True)
+            ]
+        if _BAD_CHAR.search("".join(lines)) is not None:  # one search; then name the value
+            self._clean("mail", sender, *params)
+            for r, p in zip(recipients, rcpt_params or [()] * len(recipients), strict=True):
+                self._clean("rcpt", r, *p)
+        text = "\r\n".join(lines)
+        try:
+            data = (text + "\r\nDATA\r\n").encode("utf-8" if smtputf8 else "ascii")
+        except UnicodeEncodeError as exc:
+            raise LocalProtocolError(f"MAIL needs SMTPUTF8 for non-ASCII text: {text!r}") from exc
+        if self.trace is not None:
+            for line in lines:
+                self.trace(f"> {line}")
+            self.trace("> DATA")
+        pending = self._pending
+        pending.append("mail")
+        pending.extend(["rcpt"] * len(recipients))
+        pending.append("data")
+        self._smtputf8 = smtputf8
+        self._txn = True
+        self._rcpts = len(recipients)
+        return data
 
     def data(self) -> bytes:
         self._check("data")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Final
 
 from ..errors import RemoteProtocolError
 
@@ -17,18 +18,18 @@ __all__ = ["MAX_LINE", "MAX_LINES", "NEED_DATA", "Reply", "ReplyParser"]
 
 #: longest reply line accepted, CRLF included (RFC 5321 4.5.3.1.5 says 512; servers
 #: exceed it in EHLO and error texts, so allow headroom but stay bounded).
-MAX_LINE = 8192
+MAX_LINE: Final = 8192
 #: most lines in one reply (an EHLO reply has one per extension).
-MAX_LINES = 256
+MAX_LINES: Final = 256
 
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_ENHANCED: Final = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 #: Replies already parsed, by their octets on the wire: a server says the same greeting,
 #: EHLO and "250 2.1.0 Ok" to every session, so each wording is parsed once (a Reply is
 #: never changed once made, so one can be shared). Bounded in count and in size.
-_SEEN: dict[bytes, Reply] = {}
-_SEEN_MOST = 1024
-_SEEN_LONGEST = 2048
+_SEEN: Final[dict[bytes, Reply]] = {}
+_SEEN_MOST: Final = 1024
+_SEEN_LONGEST: Final = 2048
 
 
 class _NeedData:
@@ -39,7 +40,7 @@ class _NeedData:
 
 
 #: returned by :meth:`ReplyParser.next_reply` when no whole reply is buffered yet
-NEED_DATA = _NeedData()
+NEED_DATA: Final = _NeedData()
 
 
 class Reply:
@@ -118,10 +119,11 @@ class ReplyParser:
         Reply(250, ('mx.example.org', 'PIPELINING', 'SIZE 1000'))
     """
 
-    __slots__ = ("_buf", "_count", "_scan", "eof", "max_line", "max_lines")
+    __slots__ = ("_buf", "_count", "_scan", "buffer", "eof", "max_line", "max_lines")
 
     def __init__(self, *, max_line: int = MAX_LINE, max_lines: int = MAX_LINES) -> None:
-        self._buf = bytearray()
+        #: the bytes fed and not parsed yet (appending here is feeding them)
+        self.buffer = self._buf = bytearray()
         self._scan = 0  # where the scan for the end of the current reply resumes
         self._count = 0  # lines of the current reply scanned so far
         self.eof = False
@@ -154,14 +156,27 @@ class ReplyParser:
         if not self._scan:
             # Fast path: most replies are one line ("250 2.1.0 Ok\r\n"), and seen before.
             end = buf.find(b"\n")
-            if 4 <= end <= self.max_line and buf[3] == 0x20:
-                raw = bytes(buf[: end + 1])
-                reply = _SEEN.get(raw)
-                if reply is None:
-                    reply = _one_line(raw, end)
-                if reply is not None:
-                    del buf[: end + 1]
-                    return reply
+            if 4 <= end <= self.max_line:
+                if buf[3] == 0x20:
+                    raw = bytes(buf[: end + 1])
+                    reply = _SEEN.get(raw)
+                    if reply is None:
+                        reply = _one_line(raw, end)
+                    if reply is not None:
+                        del buf[: end + 1]
+                        return reply
+                elif buf[3] == 0x2D and len(buf) <= _SEEN_LONGEST:
+                    # A reply of several lines (EHLO's) that is all there is and was
+                    # seen before, whole: a key of _SEEN is one complete, valid reply
+                    # (within this parser's limits too, which may be other than its).
+                    reply = _SEEN.get(bytes(buf))
+                    if (
+                        reply is not None
+                        and len(buf) <= self.max_line
+                        and len(reply.lines) <= self.max_lines
+                    ):
+                        buf.clear()
+                        return reply
         return self._slow(buf)
 
     def _slow(self, buf: bytearray) -> Reply | _NeedData:

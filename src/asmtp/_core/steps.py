@@ -26,7 +26,7 @@ each holds views of the same bytes, not copies of them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 __all__ = [
     "GREETING",
@@ -47,7 +47,7 @@ Data = bytes | tuple[bytes | memoryview, ...]
 """What a step writes: bytes, or pieces written one after the other without waiting
 for a reply in between (RFC 2920 pipelining) and without being joined into a copy."""
 
-WRITE_BLOCK = 65536
+WRITE_BLOCK: Final = 65536
 """The most a driver hands its transport at once. Data up to this size is written in
 one piece (a small message and its pipelined QUIT: one write, one system call); larger
 data goes in blocks, each written once the kernel has taken the one before, so what
@@ -74,9 +74,9 @@ class Receive(NamedTuple):
 
 
 #: the greeting, read within the connect's step
-GREETING = Receive(None, same_step=True)
+GREETING: Final = Receive(None, same_step=True)
 
-_RECEIVES: dict[float | None, Receive] = {}
+_RECEIVES: Final[dict[float | None, Receive]] = {}
 
 
 def receive(timeout: float | None) -> Receive:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
 
 import anyio
 
 from .._core.prepared import PreparedMessage
-from .._io.anyio_driver import loop_clock
+from .._io.anyio_driver import loop_clock, running_loop
 from ..config import Timeouts
 from ..errors import SMTPError, deadline_passed
 from ..results import RecipientResult, internal_error, result_from_error
@@ -26,7 +27,7 @@ from .transaction import NO_EXTRAS, Extras
 
 __all__ = ["deliver_one", "run_pool", "run_session"]
 
-logger = logging.getLogger("asmtp")
+logger: Final = logging.getLogger("asmtp")
 
 Job = Sequence[int]  # indexes of the recipients one session carries
 
@@ -75,7 +76,8 @@ async def run_session(
     transaction), then QUIT. Returns the results, in ``recipients`` order, and the
     error that ended the session early, if one did. ``deadline`` (event loop time)
     cuts the whole session short."""
-    clock = loop_clock()
+    loop = running_loop()  # asked once: on Python 3.11 each asking is a system call
+    clock = loop_clock(loop)
     t0 = clock() if started is None else started
     refused = endpoint.auth_cache.refusal()
     if refused is not None:
@@ -96,11 +98,11 @@ async def run_session(
     )
     try:
         if deadline is None:  # the fan-out's case: no cancel scope
-            conn = await session.open()
+            conn = await session.open(loop=loop)
             await conn.run(steps)
         else:
             with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
-                conn = await session.open()
+                conn = await session.open(loop=loop)
                 await conn.run(steps)
     except Exception as exc:
         session.abort()

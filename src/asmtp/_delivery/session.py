@@ -24,12 +24,13 @@ ends (see :class:`Session`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from .._core.prepared import PreparedMessage
 from .._core.protocol import AUTH_CONTINUE, SUCCESS_CODES, ClientProtocol, State
@@ -57,6 +58,7 @@ from .transaction import (
     SessionState,
     StageObserver,
     reply_error,
+    transaction,
     transaction_steps,
 )
 
@@ -69,13 +71,13 @@ __all__ = [
     "hello",
 ]
 
-logger = logging.getLogger("asmtp")
+logger: Final = logging.getLogger("asmtp")
 
 _session_ids = 0  # numbers sessions in the transcript, so interleaved ones can be told apart
 
 #: a recipient's "delivered": the end of data's success replies, from the one table in
 #: asmtp._core.protocol (the other commands' are looked up there as they are checked)
-_MESSAGE_OK = SUCCESS_CODES["message"]
+_MESSAGE_OK: Final = SUCCESS_CODES["message"]
 
 T = TypeVar("T")
 
@@ -90,7 +92,7 @@ def enable_debug() -> None:
     logger.setLevel(logging.DEBUG)
 
 
-_NO_REFUSALS: Mapping[str, Reply] = {}
+_NO_REFUSALS: Final[Mapping[str, Reply]] = {}
 
 
 class Session(SessionState):
@@ -125,6 +127,8 @@ class Session(SessionState):
     ) -> None:
         self.endpoint = endpoint
         self.timeouts = timeouts
+        self.wait_reply = receive(timeouts.command)
+        self.wait_end = receive(timeouts.data_end)
         self.on_stage = on_stage
         # Asked only with an observer (the loop's clock costs a system call to find).
         self._clock = clock if clock is not None or on_stage is None else loop_clock()
@@ -166,10 +170,13 @@ class Session(SessionState):
         conn = await self.open(sock)
         await conn.run(self.greet())
 
-    async def open(self, sock: socket.socket | None = None) -> AnyConnection:
+    async def open(
+        self, sock: socket.socket | None = None, *, loop: asyncio.AbstractEventLoop | None = None
+    ) -> AnyConnection:
         """Open the connection (trying each of the endpoint's addresses in turn, or its
         Unix socket), with implicit TLS if configured; the greeting is left for
-        :meth:`greet`."""
+        :meth:`greet`. ``loop``: the running asyncio loop, when the caller has it
+        (each asking costs a system call on Python 3.11)."""
         ep = self.endpoint
         implicit = ep.tls == "implicit"
         one = sock is not None or ep.path is not None
@@ -193,7 +200,7 @@ class Session(SessionState):
             if ep.path is not None:
                 options["path"] = ep.path
             try:
-                self._conn = await open_best(self.proto, ep.host, ep.port, **options)
+                self._conn = await open_best(self.proto, ep.host, ep.port, loop=loop, **options)
                 break
             except ConnectError as exc:
                 last = exc
@@ -228,7 +235,7 @@ class Session(SessionState):
         self.stage = "lhlo" if self.proto.lmtp else "ehlo"
         if self.on_stage is not None:
             self._mark(self.stage)
-        yield from hello(self.proto, self.endpoint.helo, self.timeouts.command)
+        return hello(self.proto, self.endpoint.helo, self.timeouts.command)  # no level around
 
     def _starttls(self) -> Steps[None]:
         ep = self.endpoint
@@ -387,12 +394,16 @@ class Session(SessionState):
         clock: Callable[[], float],
     ) -> Steps[list[RecipientResult]]:
         try:
-            refused, final = yield from transaction_steps(
-                self, sender, recipients, message, extras, last
-            )
+            final = yield from transaction(self, sender, recipients, message, extras, last)
         except SMTPError as exc:
             return self.cut_short(recipients, exc, clock() - started)
-        elapsed = clock() - started
+        return self._results(recipients, final, clock() - started)
+
+    def _results(
+        self, recipients: Sequence[str], final: Reply, elapsed: float
+    ) -> list[RecipientResult]:
+        """One result per recipient of a transaction that ended with ``final``."""
+        refused = self._refused
         host, tls = self.endpoint.host, self.tls
         answered = self._answered  # LMTP: each accepted recipient's own reply
         results = []
@@ -456,7 +467,13 @@ class Session(SessionState):
         yield from self.greet()
         pending = list(recipients)
         while pending:
-            got = yield from self._deliver(sender, pending, message, started, extras, True, clock)
+            # _deliver's steps, inline: a generator level fewer for every reply.
+            try:
+                final = yield from transaction(self, sender, pending, message, extras, True)
+            except SMTPError as exc:
+                got = self.cut_short(pending, exc, clock() - started)
+            else:
+                got = self._results(pending, final, clock() - started)
             pending = _go_again(got, results, self.proto.closed)
         try:
             yield from self.quit_steps()
@@ -485,7 +502,7 @@ class Session(SessionState):
         when the session is past saying QUIT."""
         proto = self.proto
         if proto.awaiting == "quit":  # pipelined after the last message
-            step: Command | Receive = receive(self.timeouts.command)
+            step: Command | Receive = self.wait_reply
         elif proto.state in (State.READY, State.MAIL, State.CONNECTED, State.REFUSED):
             step = Command(proto.quit(), self.timeouts.command)
         else:

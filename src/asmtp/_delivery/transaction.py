@@ -20,13 +20,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from .._core.prepared import PreparedMessage
 from .._core.protocol import SUCCESS_CODES, ClientProtocol
 from .._core.reply import Reply
 from .._core.requiretls import requiretls_refusal
-from .._core.steps import Await, Command, Send, Steps, receive
+from .._core.steps import Await, Command, Receive, Send, Steps
 from .._io.anyio_driver import AnyConnection
 from ..config import DSN, Timeouts
 from ..errors import ConnectionLostError, MessageRejectedError, ReplyError, SMTPError, Stage
@@ -40,19 +40,20 @@ __all__ = [
     "SessionState",
     "StageObserver",
     "reply_error",
+    "transaction",
     "transaction_steps",
 ]
 
 # Each command's success replies, from the one table in asmtp._core.protocol.
-_MAIL_OK = SUCCESS_CODES["mail"]
-_RCPT_OK = SUCCESS_CODES["rcpt"]
-_DATA_OK = SUCCESS_CODES["data"]
-_BDAT_OK = SUCCESS_CODES["bdat"]
-_MESSAGE_OK = SUCCESS_CODES["message"]
-_RSET_OK = SUCCESS_CODES["rset"]
+_MAIL_OK: Final = SUCCESS_CODES["mail"]
+_RCPT_OK: Final = SUCCESS_CODES["rcpt"]
+_DATA_OK: Final = SUCCESS_CODES["data"]
+_BDAT_OK: Final = SUCCESS_CODES["bdat"]
+_MESSAGE_OK: Final = SUCCESS_CODES["message"]
+_RSET_OK: Final = SUCCESS_CODES["rset"]
 
 #: the end-of-data reply of a transaction in which no recipient was accepted
-NO_DATA = Reply(554, ("5.5.1 no valid recipients",))
+NO_DATA: Final = Reply(554, ("5.5.1 no valid recipients",))
 
 StageObserver = Callable[[Stage | Literal["idle"], float], None]
 """``on_stage(stage, at)``: called by a :class:`Session <asmtp._delivery.session.Session>`
@@ -73,7 +74,7 @@ class Extras:
     requiretls: bool = False
 
 
-NO_EXTRAS: Extras = Extras()
+NO_EXTRAS: Final[Extras] = Extras()
 
 
 def reply_error(reply: Reply, stage: Stage) -> ReplyError:
@@ -87,6 +88,10 @@ class SessionState:
 
     endpoint: Endpoint
     timeouts: Timeouts
+    #: the steps that wait for a reply within the command timeout, and for the end of
+    #: data's within its own (made once per session: ``receive(timeouts.command)``...)
+    wait_reply: Receive
+    wait_end: Receive
     proto: ClientProtocol
     #: told as each stage begins, with the time from ``_clock`` (see StageObserver)
     on_stage: StageObserver | None
@@ -127,10 +132,26 @@ def transaction_steps(
     last: bool = False,
 ) -> Steps[tuple[dict[str, Reply], Reply]]:
     """One mail transaction on ``s``: the refused recipients (with their RCPT reply) and
-    the reply to the end of data. Raises an :class:`~asmtp.errors.SMTPError` when the
-    transaction as a whole fails (MAIL or DATA refused, no recipient accepted, the
-    connection lost); ``s.stage`` and ``s.dot_sent`` say where. ``last``: the session's
-    last transaction, after which QUIT may ride along with the content.
+    the reply to the end of data (see :func:`transaction`)."""
+    final = yield from transaction(s, sender, recipients, message, extras, last)
+    return s._refused, final
+
+
+def transaction(
+    s: SessionState,
+    sender: str,
+    recipients: Sequence[str],
+    message: PreparedMessage,
+    extras: Extras = NO_EXTRAS,
+    last: bool = False,
+) -> Steps[Reply]:
+    """One mail transaction on ``s``: the steps, which return the reply to the end of
+    data, the refused recipients being in ``s._refused`` (with their RCPT reply).
+    Raises an :class:`~asmtp.errors.SMTPError` when the transaction as a whole fails
+    (MAIL or DATA refused, no recipient accepted, the connection lost); ``s.stage``
+    and ``s.dot_sent`` say where. What fails before a command is sent (SIZE, 8BITMIME,
+    SMTPUTF8, REQUIRETLS) raises here, at the call. ``last``: the session's last
+    transaction, after which QUIT may ride along with the content.
 
     With LMTP each accepted recipient's own reply to the end of data is in
     ``s._answered`` (see :func:`_per_recipient`), and the reply returned is the first
@@ -155,17 +176,19 @@ def transaction_steps(
     s.stage = "mail"
     if s.on_stage is not None:
         s._mark("mail")
-    if s._needs_rset:
-        reply: Reply = yield Command(proto.rset(), s.timeouts.command)
-        if reply.code not in _RSET_OK:
-            raise reply_error(reply, "mail")
-        s._needs_rset = False
     t = _Transaction(sender, recipients, message, params, utf8, dsn, extras, last, refused)
+    # The generator of the steps, not one around it: a level fewer for every reply.
     if s.endpoint.chunking and "CHUNKING" in proto.capabilities.extensions:
-        final = yield from _by_bdat(s, t)
-    else:
-        final = yield from _by_data(s, t)
-    return refused, final
+        return _by_bdat(s, t)
+    return _by_data(s, t)
+
+
+def _rset(s: SessionState) -> Steps[None]:
+    """RSET before the next MAIL, when a failed transaction may still be open."""
+    reply: Reply = yield Command(s.proto.rset(), s.timeouts.command)
+    if reply.code not in _RSET_OK:
+        raise reply_error(reply, "mail")
+    s._needs_rset = False
 
 
 def _mail_params(
@@ -245,6 +268,14 @@ class _Transaction:
     def mail(self, proto: ClientProtocol) -> bytes:
         return proto.mail(self.sender, self.params, smtputf8=self.utf8)
 
+    def envelope(self, proto: ClientProtocol) -> bytes:
+        """MAIL, every RCPT and DATA, for one pipelined write (RFC 2920)."""
+        dsn = self.dsn
+        rcpt_params = None if dsn is None else [dsn.rcpt_params(r) for r in self.recipients]
+        return proto.envelope(
+            self.sender, self.recipients, self.params, rcpt_params, smtputf8=self.utf8
+        )
+
     def mail_and_rcpts(self, proto: ClientProtocol) -> bytes:
         """MAIL and every RCPT, for one pipelined write (RFC 2920)."""
         # MAIL first: the protocol takes the commands in the order they are sent.
@@ -275,7 +306,7 @@ def _rcpt_replies(s: SessionState, t: _Transaction, pipelined: bool) -> Steps[No
         s._mark("rcpt")
     for rcpt in t.recipients:
         if pipelined:
-            reply: Reply = yield receive(command)
+            reply: Reply = yield s.wait_reply
         else:
             rcpt_params = dsn.rcpt_params(rcpt) if dsn is not None else ()
             reply = yield Command(proto.rcpt(rcpt, rcpt_params), command)
@@ -307,16 +338,18 @@ def _by_data(s: SessionState, t: _Transaction) -> Steps[Reply]:
     timeouts = s.timeouts
     command = timeouts.command
     refused = t.refused
+    if s._needs_rset:
+        yield from _rset(s)
     if proto.capabilities.pipelining:
         # RFC 2920: MAIL, every RCPT and DATA in one write; then check every reply.
-        mail_reply: Reply = yield Command(t.mail_and_rcpts(proto) + proto.data(), command)
+        mail_reply: Reply = yield Command(t.envelope(proto), command)
         if proto.closed:
             raise reply_error(mail_reply, "mail")
         yield from _rcpt_replies(s, t, True)
         s.stage = "data"
         if s.on_stage is not None:
             s._mark("data")
-        data_reply: Reply = yield receive(command)
+        data_reply: Reply = yield s.wait_reply
         if mail_reply.code not in _MAIL_OK:
             refused.clear()  # the RCPTs' replies (503) answered no transaction
             s._needs_rset = data_reply.code in _DATA_OK
@@ -351,7 +384,7 @@ def _by_data(s: SessionState, t: _Transaction) -> Steps[Reply]:
     yield Send(content, timeouts.data_block, True)
     s.dot_sent = True
     try:
-        final: Reply = yield receive(timeouts.data_end)
+        final: Reply = yield s.wait_end
         if proto.lmtp:
             final = yield from _per_recipient(s, t, final)
     except ConnectionLostError as exc:
@@ -389,7 +422,7 @@ def _per_recipient(s: SessionState, t: _Transaction, first: Reply) -> Steps[Repl
             final = reply  # the first refusal, or the last reply
         if proto.awaiting != "message":
             break
-        reply = yield receive(s.timeouts.data_end)
+        reply = yield s.wait_end
     if next(accepted, None) is not None:  # a 421: the others' replies will never come
         raise ConnectionLostError(
             f"the server closed the session ({reply.code}) after answering for "
@@ -454,8 +487,9 @@ def _by_bdat(s: SessionState, t: _Transaction) -> Steps[Reply]:
     unknown (``dot_sent``), as after DATA's dot."""
     proto = s.proto
     timeouts = s.timeouts
-    command = timeouts.command
     refused = t.refused
+    if s._needs_rset:
+        yield from _rset(s)
     chunks = t.message.chunks()
     if not proto.capabilities.pipelining:
         if not (yield from _mail_and_rcpts(s, t)):
@@ -478,7 +512,7 @@ def _by_bdat(s: SessionState, t: _Transaction) -> Steps[Reply]:
     yield Send((commands + first[0], *first[1:]), timeouts.data_block, whole)
     s.dot_sent = whole
     try:
-        mail_reply: Reply = yield receive(command)
+        mail_reply: Reply = yield s.wait_reply
         if proto.closed:
             s.dot_sent = False
             raise reply_error(mail_reply, "mail")
@@ -487,12 +521,12 @@ def _by_bdat(s: SessionState, t: _Transaction) -> Steps[Reply]:
             s.stage = "message"
             if s.on_stage is not None:
                 s._mark("message")
-            chunk_reply: Reply = yield receive(timeouts.data_end)
+            chunk_reply: Reply = yield s.wait_end
             if proto.lmtp:  # RFC 2033 4.2: the last chunk gets a reply per recipient
                 chunk_reply = yield from _per_recipient(s, t, chunk_reply)
         else:
             s.stage = "bdat"
-            chunk_reply = yield receive(command)
+            chunk_reply = yield s.wait_reply
     except ConnectionLostError as exc:
         unread = _end_unread(s) if s.dot_sent else None
         if unread is not None:
@@ -548,7 +582,7 @@ def _chunks(
     failed: Reply | None = None
     try:
         for _ in middle:
-            reply = yield receive(timeouts.command)
+            reply = yield s.wait_reply
             if proto.closed:
                 s.dot_sent = False
                 raise reply_error(reply, "bdat")
@@ -556,7 +590,7 @@ def _chunks(
                 failed = reply  # the transaction failed: nothing will be delivered
                 s.dot_sent = False
         s.stage = "message"
-        final: Reply = yield receive(timeouts.data_end)
+        final: Reply = yield s.wait_end
         if proto.lmtp and failed is None:  # RFC 2033 4.2: a reply per recipient
             final = yield from _per_recipient(s, t, final)
     except SMTPError as exc:

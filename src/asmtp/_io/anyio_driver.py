@@ -340,7 +340,7 @@ async def open_stream_connection(
     For event loops other than asyncio (under asyncio, anyio's streams do not sit on a
     socket that can be closed synchronously; :func:`open_best` picks the asyncio driver
     there)."""
-    if _asyncio_loop() is not None:
+    if running_loop() is not None:
         raise LocalProtocolError(
             "open_stream_connection is the driver for trio; use "
             "asmtp._io.asyncio_driver.open_connection (or open_best) under asyncio"
@@ -417,14 +417,21 @@ async def _tunnel_or_socket(host: str, port: int, options: ConnectOptions) -> By
 
 
 def open_best(
-    proto: ClientProtocol, host: str, port: int, **options: Unpack[ConnectOptions]
+    proto: ClientProtocol,
+    host: str,
+    port: int,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    **options: Unpack[ConnectOptions],
 ) -> Awaitable[AnyConnection]:
     """Open a connection with the driver for the running async library: the
     ``BufferedProtocol`` one on asyncio (uvloop included), anyio streams elsewhere;
     through a proxy, or on the caller's connected socket, when the options
     (:class:`~asmtp._io.connect.ConnectOptions`) say so. (Not a coroutine itself: it
-    hands over the driver's, one coroutine less per connection.)"""
-    loop = _asyncio_loop()
+    hands over the driver's, one coroutine less per connection.) ``loop``: the running
+    asyncio loop, when the caller has it (:func:`running_loop`)."""
+    if loop is None:
+        loop = running_loop()
     if loop is None:
         return open_stream_connection(proto, host, port, **options)
     return open_connection(proto, host, port, loop=loop, **options)
@@ -436,15 +443,17 @@ if TYPE_CHECKING:  # both drivers offer what a session needs
         return a, b
 
 
-def loop_clock() -> Callable[[], float]:
+def loop_clock(loop: asyncio.AbstractEventLoop | None = None) -> Callable[[], float]:
     """The running event loop's clock (what :func:`anyio.current_time` reads), as a
     function that also works inside the asyncio driver's callbacks, where no task
-    runs and anyio cannot tell which library is running."""
-    loop = _asyncio_loop()
+    runs and anyio cannot tell which library is running. ``loop``: the running
+    asyncio loop, when the caller has it (:func:`running_loop`)."""
+    if loop is None:
+        loop = running_loop()
     return anyio.current_time if loop is None else loop.time
 
 
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+def running_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio loop (uvloop included), where the fast BufferedProtocol
     driver applies; None under anything else (trio goes over anyio). Asked once per
     connection: on Python 3.11 each asking is a getpid() system call."""

@@ -32,7 +32,7 @@ import ssl
 import threading
 from collections import deque
 from collections.abc import Iterator
-from typing import Any, TypeVar, Unpack, cast
+from typing import Any, Final, TypeVar, Unpack, cast
 
 from .._core.protocol import ClientProtocol
 from .._core.reply import NEED_DATA
@@ -52,11 +52,11 @@ __all__ = ["Connection", "open_connection"]
 
 T = TypeVar("T")
 
-_READ_BUFFER = 16384  # replies are small
+_READ_BUFFER: Final = 16384  # replies are small
 # Over TLS, how soon to ask again whether the socket's transport has handed the last
 # encrypted bytes to the kernel (doubling each time, up to the second figure).
 _POLL_FIRST, _POLL_MOST = 0.001, 0.1
-_per_thread = threading.local()
+_per_thread: Final = threading.local()
 
 
 def _read_buffer() -> memoryview:
@@ -71,12 +71,14 @@ def _read_buffer() -> memoryview:
 
 
 # What running steps wait for, between callbacks.
-_IDLE, _REPLY, _DRAIN = 0, 1, 2
+_IDLE: Final = 0
+_REPLY: Final = 1
+_DRAIN: Final = 2
 
 
 #: what the task's waiter is resolved with when the steps have ended (their value
 #: is in ``Connection._value``)
-_FINISHED = object()
+_FINISHED: Final = object()
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -93,6 +95,7 @@ class Connection(asyncio.BufferedProtocol):
     __slots__ = (
         "_close_waiter",
         "_deadline",
+        "_inbox",
         "_loop",
         "_lost",
         "_lost_exc",
@@ -128,6 +131,7 @@ class Connection(asyncio.BufferedProtocol):
         # callers that have it pass it.
         self._loop = loop or asyncio.get_running_loop()
         self._view = _read_buffer()
+        self._inbox = proto.inbox
         self._transport: asyncio.Transport | None = None
         self._raw: asyncio.Transport | None = None  # the TCP transport under TLS
         self._queue: deque[memoryview] = deque()  # what waits for the kernel to take more
@@ -166,7 +170,7 @@ class Connection(asyncio.BufferedProtocol):
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.proto.receive_data(self._view[:nbytes])
+        self._inbox += self._view[:nbytes]  # proto.receive_data, without the calls
         # Otherwise the bytes wait in the parser for the step that asks for a reply
         # (a server may answer early, even while the message is still being written).
         if self._wants == _REPLY:
@@ -337,8 +341,9 @@ class Connection(asyncio.BufferedProtocol):
                 self._waiter = None
             if outcome is _FINISHED:
                 self._steps = None
-                value, self._value = self._value, None
-                return cast(T, value)
+                done: T = self._value
+                self._value = None
+                return done
             assert isinstance(outcome, Await)
             try:
                 value, error = await outcome.call(), None
@@ -375,15 +380,28 @@ class Connection(asyncio.BufferedProtocol):
                     # A reply already here (pipelined replies come in one read) ends
                     # the step at once: only one still to come starts the step's clock.
                     value = proto.next_reply()
-                    if value is NEED_DATA:
-                        if not step.same_step:
-                            self.step(step.timeout)
+                    if value is not NEED_DATA:
+                        continue
+                    if step.same_step:
                         self._wants = _REPLY
                         return
-                    continue
                 elif type(step) is Command:
-                    self.step(step.timeout)
-                    self._write(step.data)
+                    data = step.data
+                    transport = self._transport
+                    if (
+                        type(data) is bytes
+                        and transport is not None
+                        and not self._queue
+                        and not self._lost
+                        and len(data) <= WRITE_BLOCK
+                        and not transport.is_closing()
+                    ):
+                        transport.write(data)  # a command: _write's first case, inline
+                    else:
+                        self._write(data)
+                    value = proto.next_reply()
+                    if value is not NEED_DATA:
+                        continue
                 elif isinstance(step, Send):
                     self.step(step.timeout)
                     self._write(step.data)
@@ -396,10 +414,16 @@ class Connection(asyncio.BufferedProtocol):
                 else:
                     waiter.set_result(step)  # an Await: the task runs it
                     return
-                value = proto.next_reply()
-                if value is NEED_DATA:
-                    self._wants = _REPLY
-                    return
+                # A Command or Receive waits for its reply: step(timeout), inline.
+                timeout = self._timeout = step.timeout
+                if timeout is None:
+                    self._deadline = float("inf")
+                else:
+                    deadline = self._deadline = self._loop.time() + timeout
+                    if self._timer is None or deadline < self._timer_at:
+                        self.step(timeout)
+                self._wants = _REPLY
+                return
             except SMTPError as exc:
                 value, error = None, exc
             except BaseException as exc:  # a bug: the task raises it, nothing hangs
