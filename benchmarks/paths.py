@@ -11,6 +11,11 @@ Rows:
 * ``csv-plain``: ``asmtp send --recipients r.csv`` (N rows, columns email and name) with a
   subject and body without placeholders, ``--concurrency C``; CPU ms per recipient.
 * ``csv-personalised``: the same run with ``{name}`` in the subject and the body.
+* ``csv-jinja``: the same run with ``--template jinja`` and ``{{ name }}`` instead.
+* ``template-fixed``: ``Mailer(relay, concurrency=C, retry=None).deliver(jobs)``, N jobs
+  sharing one message built once (text + HTML, the letter's texts); CPU ms per recipient.
+* ``template-personalised``: the same jobs, each with an ``asmtp.Template``'s
+  ``bind(row, to=..., from_=...)`` (``{{ name }}`` in the subject and both bodies).
 * ``pool-prebuilt``: ``Mailer(relay, pool=Pool(max_connections=10), retry=None)``, T tasks
   (default 50) each sending one prebuilt 2 KB message (bytes) to one recipient, until S
   sends are made; the sessions are opened by a warm-up round first. CPU ms per send.
@@ -65,6 +70,9 @@ from _common import (
 ROWS = {
     "csv-plain": "asmtp send --recipients (N rows), no placeholders",
     "csv-personalised": "the same with {name} in --subject and --body",
+    "csv-jinja": "the same with --template jinja and {{ name }}",
+    "template-fixed": "Mailer.deliver(N jobs), C sessions, one text+HTML message for all",
+    "template-personalised": "the same, each job's message Template.bind(row, to=...)",
     "pool-prebuilt": "Mailer(pool=Pool(max_connections=10)).send(prebuilt bytes), T tasks",
     "pool-build": "the same with build_message per send",
     "build-message": "build_message: text + HTML + one 20 KB attachment",
@@ -77,8 +85,13 @@ BODY = "Dear {name}, this is the monthly letter.\n" + "A line of the letter's te
 # ---------------------------------------------------------------------------- worker side
 
 
-def _csv_argv(port: int, csv_path: str, personalised: bool, concurrency: int) -> list[str]:
-    subject, body = ("Hi {name}", BODY) if personalised else ("Hi", BODY.replace("{name}", "you"))
+def _csv_argv(port: int, csv_path: str, row: str, concurrency: int) -> list[str]:
+    subject, body = ("Hi", BODY.replace("{name}", "you"))
+    jinja = ["--template", "jinja"] if row == "csv-jinja" else []
+    if row == "csv-personalised":
+        subject, body = "Hi {name}", BODY
+    elif jinja:
+        subject, body = "Hi {{ name }}", BODY.replace("{name}", "{{ name }}")
     return [
         "send",
         "--from",
@@ -101,6 +114,7 @@ def _csv_argv(port: int, csv_path: str, personalised: bool, concurrency: int) ->
         "0",
         "--no-progress",
         "--json",
+        *jinja,
     ]
 
 
@@ -113,6 +127,38 @@ def _built(index: int) -> Any:
         subject="Your order",
         body=BODY.replace("{name}", "you"),
     )
+
+
+async def _template_run(
+    port: int, count: int, concurrency: int, personal: bool
+) -> tuple[int, float]:
+    """(delivered, CPU seconds) of ``count`` Mailer jobs: each rendered from an
+    ``asmtp.Template`` (``personal``), or all sharing one message built once."""
+    import asmtp
+
+    html = "<p>" + BODY.replace("{name}", "{{ name }}").replace("\n", "<br>\n") + "</p>\n"
+    template = asmtp.Template(
+        subject="Hi {{ name }}", body=BODY.replace("{name}", "{{ name }}"), html=html
+    )
+    relay = asmtp.Relay(HOST, port, tls="none", helo=HELO)
+    rows = [{"email": f"rcpt-{i:05d}@example.test", "name": f"Person {i}"} for i in range(count)]
+    sender = f"Bench <{SENDER}>"
+
+    def jobs() -> Any:
+        if not personal:
+            fixed = template.message({"name": "you"}, to=None, from_=sender)
+            return (asmtp.Job(row["email"], fixed) for row in rows)
+        return (
+            asmtp.Job(row["email"], template.bind(row, to=row["email"], from_=sender))
+            for row in rows
+        )
+
+    async with asmtp.Mailer(relay, concurrency=concurrency, retry=None, timeout=30) as mailer:
+        before = cpu_self()
+        delivered = 0
+        async for result in mailer.deliver(jobs()):
+            delivered += result.status == "delivered"
+        return delivered, cpu_self() - before
 
 
 async def _pooled(port: int, sends: int, tasks: int, build: bool) -> tuple[int, float]:
@@ -186,7 +232,7 @@ def run_worker(row: str, port: int, count: int, concurrency: int, csv_path: str)
         return 1
     result: dict[str, Any] = {"result": True, "count": count}
     if row.startswith("csv-"):
-        argv = _csv_argv(port, csv_path, row == "csv-personalised", concurrency)
+        argv = _csv_argv(port, csv_path, row, concurrency)
         out = io.StringIO()
         before = cpu_self()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
@@ -195,6 +241,10 @@ def run_worker(row: str, port: int, count: int, concurrency: int, csv_path: str)
         statuses = [json.loads(line).get("status") for line in out.getvalue().splitlines()]
         result["delivered"] = statuses.count("delivered")
         result["exit"] = code
+    elif row.startswith("template-"):
+        result["delivered"], result["cpu"] = asyncio.run(
+            _template_run(port, count, concurrency, row == "template-personalised")
+        )
     elif row.startswith("pool-"):
         result["delivered"], result["cpu"] = asyncio.run(
             _pooled(port, count, concurrency, row == "pool-build")
@@ -256,7 +306,7 @@ def _write_csv(path: Path, rows: int) -> None:
 
 
 def _count_for(row: str, args: argparse.Namespace) -> tuple[int, int]:
-    if row.startswith("csv-"):
+    if row.startswith(("csv-", "template-")):
         return args.recipients, args.concurrency
     if row.startswith("pool-"):
         return args.sends, args.tasks
@@ -351,6 +401,9 @@ def main() -> int:
     if "csv-plain" in medians and "csv-personalised" in medians:
         ratio = medians["csv-personalised"] / medians["csv-plain"]
         lines.append(f"- personalised at most 1.3x plain: {ratio:.2f}x")
+    if "template-fixed" in medians and "template-personalised" in medians:
+        ratio = medians["template-personalised"] / medians["template-fixed"]
+        lines.append(f"- asmtp.Template personalised vs a fixed message: {ratio:.2f}x")
     if "pool-prebuilt" in medians:
         lines.append(f"- pooled send at most 0.15 ms: {medians['pool-prebuilt']:.3f} ms")
     if "build-message" in medians:

@@ -55,10 +55,10 @@ def test_the_reply_cache_is_bounded_in_count_and_size() -> None:
         parser.feed(b"250 2.0.0 Ok: queued as %d\r\n" % i)
         got = parser.next_reply()
         assert isinstance(got, Reply) and got.lines == (f"2.0.0 Ok: queued as {i}",)
-        assert len(reply_module._SEEN) <= reply_module._SEEN_MOST
+        assert len(reply_module.KNOWN) <= reply_module._SEEN_MOST
     long = b"250 " + b"x" * reply_module._SEEN_LONGEST + b"\r\n"
     assert parse(long) is not parse(long)  # too long to keep
-    assert long not in reply_module._SEEN
+    assert long not in reply_module.KNOWN
 
 
 @pytest.mark.parametrize(

@@ -2,22 +2,32 @@
 values HTML-escaped in the HTML body only, a sandbox, a missing value or a line break in
 the subject refused before any connection, and the same through ``asmtp.sendmail``,
 ``asmtp.Mailer`` jobs and ``asmtp send --recipients FILE.csv --template jinja``, each
-checked on a real outbox on loopback."""
+checked on a real outbox on loopback. Per-recipient copies filled into a compiled
+message (``Template.prepared``, ``bind`` jobs, ``sendmail(per_recipient=)``) read, to
+the email parser, exactly as the message built whole, over hostile values."""
 
 from __future__ import annotations
 
+import datetime
 import doctest
 import json
 import subprocess
 import sys
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import dkim
+import markupsafe
 import pytest
 
 import asmtp
 import asmtp._core.template
+from asmtp._core.dkim import DKIM
+from asmtp._core.prepared import PreparedMessage, prepare_message
+from asmtp._delivery.personalise import envelope_sender
 from asmtp.testing import Outbox, SentMessage
+from test_compiled import ATTACHMENT, HOSTILE, SUBJECTS, parsed, shape
 from test_dependencies import python, without
 
 SENDER = "news@example.com"
@@ -417,3 +427,251 @@ def test_the_flag_goes_with_a_recipients_file(asmtp_outbox: Outbox) -> None:
     done = asmtp_send(asmtp_outbox, *args)
     assert done.returncode == 2
     assert "--template jinja goes with --recipients" in done.stderr
+
+
+# --------------------------------------------------------------------------- compiled copies
+
+LETTER = asmtp.Template(
+    subject="Hi {{ first }}",
+    body="Dear {{ first }},\n{{ text }}\n",
+    html="<p>Dear {{ first }},</p>\n<pre>{{ text }}</pre>\n",
+)
+KINDS = {
+    "text": asmtp.Template(subject=LETTER.subject, body=LETTER.body),
+    "html": asmtp.Template(subject=LETTER.subject, html=LETTER.html),
+    "html+alt": LETTER,
+}
+OPTIONS: dict[str, Any] = {
+    "from_": "News <news@example.org>",
+    "cc": "Desk <desk@example.org>",
+    "headers": {"X-Campaign": "spring", "X-Mailer": None},
+    "attachments": [ATTACHMENT],
+    "reply_to": "help@example.org",
+    "priority": "high",
+    "list_headers": {"List-Id": "News <news.example.org>"},
+    "date": datetime.datetime(2026, 3, 1, 9, 30, tzinfo=datetime.UTC),
+    "message_id": "<letter.1@example.org>",
+}
+
+
+def fast_and_slow(
+    template: asmtp.Template, data: dict[str, Any], **options: Any
+) -> tuple[PreparedMessage, PreparedMessage]:
+    """A copy filled into the template's compiled message, and the message built whole."""
+    sender, fast = template.prepared(data, eager=True, **options)
+    reference = template.message(data, **options)
+    assert sender == envelope_sender(reference)
+    return fast, prepare_message(reference)
+
+
+def assert_same_reading(fast: PreparedMessage, reference: PreparedMessage) -> EmailMessage:
+    """Both read the same to the parser: every field (Date and Message-ID too), each
+    part's type and decoded content; and the same SMTP flags."""
+    mine, theirs = parsed(fast), parsed(reference)
+    assert shape(mine) == shape(theirs)
+    for name in ("Date", "Message-ID"):
+        assert str(mine[name]) == str(theirs[name])
+    assert (fast.eight_bit, fast.smtputf8) == (reference.eight_bit, reference.smtputf8)
+    return mine
+
+
+def boundary_of(prepared: PreparedMessage) -> str | None:
+    return parsed(prepared).get_boundary()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("text", HOSTILE, ids=range(len(HOSTILE)))
+def test_a_filled_copy_reads_as_the_message_built_whole(kind: str, text: str) -> None:
+    template = KINDS[kind]
+    to = '"Zoë, Ann" <ann@example.net>'
+    fast, reference = fast_and_slow(template, {"first": "Zoë", "text": text}, to=to, **OPTIONS)
+    message = assert_same_reading(fast, reference)
+    assert message["To"] == '"Zoë, Ann" <ann@example.net>'
+    assert message["Date"] == "Sun, 01 Mar 2026 09:30:00 +0000"
+    assert "X-Mailer" not in message
+    assert boundary_of(fast) == boundary_of(
+        template.prepared({"first": "x", "text": "y"}, to=to, **OPTIONS)[1]
+    )
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=range(len(SUBJECTS)))
+def test_a_filled_subject_is_encoded_and_folded_as_when_built_whole(subject: str) -> None:
+    fast, reference = fast_and_slow(
+        LETTER, {"first": subject, "text": "x"}, to="ann@example.net", from_=SENDER
+    )
+    assert_same_reading_but_ids(fast, reference)
+
+
+def assert_same_reading_but_ids(fast: PreparedMessage, reference: PreparedMessage) -> None:
+    assert shape(parsed(fast)) == shape(parsed(reference))
+
+
+def test_dots_at_the_start_of_lines_are_stuffed() -> None:
+    _, copy = LETTER.prepared(
+        {"first": "Ann", "text": ".\n.hidden\n..two"}, eager=True, to="a@x.org", from_=SENDER
+    )
+    assert b"\r\n..\r\n..hidden\r\n...two\r\n" in copy.data
+    body = parsed(copy).get_body(("plain",))
+    assert body is not None
+    assert body.get_content().replace("\r\n", "\n") == "Dear Ann,\n.\n.hidden\n..two\n"
+
+
+def test_a_body_holding_a_boundary_is_read_as_written() -> None:
+    options: dict[str, Any] = {"to": "a@x.org", "from_": SENDER}
+    _, first = LETTER.prepared({"first": "Ann", "text": "x"}, eager=True, **options)
+    boundary = boundary_of(first)
+    assert boundary
+    text = f"--{boundary}\nContent-Type: text/html\n\n<script>x</script>\n--{boundary}--"
+    fast, reference = fast_and_slow(LETTER, {"first": "Ann", "text": text}, **options)
+    assert_same_reading_but_ids(fast, reference)
+    body = parsed(fast).get_body(("plain",))
+    assert body is not None
+    assert body.get_content().replace("\r\n", "\n") == f"Dear Ann,\n{text}\n"
+    assert boundary_of(fast) != boundary  # built whole, with a boundary of its own
+
+
+def test_a_value_holding_a_line_break_is_refused_naming_the_recipient() -> None:
+    bound = LETTER.bind(
+        {"first": "Ann\r\nBcc: all@example.org", "text": "x"}, to="a@x.org", from_=SENDER
+    )
+    for attempt in (bound.prepare, bound.prepare, bound):  # built whole, then compiled
+        with pytest.raises(asmtp.InputError) as caught:
+            attempt()
+        assert "contains CR, LF" in caught.value.message
+        assert caught.value.message.endswith("(recipient a@x.org)")
+    missing = LETTER.bind({"first": "Ann"}, to="a@x.org", from_=SENDER)
+    with pytest.raises(asmtp.InputError) as caught:
+        missing.prepare()
+    assert caught.value.message == "template body: 'text' is undefined (recipient a@x.org)"
+
+
+def test_a_bound_message_called_is_still_an_email_message() -> None:
+    bound = WELCOME.bind({"first": "Ann", "plan": "gold"}, to="ann@example.org", from_=SENDER)
+    message = bound()
+    assert isinstance(message, EmailMessage)
+    assert (message["To"], message["Subject"]) == ("ann@example.org", "Welcome, Ann")
+    sender, prepared = bound.prepare()
+    assert sender == SENDER
+    assert_same_reading_but_ids(prepared, prepare_message(message))
+
+
+def test_options_are_compiled_on_their_second_sight_and_a_few_kept() -> None:
+    template = asmtp.Template(subject="Hi {{ first }}", body="{{ first }}")
+    kept = template._messages._kept
+
+    def copy(**options: Any) -> PreparedMessage:
+        return template.prepared({"first": "Ann"}, to="a@x.org", from_=SENDER, **options)[1]
+
+    copy()
+    assert kept == {}  # seen once: built whole
+    copy()
+    assert len(kept) == 1  # seen again: compiled, and kept
+    for n in range(3):  # an attachment of its own each time: never compiled
+        copy(attachments=[("a.txt", f"file {n}".encode(), "text/plain")])
+    assert len(kept) == 1
+    for n in range(12):
+        copy(headers={"X-Batch": str(n)})
+        copy(headers={"X-Batch": str(n)})
+    assert len(kept) == 8  # the least recently used dropped
+    # options that cannot be compared (a generator) or compiled (inline images) still
+    # give the message, built whole
+    headers = ((name, value) for name, value in [("X-Batch", "gen")])
+    assert parsed(copy(headers=headers))["X-Batch"] == "gen"
+    png = b"\x89PNG\r\n\x1a\n" + b"0" * 20
+    with_image = asmtp.Template(html='<img src="cid:logo">{{ first }}')
+    _, inline = with_image.prepared(
+        {"first": "x"}, to="a@x.org", from_=SENDER, inline={"logo": png}
+    )
+    assert [p.get_content_type() for p in parsed(inline).walk()] == [
+        "multipart/related",
+        "text/html",
+        "image/png",
+    ]
+
+
+def test_each_copy_gets_its_own_message_id_and_a_date_of_now() -> None:
+    copies = [
+        LETTER.prepared({"first": "Ann", "text": "x"}, eager=True, to="a@x.org", from_=SENDER)[1]
+        for _ in range(3)
+    ]
+    ids = {parsed(c)["Message-ID"] for c in copies}
+    assert len(ids) == 3 and all(i.endswith("@example.com>") for i in ids)
+    for c in copies:  # RFC 5322 3.3: a date a reader parses, with a zone
+        assert parsed(c)["Date"].datetime.tzinfo is not None
+
+
+def test_a_non_ascii_recipient_is_built_whole_with_smtputf8() -> None:
+    fast, reference = fast_and_slow(
+        LETTER, {"first": "Änn", "text": "x"}, to="Änn <änn@example.net>", from_=SENDER
+    )
+    assert fast.smtputf8 and reference.smtputf8
+    assert_same_reading_but_ids(fast, reference)
+
+
+def test_a_message_id_given_per_copy_is_kept_and_checked() -> None:
+    options: dict[str, Any] = {"to": "a@x.org", "from_": SENDER}
+    for message_id in ("copy.1@example.org", "<ü.2@example.org>"):
+        fast, reference = fast_and_slow(
+            LETTER, {"first": "Ann", "text": "x"}, **options, message_id=message_id
+        )
+        assert_same_reading(fast, reference)  # a raw UTF-8 one needs SMTPUTF8, as built whole
+    with pytest.raises(asmtp.InputError, match="message_id"):
+        LETTER.prepared({"first": "Ann", "text": "x"}, **options, message_id="no-at-sign")
+
+
+async def test_mailer_jobs_deliver_each_recipients_copy_signed(asmtp_outbox: Outbox) -> None:
+    signer, txt = DKIM.generate("example.com", "sel", "ed25519")
+    names = ["Ann", "Zoë Müller", "李", ".dot", "O'Brien, Pat", "Bee", "Cy", "Dee"]
+    rows = [
+        {"email": f"user{i}@example.org", "first": name, "text": f".\nline {i}\n= ü"}
+        for i, name in enumerate(names)
+    ]
+    jobs = [
+        asmtp.Job(row["email"], LETTER.bind(row, to=row["email"], from_=SENDER), key=row["email"])
+        for row in rows
+    ]
+    async with asmtp.Mailer(
+        asmtp_outbox.relay, retry=None, dkim=signer, unsubscribe="https://example.com/u/{token}"
+    ) as mailer:
+        results = [r async for r in mailer.deliver(jobs)]
+    assert sorted((r.key, r.status) for r in results) == [(r["email"], "delivered") for r in rows]
+
+    def lookup(name: bytes, timeout: float = 5) -> bytes:
+        assert name == b"sel._domainkey.example.com."
+        return txt.encode("ascii")
+
+    sent = by_recipient(asmtp_outbox)
+    for row in rows:
+        got = sent[row["email"]]
+        assert got.mail_from == SENDER
+        assert (got.to, got.subject) == ([row["email"]], f"Hi {row['first']}")
+        assert got.text == f"Dear {row['first']},\n{row['text']}\n"
+        assert (
+            got.html
+            == f"<p>Dear {markupsafe.escape(row['first'])},</p>\n<pre>{row['text']}</pre>\n"
+        )
+        token = row["email"].replace("@", "=")
+        assert got.message["List-Unsubscribe"] == f"<https://example.com/u/{token}>"
+        assert dkim.verify(got.data, dnsfunc=lookup)
+    assert len({m.message["Message-ID"] for m in asmtp_outbox.messages}) == len(rows)
+
+
+async def test_sendmail_fills_each_recipients_copy(asmtp_outbox: Outbox) -> None:
+    people = {f"p{i}@example.net": {"first": f"Person {i} ü", "text": f".{i}"} for i in range(5)}
+    report = await asmtp.sendmail(
+        to=", ".join(f'"P{i}, Ü" <p{i}@example.net>' for i in range(5)),
+        from_=SENDER,
+        template=LETTER,
+        per_recipient=people,
+        attachments=[ATTACHMENT],
+        relay=asmtp_outbox.relay,
+    )
+    assert report.ok and len(report.results) == 5
+    sent = by_recipient(asmtp_outbox)
+    for i, (address, values) in enumerate(people.items()):
+        got = sent[address]
+        assert got.message["To"] == f'"P{i}, Ü" <{address}>'
+        assert got.subject == f"Hi {values['first']}"
+        assert got.text == f"Dear {values['first']},\n{values['text']}\n"
+        [attachment] = got.attachments
+        assert attachment.get_content() == ATTACHMENT[1]

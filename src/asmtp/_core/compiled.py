@@ -6,7 +6,9 @@ fixed header field, the attachments and their encoding are built and serialized 
 (by :func:`~asmtp._core.message.build_message` and
 :func:`~asmtp._core.prepared.prepare_message`, with marker texts in place of the
 subject and the bodies); each recipient's copy is that serialization with its own To,
-Subject, Message-ID and bodies put into the gaps, as bytes, without the email package.
+Subject, Date, Message-ID and bodies put into the gaps, as bytes, without the email
+package. :class:`asmtp.Template` (:mod:`~asmtp._core.template`) and ``asmtp send
+--recipients`` fill it alike.
 What the email package would decide per message is decided here per recipient, by the
 same rules:
 
@@ -30,14 +32,16 @@ same decoded bodies) is what the tests check, over hostile values.
 
 from __future__ import annotations
 
+import datetime
 import re
 import secrets
+import time
 from collections.abc import Sequence
-from email.utils import make_msgid
+from email.utils import formatdate, make_msgid
 from typing import Any
 
 from .address import check_header
-from .message import build_message
+from .message import _date_value, _message_id_value, build_message, envelope_of
 from .mime import address_objects, address_text, body_octets, folded_field, plain_value
 from .prepared import PreparedMessage, _unstuffed_as, prepare_message
 
@@ -84,8 +88,30 @@ def _wire_body(body: bytes) -> tuple[bytes, bool]:
 
 # What the gaps of a compiled message are: the fields and bodies filled per recipient
 # (_CTE + a body: that body's Content-Transfer-Encoding field).
-_TO, _SUBJECT, _MESSAGE_ID, _BODY, _ALT, _CTE = 0, 1, 2, 3, 4, 10
+_TO, _SUBJECT, _MESSAGE_ID, _DATE, _BODY, _ALT, _CTE = 0, 1, 2, 3, 5, 6, 10
 _MESSAGE_ID_LINE = re.compile(rb"^Message-ID: <[^<>@\s]+@([^<>@\s]+)>\r\n", re.M)
+_DATE_LINE = re.compile(rb"^Date: [^\r\n]+\r\n", re.M)
+
+
+class _Now:
+    """The Date field of a copy made now (RFC 5322 3.6.1: when the message was ready),
+    written once a second rather than once a copy."""
+
+    __slots__ = ("field", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.field = b""
+
+    def __call__(self) -> bytes:
+        second = int(time.time())
+        if second != self.second:
+            self.field = f"Date: {formatdate(second, localtime=True)}\r\n".encode("ascii")
+            self.second = second
+        return self.field
+
+
+_now = _Now()
 
 
 class CompiledMessage:
@@ -110,10 +136,12 @@ class CompiledMessage:
     .
     <BLANKLINE>
 
-    ``options`` are build_message's but ``to``, ``subject``, ``body`` and
-    ``alt_text``; ``alternative`` says whether copies have an ``alt_text`` (HTML with
-    a plain-text alternative). Every option is checked here, once: what cannot be built
-    raises :class:`~asmtp.errors.InputError` now, not per recipient.
+    ``options`` are build_message's but ``to``, ``subject``, ``body``, ``alt_text``,
+    ``date`` and ``message_id`` (given per copy to :meth:`fill`); ``alternative`` says
+    whether copies have an ``alt_text`` (HTML with a plain-text alternative). Every
+    option is checked here, once: what cannot be built raises
+    :class:`~asmtp.errors.InputError` now, not per recipient. :attr:`sender` is the
+    reverse-path the copies give (their Sender, else From).
     """
 
     def __init__(self, *, alternative: bool = False, **options: Any) -> None:
@@ -130,6 +158,7 @@ class CompiledMessage:
             _ALT: f"asmtp-alt-{token}",
         }
         if options.get("inline"):
+            self.sender = ""  # not read: nothing is compiled
             return  # the body's cid: references are rewritten: built whole per copy
         built = build_message(
             to=None,
@@ -138,6 +167,7 @@ class CompiledMessage:
             alt_text=markers[_ALT] if alternative else None,
             **options,
         )
+        self.sender = envelope_of(built, recipients=["placeholder@example.invalid"])[0]
         prepared = prepare_message(built)
         if prepared.eight_bit or prepared.smtputf8:
             return
@@ -149,14 +179,18 @@ class CompiledMessage:
         head_end = data.find(b"\r\n\r\n") + 2
         subject = f"Subject: {markers[_SUBJECT]}\r\n".encode("ascii")
         found_id = _MESSAGE_ID_LINE.search(data, 0, head_end)
+        found_date = _DATE_LINE.search(data, 0, head_end)
         at = data.find(subject, 0, head_end)
-        if at < 0 or found_id is None:
+        if at < 0 or found_id is None or found_date is None:
             return
         self._domain = found_id.group(1).decode("ascii")
+        cc = data.find(b"\r\nCc:", 0, at)  # To goes before Cc, as build_message writes it
+        to_at = at if cc < 0 else cc + 2
         spans = [
-            (at, at, _TO),
+            (to_at, to_at, _TO),
             (at, at + len(subject), _SUBJECT),
             (found_id.start(), found_id.end(), _MESSAGE_ID),
+            (found_date.start(), found_date.end(), _DATE),
         ]
         cte = b"Content-Transfer-Encoding: 7bit\r\n"
         for gap in (_ALT, _BODY) if self._alternative else (_BODY,):
@@ -200,17 +234,33 @@ class CompiledMessage:
         subject: str,
         body: str,
         alt_text: str | None = None,
+        *,
+        date: datetime.datetime | str | None = None,
+        message_id: str | None = None,
     ) -> PreparedMessage:
-        """The copy for ``to`` ((display name, address) pairs) with these texts."""
+        """The copy for ``to`` ((display name, address) pairs) with these texts; its
+        Date is ``date`` (build_message's forms), else now; its Message-ID is
+        ``message_id``, else a new one on the domain of the template's."""
         pieces = self._pieces
         if pieces is None or not all(address.isascii() for _, address in to):
-            return self._whole(to, subject, body, alt_text)
+            return self._whole(to, subject, body, alt_text, date, message_id)
         encoded = {_BODY: body_octets(body)}
         if self._alternative:
             encoded[_ALT] = body_octets(alt_text or "")
         for _, octets in encoded.values():
             if any(mark in octets for mark in self._boundaries):
-                return self._whole(to, subject, body, alt_text)  # RFC 2046 5.1.1
+                # RFC 2046 5.1.1
+                return self._whole(to, subject, body, alt_text, date, message_id)
+        if date is None:
+            date_field = _now()
+        else:
+            date_field = folded_field("Date", _date_value(date)).encode("ascii")
+        if message_id is None:
+            id_field = f"Message-ID: {make_msgid(domain=self._domain)}\r\n".encode("ascii")
+        else:  # checked as build_message checks it
+            id_field = folded_field("Message-ID", _message_id_value(message_id, "")).encode()
+            if not id_field.isascii():  # raw UTF-8 in the header section: SMTPUTF8
+                return self._whole(to, subject, body, alt_text, date, message_id)
         out: list[bytes] = []
         parts: list[bytes] = []
         dotted = self._dotted
@@ -227,7 +277,9 @@ class CompiledMessage:
             elif piece == _SUBJECT:
                 out.append(subject_field(subject))
             elif piece == _MESSAGE_ID:
-                out.append(f"Message-ID: {make_msgid(domain=self._domain)}\r\n".encode())
+                out.append(id_field)
+            elif piece == _DATE:
+                out.append(date_field)
             elif piece >= _CTE:
                 cte = encoded[piece - _CTE][0]
                 out.append(f"Content-Transfer-Encoding: {cte}\r\n".encode("ascii"))
@@ -248,6 +300,8 @@ class CompiledMessage:
         subject: str,
         body: str,
         alt_text: str | None,
+        date: datetime.datetime | str | None,
+        message_id: str | None,
     ) -> PreparedMessage:
         """The slow path: built and serialized whole."""
         message = build_message(
@@ -255,6 +309,8 @@ class CompiledMessage:
             subject=subject,
             body=body,
             alt_text=alt_text if self._alternative else None,
+            date=date,
+            message_id=message_id,
             **self._options,
         )
         return prepare_message(message)

@@ -73,7 +73,7 @@ from ..errors import (
     Stage,
 )
 from .capabilities import Capabilities
-from .reply import NEED_DATA, Reply, ReplyParser, _NeedData
+from .reply import KNOWN, MAX_LINE, NEED_DATA, Reply, ReplyParser, _NeedData, one_line
 
 __all__ = ["AUTH_CONTINUE", "SUCCESS_CODES", "ClientProtocol", "State"]
 
@@ -90,6 +90,20 @@ class State(enum.Enum):
     MAIL = "mail"  # MAIL FROM accepted: a transaction is open
     DATA = "data"  # DATA got 354: the message content must be sent
     CLOSED = "closed"  # QUIT answered, 421 received, or the stream ended
+
+
+# The states as module constants: on Python 3.11 ``State.X`` goes through the enum
+# metaclass's __getattr__ (an object made and a slow lookup per access), too slow for
+# code that runs for every reply.
+_GREETING: Final = State.GREETING
+_REFUSED: Final = State.REFUSED
+_CONNECTED: Final = State.CONNECTED
+_READY: Final = State.READY
+_TLS_HANDSHAKE: Final = State.TLS_HANDSHAKE
+_AUTH: Final = State.AUTH
+_MAIL: Final = State.MAIL
+_DATA: Final = State.DATA
+_CLOSED: Final = State.CLOSED
 
 
 #: The replies that mean success, for each command whose reply the client awaits
@@ -123,30 +137,30 @@ AUTH_CONTINUE: Final = 334
 #: refused BDAT chunk, and the last chunk's reply, as the dot's). Beside the table: a
 #: 421 to any command closes (RFC 5321 3.8), and AUTH's 334 asks for the next response.
 _AFTER_REPLY: Final[Mapping[Stage, tuple[State | None, State | None]]] = {
-    "greeting": (State.CONNECTED, State.REFUSED),  # refused: only QUIT may follow (3.1)
-    "ehlo": (State.READY, None),  # refused: HELO may follow (RFC 5321 3.2)
-    "helo": (State.READY, None),
-    "lhlo": (State.READY, None),  # refused: nothing else greets an LMTP server
-    "starttls": (State.TLS_HANDSHAKE, None),  # refused: the client decides (RFC 3207 4)
-    "auth": (State.READY, State.READY),
-    "mail": (State.MAIL, State.READY),
+    "greeting": (_CONNECTED, _REFUSED),  # refused: only QUIT may follow (3.1)
+    "ehlo": (_READY, None),  # refused: HELO may follow (RFC 5321 3.2)
+    "helo": (_READY, None),
+    "lhlo": (_READY, None),  # refused: nothing else greets an LMTP server
+    "starttls": (_TLS_HANDSHAKE, None),  # refused: the client decides (RFC 3207 4)
+    "auth": (_READY, _READY),
+    "mail": (_MAIL, _READY),
     "rcpt": (None, None),  # a refused recipient leaves the transaction open
-    "data": (State.DATA, State.READY),
-    "bdat": (None, State.READY),  # accepted: more chunks follow
-    "message": (State.READY, State.READY),  # LMTP: after the last recipient's reply
-    "rset": (State.READY, None),
+    "data": (_DATA, _READY),
+    "bdat": (None, _READY),  # accepted: more chunks follow
+    "message": (_READY, _READY),  # LMTP: after the last recipient's reply
+    "rset": (_READY, None),
     "noop": (None, None),
-    "quit": (State.CLOSED, State.CLOSED),
+    "quit": (_CLOSED, _CLOSED),
 }
 
-#: The fast path of every reply: (command, success code) -> (the state it leads to,)
-#: (None: the state stays), for the successes that do nothing else (not DATA's 354,
-#: EHLO's, HELO's, LHLO's, STARTTLS's or AUTH's 235: :meth:`ClientProtocol._apply`).
-_SIMPLE_SUCCESS: Final[Mapping[tuple[Stage, int], tuple[State | None]]] = {
-    (kind, code): (_AFTER_REPLY[kind][0],)
+#: The fast path of every reply: command -> (its success codes, the state they lead
+#: to (None: the state stays)), for the commands whose success does nothing else (not
+#: DATA's 354, EHLO's, HELO's, LHLO's, STARTTLS's or AUTH's 235: see
+#: :meth:`ClientProtocol._apply`).
+_SIMPLE_SUCCESS: Final[Mapping[Stage, tuple[frozenset[int], State | None]]] = {
+    kind: (codes, _AFTER_REPLY[kind][0])
     for kind, codes in SUCCESS_CODES.items()
     if kind not in ("data", "ehlo", "helo", "lhlo", "starttls", "auth")
-    for code in codes
 }
 #: A command, as :data:`_SENDABLE_IN` knows it: each awaits the reply of the stage of
 #: its name but "auth-response", the answer to AUTH's 334 challenge (an "auth" reply).
@@ -158,19 +172,19 @@ _Command = Stage | Literal["auth-response"]
 #: BDAT in READY: pipelined behind MAIL (RFC 2920). The message content after DATA has
 #: its own rule (:meth:`ClientProtocol.message`).
 _SENDABLE_IN: Final[Mapping[_Command, tuple[State, ...]]] = {
-    "ehlo": (State.CONNECTED, State.READY),
-    "helo": (State.CONNECTED, State.READY),
-    "lhlo": (State.CONNECTED, State.READY),
-    "starttls": (State.READY,),
-    "auth": (State.READY,),
-    "auth-response": (State.AUTH,),
-    "mail": (State.READY,),
-    "rcpt": (State.READY, State.MAIL),
-    "data": (State.READY, State.MAIL),
-    "bdat": (State.READY, State.MAIL),
-    "rset": (State.READY, State.MAIL),
-    "noop": (State.READY, State.MAIL),
-    "quit": (State.REFUSED, State.CONNECTED, State.READY, State.MAIL, State.AUTH),
+    "ehlo": (_CONNECTED, _READY),
+    "helo": (_CONNECTED, _READY),
+    "lhlo": (_CONNECTED, _READY),
+    "starttls": (_READY,),
+    "auth": (_READY,),
+    "auth-response": (_AUTH,),
+    "mail": (_READY,),
+    "rcpt": (_READY, _MAIL),
+    "data": (_READY, _MAIL),
+    "bdat": (_READY, _MAIL),
+    "rset": (_READY, _MAIL),
+    "noop": (_READY, _MAIL),
+    "quit": (_REFUSED, _CONNECTED, _READY, _MAIL, _AUTH),
 }
 #: The commands that may be sent while replies to earlier ones are outstanding, when
 #: the server offers PIPELINING and those are all replies to :data:`_PIPELINE_AFTER`
@@ -233,7 +247,7 @@ class ClientProtocol:
         self._chunked = False  # a BDAT has been sent in it: no DATA (RFC 3030 2)
         self._smtputf8 = False
         self.capabilities = Capabilities.helo()
-        self.state = State.GREETING
+        self.state = _GREETING
         #: True once the connection is encrypted (implicit TLS, or after STARTTLS)
         self.tls = tls
         self.authenticated = False
@@ -250,7 +264,7 @@ class ClientProtocol:
     @property
     def closed(self) -> bool:
         """The session is over: QUIT answered, 421 received, or the stream ended."""
-        return self.state is State.CLOSED
+        return self.state is _CLOSED
 
     @property
     def awaiting(self) -> Stage | None:
@@ -262,21 +276,37 @@ class ClientProtocol:
         are needed. A reply the awaited command does not allow (see
         :data:`SUCCESS_CODES`) raises :class:`~asmtp.errors.RemoteProtocolError` and
         closes the session."""
+        buf = self.inbox
+        reply: Reply | _NeedData | None = None
+        if buf:
+            # The parser's fast path, inline (a call fewer per reply): a reply of one
+            # line, most often seen before (KNOWN holds only whole, valid replies).
+            end = buf.find(b"\n")
+            if 3 < end <= MAX_LINE and buf[3] == 0x20:
+                raw = bytes(buf[: end + 1])
+                reply = KNOWN.get(raw)
+                if reply is None:
+                    reply = one_line(raw, end)  # None: not a plain one; the parser says why
+                if reply is not None:
+                    del buf[: end + 1]
+        elif not self._parser.eof:
+            return NEED_DATA  # the common case after writing a command
         parser = self._parser
-        if not self.inbox and not parser.eof:
-            return NEED_DATA  # the common case after writing a command: no call below
-        try:
-            reply = parser.next_reply()
-        except RemoteProtocolError as exc:
-            stage = self.awaiting
-            self._abandon()
-            if stage is None:
-                raise
-            raise RemoteProtocolError(f"{exc} (awaiting {_awaited(stage)})", stage=stage) from exc
+        if reply is None:
+            try:
+                reply = parser.next_reply()
+            except RemoteProtocolError as exc:
+                stage = self.awaiting
+                self._abandon()
+                if stage is None:
+                    raise
+                raise RemoteProtocolError(
+                    f"{exc} (awaiting {_awaited(stage)})", stage=stage
+                ) from exc
         if isinstance(reply, _NeedData):
             if parser.eof:
                 stage = self.awaiting
-                self.state = State.CLOSED
+                self.state = _CLOSED
                 raise ConnectionLostError(
                     "the server closed the connection"
                     + (f" (awaiting the {stage} reply)" if stage else ""),
@@ -285,7 +315,7 @@ class ClientProtocol:
             return reply
         pending = self._pending
         if not pending:
-            self.state = State.CLOSED
+            self.state = _CLOSED
             raise RemoteProtocolError(f"unexpected reply with nothing asked: {reply}")
         kind = pending.popleft()
         if self.trace is not None:
@@ -294,10 +324,10 @@ class ClientProtocol:
                 self.trace(f"< {reply.code}{sep}{line}")
         # The common case, settled by the table alone: a success that only moves the
         # state on (MAIL's 250, RCPT's, the dot's, QUIT's 221...).
-        simple = _SIMPLE_SUCCESS.get((kind, reply.code))
-        if simple is not None and not self.lmtp:
-            after = simple[0]
-            if after is State.READY or after is State.CLOSED:
+        simple = _SIMPLE_SUCCESS.get(kind)
+        if simple is not None and reply.code in simple[0] and not self.lmtp:
+            after = simple[1]
+            if after is _READY or after is _CLOSED:
                 self._enter(after)
             elif after is not None:
                 self.state = after
@@ -319,7 +349,7 @@ class ClientProtocol:
         if kind == "message" and self.lmtp and self._lmtp_reply_due():
             # RFC 2033 4.2: one recipient's answer; the others' replies follow.
             if code == 421:
-                self._enter(State.CLOSED)  # RFC 5321 3.8: the rest will never come
+                self._enter(_CLOSED)  # RFC 5321 3.8: the rest will never come
             elif code not in SUCCESS_CODES[kind] and code < 400:
                 raise _unexpected(kind, reply)
             return
@@ -348,7 +378,7 @@ class ClientProtocol:
                 self.authenticated = True
         elif code >= 400:
             if code == 421:
-                after = State.CLOSED  # RFC 5321 3.8: the server is closing the channel
+                after = _CLOSED  # RFC 5321 3.8: the server is closing the channel
             else:
                 after = _AFTER_REPLY[kind][1]
                 if after is None:
@@ -356,7 +386,7 @@ class ClientProtocol:
                 if kind == "auth":
                     self.authenticated = False
         elif code == AUTH_CONTINUE and kind == "auth":
-            self.state = State.AUTH
+            self.state = _AUTH
             return
         else:
             raise _unexpected(kind, reply)
@@ -374,19 +404,19 @@ class ClientProtocol:
     def _enter(self, state: State) -> None:
         """Move to ``state``: back to READY, or CLOSED, ends the mail transaction;
         CLOSED also forgets the replies still awaited."""
-        if state is State.READY or state is State.CLOSED:
+        if state is _READY or state is _CLOSED:
             self._txn = False
             self._rcpts = 0
             self._accepted = 0
             self._chunked = False
             self._smtputf8 = False
-            if state is State.CLOSED:
+            if state is _CLOSED:
                 self._pending.clear()
         self.state = state
 
     def _abandon(self) -> None:
         """The server broke the protocol: nothing more can be trusted on this session."""
-        self._enter(State.CLOSED)
+        self._enter(_CLOSED)
 
     # -- bytes out ----------------------------------------------------------------
 
@@ -460,11 +490,11 @@ class ClientProtocol:
     def tls_started(self) -> None:
         """The driver finished the TLS handshake: forget what EHLO said before it
         (RFC 3207 4.2) and expect EHLO again."""
-        if self.state is not State.TLS_HANDSHAKE:
+        if self.state is not _TLS_HANDSHAKE:
             raise LocalProtocolError(f"TLS started in state {self.state.value}")
         self.tls = True
         self.capabilities = Capabilities.helo()
-        self.state = State.CONNECTED
+        self.state = _CONNECTED
 
     def auth(self, mechanism: str, initial_response: str | None = None) -> bytes:
         """``AUTH MECH [initial-response]``; the response is masked in the transcript."""
@@ -621,7 +651,7 @@ class ClientProtocol:
         close one): the result is then the content's pieces followed by the QUIT line,
         to be written one after the other without waiting for a reply in between (one
         round trip fewer), and without joining a large message into a copy of itself."""
-        if self.state is not State.DATA or self._pending:
+        if self.state is not _DATA or self._pending:
             raise LocalProtocolError(f"message content in state {self.state.value}")
         if isinstance(data, bytes):
             parts: tuple[bytes, ...] = (data,)

@@ -14,7 +14,7 @@ from typing import Final
 
 from ..errors import RemoteProtocolError
 
-__all__ = ["MAX_LINE", "MAX_LINES", "NEED_DATA", "Reply", "ReplyParser"]
+__all__ = ["KNOWN", "MAX_LINE", "MAX_LINES", "NEED_DATA", "Reply", "ReplyParser", "one_line"]
 
 #: longest reply line accepted, CRLF included (RFC 5321 4.5.3.1.5 says 512; servers
 #: exceed it in EHLO and error texts, so allow headroom but stay bounded).
@@ -27,7 +27,7 @@ _ENHANCED: Final = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 #: Replies already parsed, by their octets on the wire: a server says the same greeting,
 #: EHLO and "250 2.1.0 Ok" to every session, so each wording is parsed once (a Reply is
 #: never changed once made, so one can be shared). Bounded in count and in size.
-_SEEN: Final[dict[bytes, Reply]] = {}
+KNOWN: Final[dict[bytes, Reply]] = {}
 _SEEN_MOST: Final = 1024
 _SEEN_LONGEST: Final = 2048
 
@@ -159,17 +159,17 @@ class ReplyParser:
             if 4 <= end <= self.max_line:
                 if buf[3] == 0x20:
                     raw = bytes(buf[: end + 1])
-                    reply = _SEEN.get(raw)
+                    reply = KNOWN.get(raw)
                     if reply is None:
-                        reply = _one_line(raw, end)
+                        reply = one_line(raw, end)
                     if reply is not None:
                         del buf[: end + 1]
                         return reply
                 elif buf[3] == 0x2D and len(buf) <= _SEEN_LONGEST:
                     # A reply of several lines (EHLO's) that is all there is and was
-                    # seen before, whole: a key of _SEEN is one complete, valid reply
+                    # seen before, whole: a key of KNOWN is one complete, valid reply
                     # (within this parser's limits too, which may be other than its).
-                    reply = _SEEN.get(bytes(buf))
+                    reply = KNOWN.get(bytes(buf))
                     if (
                         reply is not None
                         and len(buf) <= self.max_line
@@ -201,13 +201,13 @@ class ReplyParser:
         self._scan = self._count = 0
         raw = bytes(buf[: end + 1])
         del buf[: end + 1]
-        seen = _SEEN.get(raw)
+        seen = KNOWN.get(raw)
         if seen is not None:
             return seen
         return _remember(raw, _parse_block(raw, count))
 
 
-def _one_line(raw: bytes, end: int) -> Reply | None:
+def one_line(raw: bytes, end: int) -> Reply | None:
     """The reply of the one line ``raw`` (its newline at ``end``), or None when it
     is not a plain one (the general path then says what is wrong)."""
     head = raw[:3]
@@ -219,9 +219,9 @@ def _one_line(raw: bytes, end: int) -> Reply | None:
 
 def _remember(raw: bytes, reply: Reply) -> Reply:
     if len(raw) <= _SEEN_LONGEST:
-        if len(_SEEN) >= _SEEN_MOST:
-            _SEEN.clear()  # unique texts ("queued as 4F2A9...") must not pile up
-        _SEEN[raw] = reply
+        if len(KNOWN) >= _SEEN_MOST:
+            KNOWN.clear()  # unique texts ("queued as 4F2A9...") must not pile up
+        KNOWN[raw] = reply
     return reply
 
 

@@ -130,11 +130,7 @@ async def sendmail(
         named = _named_recipients(to, per_recipient)
         each = functools.partial(_render_each, template, named, data or {}, options)
         # Reading and encoding files blocks: a worker thread does it (as below).
-        messages = await anyio.to_thread.run_sync(each) if attachments or inline else each()
-        prepared = [
-            prepare_envelope(m, sender, [a])[2]
-            for (_, a, _), m in zip(named, messages, strict=True)
-        ]
+        prepared = await anyio.to_thread.run_sync(each) if attachments or inline else each()
         rcpts = [address for _, address, _ in named]
         return await _deliver(sender, rcpts, prepared, relay, concurrency, timeout, debug, log_file)
     if template is not None:
@@ -229,9 +225,10 @@ def _render_each(
     named: Sequence[tuple[str, str, Mapping[str, Any]]],
     data: Mapping[str, Any],
     options: MessageOptions,
-) -> list[EmailMessage]:
-    """A message rendered for each recipient, addressed to them alone; attachments
-    are read once for all."""
+) -> list[PreparedMessage]:
+    """A message rendered for each recipient, addressed to them alone, as sent:
+    attachments are read once for all, and each message is filled into the
+    template's compiled message (built whole for one recipient alone)."""
     loaded: MessageOptions = {
         **options,
         "attachments": [load_attachment(a) for a in options.get("attachments", ())],
@@ -239,7 +236,8 @@ def _render_each(
     messages = []
     for name, address, fields in named:
         alone: MessageOptions = {**loaded, "to": str(Address(display_name=name, addr_spec=address))}
-        messages.append(template.message({**data, **fields}, **alone))
+        _, prepared = template.prepared({**data, **fields}, eager=len(named) > 1, **alone)
+        messages.append(prepared)
     return messages
 
 
@@ -327,8 +325,9 @@ async def _fan_out(
         endpoint = await Endpoint.for_relay(relay)
 
         async def run(job: Job) -> list[RecipientResult]:
+            recipients = list(map(rcpts.__getitem__, job))  # no comprehension function made
             results, _ = await run_session(
-                endpoint, timeouts, sender, [rcpts[i] for i in job], message_of(job), debug=debug
+                endpoint, timeouts, sender, recipients, message_of(job), debug=debug
             )
             return results
 

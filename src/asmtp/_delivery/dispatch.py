@@ -9,6 +9,7 @@ every session in flight and re-raises, with no result made up.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
@@ -112,7 +113,7 @@ async def run_session(
         elif isinstance(exc, TimeoutError):
             error = deadline_passed(session.stage)
         elapsed = clock() - t0
-        missing = [rcpt for rcpt in recipients if rcpt not in final]
+        missing = list(itertools.filterfalse(final.__contains__, recipients))
         if error is not None:
             # What the server answered before the end (a refused RCPT, an LMTP
             # recipient's reply after the dot) stays that recipient's result.
@@ -130,7 +131,7 @@ async def run_session(
                     elapsed=elapsed,
                     dot_sent=session.dot_sent,
                 )
-        results = [final[rcpt] for rcpt in recipients]
+        results = list(map(final.__getitem__, recipients))
         if watch is not None:
             watch.end(session, results, exc if error is None else error)
         return results, error
@@ -139,8 +140,10 @@ async def run_session(
         if watch is not None:
             watch.end(session, (), cut)
         raise
-    await session.close()
-    results = [final[rcpt] for rcpt in recipients]
+    await conn.aclose()  # session.close(), a coroutine fewer
+    # map, not a comprehension: one capturing ``final`` would make it a cell, and the
+    # comprehension a function object, for every session
+    results = list(map(final.__getitem__, recipients))
     if watch is not None:
         watch.end(session, results, None)
     return results, None

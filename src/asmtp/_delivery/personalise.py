@@ -23,6 +23,7 @@ from .._core.address import check_mailbox, domain_of
 from .._core.dkim import DKIM
 from .._core.message import envelope_of
 from .._core.prepared import MessageIdRemover, PreparedMessage, prepare_message, with_headers
+from .._core.template import BoundMessage
 from ..errors import InputError
 
 __all__ = [
@@ -142,7 +143,11 @@ class Personaliser:
         :class:`~asmtp.errors.InputError` for a job that cannot be sent as given."""
         recipient = check_mailbox(recipient, field="recipient")
         rendered = callable(message)
-        if callable(message):
+        if isinstance(message, BoundMessage):
+            # a Template's copy for this job: filled into its compiled message
+            own_sender, message = message.prepare()
+            sender = own_sender if sender is None else sender
+        elif callable(message):
             message = message()  # rendered for this job alone
         if sender is None:
             if not isinstance(message, EmailMessage):

@@ -53,6 +53,7 @@ from ..errors import (
 from ..results import RecipientResult, Status, TLSState, answered, result_from_error
 from .endpoint import AuthCache, Endpoint, resolve_password, tls_state_of, token_digest
 from .transaction import (
+    NO_ANSWERS,
     NO_EXTRAS,
     Extras,
     SessionState,
@@ -92,6 +93,9 @@ def enable_debug() -> None:
     logger.setLevel(logging.DEBUG)
 
 
+#: the states QUIT may be sent in, when it was not pipelined after the last message
+_CAN_QUIT: Final = frozenset({State.READY, State.MAIL, State.CONNECTED, State.REFUSED})
+
 _NO_REFUSALS: Final[Mapping[str, Reply]] = {}
 
 
@@ -116,6 +120,8 @@ class Session(SessionState):
     ``"idle"``). Without an observer, each stage costs one ``is not None`` check.
     """
 
+    __slots__ = ()
+
     def __init__(
         self,
         endpoint: Endpoint,
@@ -136,8 +142,8 @@ class Session(SessionState):
         self.tls = "none"
         self.stage = "connect"
         self._needs_rset = False
-        self._refused = {}
-        self._answered = {}
+        self._refused = NO_ANSWERS  # never written: each transaction makes its own
+        self._answered = NO_ANSWERS
         self._conn = None
         trace = None
         if debug or logger.isEnabledFor(logging.DEBUG):
@@ -503,7 +509,7 @@ class Session(SessionState):
         proto = self.proto
         if proto.awaiting == "quit":  # pipelined after the last message
             step: Command | Receive = self.wait_reply
-        elif proto.state in (State.READY, State.MAIL, State.CONNECTED, State.REFUSED):
+        elif proto.state in _CAN_QUIT:
             step = Command(proto.quit(), self.timeouts.command)
         else:
             return None

@@ -76,6 +76,11 @@ class Extras:
 
 NO_EXTRAS: Final[Extras] = Extras()
 
+#: ``SessionState._answered`` of a transaction no LMTP server has answered for: empty,
+#: and never written (:func:`_per_recipient` makes a dict of its own), so not one per
+#: transaction
+NO_ANSWERS: Final[dict[str, Reply]] = {}
+
 
 def reply_error(reply: Reply, stage: Stage) -> ReplyError:
     """The error for an error reply to the ``stage`` command."""
@@ -85,6 +90,23 @@ def reply_error(reply: Reply, stage: Stage) -> ReplyError:
 class SessionState:
     """What a mail transaction reads and updates of the session it runs in (set by
     :class:`Session <asmtp._delivery.session.Session>`, which is one)."""
+
+    __slots__ = (
+        "_answered",
+        "_clock",
+        "_conn",
+        "_needs_rset",
+        "_refused",
+        "dot_sent",
+        "endpoint",
+        "on_stage",
+        "proto",
+        "stage",
+        "timeouts",
+        "tls",
+        "wait_end",
+        "wait_reply",
+    )
 
     endpoint: Endpoint
     timeouts: Timeouts
@@ -158,7 +180,7 @@ def transaction(
     refusal among them, or the last of them."""
     refused: dict[str, Reply] = {}
     s._refused = refused
-    s._answered = {}
+    s._answered = NO_ANSWERS
     proto = s.proto
     if proto.closed:
         raise ConnectionLostError("the session is closed", stage=s.stage)
@@ -294,27 +316,23 @@ class _Transaction:
         return not refused or not any(r.code == 452 for r in refused.values())
 
 
-def _rcpt_replies(s: SessionState, t: _Transaction, pipelined: bool) -> Steps[None]:
-    """Each RCPT's reply, in order: read (the RCPTs went out in the pipelined write) or
-    each after its own command. A refusal is that recipient's answer (kept in
-    ``t.refused``); a reply that closes the session (421) ends the transaction."""
-    proto = s.proto
-    command = s.timeouts.command
-    dsn, refused = t.dsn, t.refused
+def _rcpts_begin(s: SessionState) -> None:
+    """The RCPT replies come next (each judged by :func:`_rcpt_judged`, in order: read
+    after the pipelined write, or each after its own command). Not a generator of
+    their steps: the callers yield them, one object fewer per transaction."""
     s.stage = "rcpt"
     if s.on_stage is not None:
         s._mark("rcpt")
-    for rcpt in t.recipients:
-        if pipelined:
-            reply: Reply = yield s.wait_reply
-        else:
-            rcpt_params = dsn.rcpt_params(rcpt) if dsn is not None else ()
-            reply = yield Command(proto.rcpt(rcpt, rcpt_params), command)
-        if proto.closed:
-            s.dot_sent = False
-            raise reply_error(reply, "rcpt")
-        if reply.code not in _RCPT_OK:
-            refused[rcpt] = reply
+
+
+def _rcpt_judged(s: SessionState, t: _Transaction, rcpt: str, reply: Reply) -> None:
+    """``rcpt``'s RCPT reply: a refusal is that recipient's answer (kept in
+    ``t.refused``); a reply that closes the session (421) ends the transaction."""
+    if s.proto.closed:
+        s.dot_sent = False
+        raise reply_error(reply, "rcpt")
+    if reply.code not in _RCPT_OK:
+        t.refused[rcpt] = reply
 
 
 def _mail_and_rcpts(s: SessionState, t: _Transaction) -> Steps[bool]:
@@ -323,7 +341,11 @@ def _mail_and_rcpts(s: SessionState, t: _Transaction) -> Steps[bool]:
     mail_reply: Reply = yield Command(t.mail(s.proto), s.timeouts.command)
     if mail_reply.code not in _MAIL_OK:
         raise reply_error(mail_reply, "mail")
-    yield from _rcpt_replies(s, t, False)
+    proto, dsn, command = s.proto, t.dsn, s.timeouts.command
+    _rcpts_begin(s)
+    for rcpt in t.recipients:
+        rcpt_params = dsn.rcpt_params(rcpt) if dsn is not None else ()
+        _rcpt_judged(s, t, rcpt, (yield Command(proto.rcpt(rcpt, rcpt_params), command)))
     if len(t.refused) < len(t.recipients):
         return True
     s._needs_rset = True
@@ -345,7 +367,9 @@ def _by_data(s: SessionState, t: _Transaction) -> Steps[Reply]:
         mail_reply: Reply = yield Command(t.envelope(proto), command)
         if proto.closed:
             raise reply_error(mail_reply, "mail")
-        yield from _rcpt_replies(s, t, True)
+        _rcpts_begin(s)
+        for rcpt in t.recipients:
+            _rcpt_judged(s, t, rcpt, (yield s.wait_reply))
         s.stage = "data"
         if s.on_stage is not None:
             s._mark("data")
@@ -411,7 +435,8 @@ def _per_recipient(s: SessionState, t: _Transaction, first: Reply) -> Steps[Repl
     those answered keep their replies, the others' fate is unknown (raised with
     ``dot_sent`` still set)."""
     proto = s.proto
-    answered = s._answered
+    answered: dict[str, Reply] = {}
+    s._answered = answered
     accepted = iter([r for r in t.recipients if r not in t.refused])
     reply = final = first
     while True:  # as many replies as the protocol says are due (one per accepted RCPT)
@@ -516,7 +541,9 @@ def _by_bdat(s: SessionState, t: _Transaction) -> Steps[Reply]:
         if proto.closed:
             s.dot_sent = False
             raise reply_error(mail_reply, "mail")
-        yield from _rcpt_replies(s, t, True)
+        _rcpts_begin(s)
+        for rcpt in t.recipients:
+            _rcpt_judged(s, t, rcpt, (yield s.wait_reply))
         if whole:
             s.stage = "message"
             if s.on_stage is not None:
@@ -535,7 +562,7 @@ def _by_bdat(s: SessionState, t: _Transaction) -> Steps[Reply]:
     s.dot_sent = False
     if mail_reply.code not in _MAIL_OK:
         refused.clear()  # the RCPTs' replies (503) answered no transaction
-        s._answered.clear()
+        s._answered = NO_ANSWERS
         raise reply_error(mail_reply, "mail")  # the chunk got 503 too
     if len(refused) == len(t.recipients):
         # No recipient: the chunk's refusal (503 5.5.1) says nothing more.

@@ -151,6 +151,11 @@ class Connection(asyncio.BufferedProtocol):
         self._value: Any = None  # what they returned
         self._wants = _IDLE  # what they wait for
 
+    def __call__(self) -> Connection:
+        """This connection: the protocol factory handed to ``loop.create_connection``
+        (no closure made per connection)."""
+        return self
+
     # -- asyncio.BufferedProtocol callbacks ---------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -593,13 +598,13 @@ async def open_connection(
                 loop=loop,
             )
         if sock is not None:
-            await loop.create_connection(lambda: conn, sock=sock)
+            await loop.create_connection(conn, sock=sock)
         elif path is not None:
-            await loop.create_unix_connection(lambda: conn, path)
+            await loop.create_unix_connection(conn, path)
         else:
             local = (source_address, 0) if source_address else None
             peer = peer_of(host, options)
-            await loop.create_connection(lambda: conn, peer, port, local_addr=local)
+            await loop.create_connection(conn, peer, port, local_addr=local)
         ssl_context = options.get("ssl_context")
         if ssl_context is not None:
             await conn._handshake(ssl_context, tls_name_of(host, options))
