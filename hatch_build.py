@@ -1,11 +1,11 @@
 """Build hook: ``ASMTP_COMPILE=1 pip install .`` compiles asmtp's hot path with mypyc.
 
-The modules in :data:`COMPILED` (the reply parser, the protocol state machine, the steps,
-the session policy with its endpoint and transaction steps, the fan-out's dispatcher and
-the asyncio driver: all checked by mypy --strict) become C extensions built from the
-same source; in ``benchmarks/fanout.py`` that is about a third fewer instructions per
-message. Without ``ASMTP_COMPILE=1`` (the
-default) the build does nothing here and the wheel is pure Python. Needs a C compiler;
+The modules in :data:`COMPILED` (the reply parser, the protocol state machine and its
+rules, the steps, the session policy with its endpoint and transaction steps, the
+fan-out's dispatcher and the asyncio driver: all checked by mypy --strict) become C
+extensions built from the same source; in ``benchmarks/fanout.py`` that is about a third
+fewer instructions per message. Without ``ASMTP_COMPILE=1`` (the default) the build does
+nothing here and the wheel is pure Python. Needs a C compiler;
 mypy and setuptools are fetched into the build environment only when compiling.
 
 The whole test suite passes on both builds. One difference is known: in compiled code
@@ -29,9 +29,12 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 COMPILED = (
     "_core/reply",
     "_core/capabilities",
+    "_core/rules",
     "_core/protocol",
     "_core/steps",
     "_delivery/endpoint",
+    "_delivery/session_state",
+    "_delivery/exchanges",
     "_delivery/transaction",
     "_delivery/session",
     "_delivery/dispatch",

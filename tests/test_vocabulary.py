@@ -20,7 +20,7 @@ import asmtp
 import asmtp._io.exceptions
 import asmtp.errors
 import asmtp.results
-from asmtp._core import protocol
+from asmtp._core import protocol, rules
 from asmtp._core.prepared import prepare_message
 from asmtp._core.protocol import ClientProtocol, State
 from asmtp._core.reply import Reply
@@ -65,7 +65,7 @@ def test_stage_is_public() -> None:
 
 def test_every_reply_the_protocol_awaits_is_a_stage() -> None:
     assert set(protocol.SUCCESS_CODES) <= set(STAGES)
-    assert set(protocol._AFTER_REPLY) == set(protocol.SUCCESS_CODES)
+    assert set(rules.AFTER_REPLY) == set(rules.SUCCESS_CODES) == set(protocol.SUCCESS_CODES)
 
 
 def test_a_refusal_names_its_command() -> None:

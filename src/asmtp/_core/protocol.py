@@ -2,9 +2,9 @@
 4954 AUTH and 3030 CHUNKING), and LMTP's (RFC 2033). Bytes in, replies out; no I/O,
 no asyncio.
 
-Every state transition of the client side of an SMTP session lives in this file, as
-data: :data:`_SENDABLE_IN` says in which states each command may be sent and
-:data:`_AFTER_REPLY` which state each reply leads to. The driver does three things:
+Every state transition of the client side of an SMTP session is a table of
+:mod:`asmtp._core.rules` (in which states each command may be sent, which state each
+reply leads to), applied here. The driver does three things:
 hands received bytes to :meth:`ClientProtocol.receive_data` (``b""`` at end of
 stream), writes the bytes each command method returns, and asks
 :meth:`ClientProtocol.next_reply` for the next :class:`~asmtp._core.reply.Reply` (or
@@ -59,14 +59,12 @@ transaction ends with the last of them::
 
 from __future__ import annotations
 
-import enum
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Final, Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
 
 from ..errors import (
-    STAGE_TEXT,
     ConnectionLostError,
     LocalProtocolError,
     RemoteProtocolError,
@@ -74,132 +72,32 @@ from ..errors import (
 )
 from .capabilities import Capabilities
 from .reply import KNOWN, MAX_LINE, NEED_DATA, Reply, ReplyParser, _NeedData, one_line
+from .rules import (
+    AFTER_REPLY,
+    AUTH,
+    AUTH_CONTINUE,
+    CLOSED,
+    CONNECTED,
+    DATA,
+    GREETING,
+    PIPELINABLE,
+    PIPELINE_AFTER,
+    READY,
+    SENDABLE_IN,
+    SIMPLE_SUCCESS,
+    SUCCESS_CODES,
+    TLS_HANDSHAKE,
+    CommandName,
+    State,
+    awaited,
+    unexpected,
+)
 
 __all__ = ["AUTH_CONTINUE", "SUCCESS_CODES", "ClientProtocol", "State"]
 
 Trace = Callable[[str], None]
 
 
-class State(enum.Enum):
-    GREETING = "greeting"  # connected, waiting for the server's 220
-    REFUSED = "refused"  # the greeting was not 220: only QUIT may follow (RFC 5321 3.1)
-    CONNECTED = "connected"  # greeted (or TLS just started): EHLO or HELO must come next
-    READY = "ready"  # EHLO/HELO done, no mail transaction open
-    TLS_HANDSHAKE = "tls-handshake"  # STARTTLS got 220: the driver must run the handshake
-    AUTH = "auth"  # a SASL exchange is under way
-    MAIL = "mail"  # MAIL FROM accepted: a transaction is open
-    DATA = "data"  # DATA got 354: the message content must be sent
-    CLOSED = "closed"  # QUIT answered, 421 received, or the stream ended
-
-
-# The states as module constants: on Python 3.11 ``State.X`` goes through the enum
-# metaclass's __getattr__ (an object made and a slow lookup per access), too slow for
-# code that runs for every reply.
-_GREETING: Final = State.GREETING
-_REFUSED: Final = State.REFUSED
-_CONNECTED: Final = State.CONNECTED
-_READY: Final = State.READY
-_TLS_HANDSHAKE: Final = State.TLS_HANDSHAKE
-_AUTH: Final = State.AUTH
-_MAIL: Final = State.MAIL
-_DATA: Final = State.DATA
-_CLOSED: Final = State.CLOSED
-
-
-#: The replies that mean success, for each command whose reply the client awaits
-#: (RFC 5321 4.3.2; "greeting" is the server's opening, "message" the end-of-data dot
-#: or the last BDAT chunk, "bdat" any other chunk (RFC 3030 2); RFC 3207 for STARTTLS,
-#: RFC 4954 for AUTH). A 4xx or 5xx is a refusal. Anything else (another 2xx or 3xx,
-#: say 354 to RCPT or 221 to the dot) answers no command sent: the session is closed,
-#: since the replies can no longer be trusted to answer the commands they follow.
-SUCCESS_CODES: Final[Mapping[Stage, frozenset[int]]] = {
-    "greeting": frozenset({220}),
-    "ehlo": frozenset({250}),
-    "helo": frozenset({250}),
-    "lhlo": frozenset({250}),  # RFC 2033 4.1: LMTP's EHLO
-    "starttls": frozenset({220}),
-    "auth": frozenset({235}),
-    "mail": frozenset({250}),
-    "rcpt": frozenset({250, 251}),  # 251: not local, will forward (RFC 5321 3.4)
-    "data": frozenset({354}),
-    "bdat": frozenset({250}),
-    "message": frozenset({250}),
-    "rset": frozenset({250}),
-    "noop": frozenset({250}),
-    "quit": frozenset({221}),
-}
-#: AUTH's one intermediate reply: the server asks for the next SASL response (RFC 4954 4).
-AUTH_CONTINUE: Final = 334
-
-#: What each reply does to the state: (after a success, after a refusal); None leaves
-#: the state as it is. Back to READY ends the mail transaction (RFC 5321 4.1.1.5: so do
-#: RSET and the end of data; 4.1.1.2: a refused MAIL opens none; RFC 3030 2: so does a
-#: refused BDAT chunk, and the last chunk's reply, as the dot's). Beside the table: a
-#: 421 to any command closes (RFC 5321 3.8), and AUTH's 334 asks for the next response.
-_AFTER_REPLY: Final[Mapping[Stage, tuple[State | None, State | None]]] = {
-    "greeting": (_CONNECTED, _REFUSED),  # refused: only QUIT may follow (3.1)
-    "ehlo": (_READY, None),  # refused: HELO may follow (RFC 5321 3.2)
-    "helo": (_READY, None),
-    "lhlo": (_READY, None),  # refused: nothing else greets an LMTP server
-    "starttls": (_TLS_HANDSHAKE, None),  # refused: the client decides (RFC 3207 4)
-    "auth": (_READY, _READY),
-    "mail": (_MAIL, _READY),
-    "rcpt": (None, None),  # a refused recipient leaves the transaction open
-    "data": (_DATA, _READY),
-    "bdat": (None, _READY),  # accepted: more chunks follow
-    "message": (_READY, _READY),  # LMTP: after the last recipient's reply
-    "rset": (_READY, None),
-    "noop": (None, None),
-    "quit": (_CLOSED, _CLOSED),
-}
-
-#: The fast path of every reply: command -> (its success codes, the state they lead
-#: to (None: the state stays)), for the commands whose success does nothing else (not
-#: DATA's 354, EHLO's, HELO's, LHLO's, STARTTLS's or AUTH's 235: see
-#: :meth:`ClientProtocol._apply`).
-_SIMPLE_SUCCESS: Final[Mapping[Stage, tuple[frozenset[int], State | None]]] = {
-    kind: (codes, _AFTER_REPLY[kind][0])
-    for kind, codes in SUCCESS_CODES.items()
-    if kind not in ("data", "ehlo", "helo", "lhlo", "starttls", "auth")
-}
-#: A command, as :data:`_SENDABLE_IN` knows it: each awaits the reply of the stage of
-#: its name but "auth-response", the answer to AUTH's 334 challenge (an "auth" reply).
-_Command = Stage | Literal["auth-response"]
-
-#: The states each command may be sent in (RFC 5321 4.1.4: EHLO or HELO first, again
-#: after STARTTLS, RFC 3207 4.2, or LHLO on an LMTP session, RFC 2033 4.1; then MAIL,
-#: RCPT, DATA or BDAT in order; RFC 4954 4: AUTH outside a transaction). RCPT, DATA and
-#: BDAT in READY: pipelined behind MAIL (RFC 2920). The message content after DATA has
-#: its own rule (:meth:`ClientProtocol.message`).
-_SENDABLE_IN: Final[Mapping[_Command, tuple[State, ...]]] = {
-    "ehlo": (_CONNECTED, _READY),
-    "helo": (_CONNECTED, _READY),
-    "lhlo": (_CONNECTED, _READY),
-    "starttls": (_READY,),
-    "auth": (_READY,),
-    "auth-response": (_AUTH,),
-    "mail": (_READY,),
-    "rcpt": (_READY, _MAIL),
-    "data": (_READY, _MAIL),
-    "bdat": (_READY, _MAIL),
-    "rset": (_READY, _MAIL),
-    "noop": (_READY, _MAIL),
-    "quit": (_REFUSED, _CONNECTED, _READY, _MAIL, _AUTH),
-}
-#: The commands that may be sent while replies to earlier ones are outstanding, when
-#: the server offers PIPELINING and those are all replies to :data:`_PIPELINE_AFTER`
-#: commands (RFC 2920 3.1: DATA, EHLO, STARTTLS, AUTH, NOOP and QUIT each end a group,
-#: and LHLO as EHLO; RFC 3030 4.2: BDAT chunks may be pipelined, behind RCPT and one
-#: another).
-_PIPELINABLE: Final = frozenset({"mail", "rcpt", "data", "bdat", "rset"})
-_PIPELINE_AFTER: Final = frozenset({"mail", "rcpt", "bdat", "rset"})
-
-# How a reply's command is named in an error message.
-_NAMES: Final[Mapping[Stage, str]] = {
-    **STAGE_TEXT,
-    "greeting": "the greeting",
-    "message": "the end of data",
-}
 _BAD_CHAR: Final = re.compile("[\r\n\0]")
 
 
@@ -247,7 +145,7 @@ class ClientProtocol:
         self._chunked = False  # a BDAT has been sent in it: no DATA (RFC 3030 2)
         self._smtputf8 = False
         self.capabilities = Capabilities.helo()
-        self.state = _GREETING
+        self.state = GREETING
         #: True once the connection is encrypted (implicit TLS, or after STARTTLS)
         self.tls = tls
         self.authenticated = False
@@ -264,7 +162,7 @@ class ClientProtocol:
     @property
     def closed(self) -> bool:
         """The session is over: QUIT answered, 421 received, or the stream ended."""
-        return self.state is _CLOSED
+        return self.state is CLOSED
 
     @property
     def awaiting(self) -> Stage | None:
@@ -301,12 +199,12 @@ class ClientProtocol:
                 if stage is None:
                     raise
                 raise RemoteProtocolError(
-                    f"{exc} (awaiting {_awaited(stage)})", stage=stage
+                    f"{exc} (awaiting {awaited(stage)})", stage=stage
                 ) from exc
         if isinstance(reply, _NeedData):
             if parser.eof:
                 stage = self.awaiting
-                self.state = _CLOSED
+                self.state = CLOSED
                 raise ConnectionLostError(
                     "the server closed the connection"
                     + (f" (awaiting the {stage} reply)" if stage else ""),
@@ -315,7 +213,7 @@ class ClientProtocol:
             return reply
         pending = self._pending
         if not pending:
-            self.state = _CLOSED
+            self.state = CLOSED
             raise RemoteProtocolError(f"unexpected reply with nothing asked: {reply}")
         kind = pending.popleft()
         if self.trace is not None:
@@ -324,10 +222,10 @@ class ClientProtocol:
                 self.trace(f"< {reply.code}{sep}{line}")
         # The common case, settled by the table alone: a success that only moves the
         # state on (MAIL's 250, RCPT's, the dot's, QUIT's 221...).
-        simple = _SIMPLE_SUCCESS.get(kind)
+        simple = SIMPLE_SUCCESS.get(kind)
         if simple is not None and reply.code in simple[0] and not self.lmtp:
             after = simple[1]
-            if after is _READY or after is _CLOSED:
+            if after is READY or after is CLOSED:
                 self._enter(after)
             elif after is not None:
                 self.state = after
@@ -343,18 +241,18 @@ class ClientProtocol:
         return reply
 
     def _apply(self, kind: Stage, reply: Reply) -> None:
-        """Move on as the reply to ``kind`` says (:data:`_AFTER_REPLY`); one it does not
+        """Move on as the reply to ``kind`` says (:data:`AFTER_REPLY`); one it does not
         allow raises :class:`~asmtp.errors.RemoteProtocolError`."""
         code = reply.code
         if kind == "message" and self.lmtp and self._lmtp_reply_due():
             # RFC 2033 4.2: one recipient's answer; the others' replies follow.
             if code == 421:
-                self._enter(_CLOSED)  # RFC 5321 3.8: the rest will never come
+                self._enter(CLOSED)  # RFC 5321 3.8: the rest will never come
             elif code not in SUCCESS_CODES[kind] and code < 400:
-                raise _unexpected(kind, reply)
+                raise unexpected(kind, reply)
             return
         if code in SUCCESS_CODES[kind]:
-            after = _AFTER_REPLY[kind][0]
+            after = AFTER_REPLY[kind][0]
             if after is None:  # rcpt, noop
                 if kind == "rcpt":
                     self._accepted += 1
@@ -378,18 +276,18 @@ class ClientProtocol:
                 self.authenticated = True
         elif code >= 400:
             if code == 421:
-                after = _CLOSED  # RFC 5321 3.8: the server is closing the channel
+                after = CLOSED  # RFC 5321 3.8: the server is closing the channel
             else:
-                after = _AFTER_REPLY[kind][1]
+                after = AFTER_REPLY[kind][1]
                 if after is None:
                     return
                 if kind == "auth":
                     self.authenticated = False
         elif code == AUTH_CONTINUE and kind == "auth":
-            self.state = _AUTH
+            self.state = AUTH
             return
         else:
-            raise _unexpected(kind, reply)
+            raise unexpected(kind, reply)
         self._enter(after)
 
     def _lmtp_reply_due(self) -> bool:
@@ -404,19 +302,19 @@ class ClientProtocol:
     def _enter(self, state: State) -> None:
         """Move to ``state``: back to READY, or CLOSED, ends the mail transaction;
         CLOSED also forgets the replies still awaited."""
-        if state is _READY or state is _CLOSED:
+        if state is READY or state is CLOSED:
             self._txn = False
             self._rcpts = 0
             self._accepted = 0
             self._chunked = False
             self._smtputf8 = False
-            if state is _CLOSED:
+            if state is CLOSED:
                 self._pending.clear()
         self.state = state
 
     def _abandon(self) -> None:
         """The server broke the protocol: nothing more can be trusted on this session."""
-        self._enter(_CLOSED)
+        self._enter(CLOSED)
 
     # -- bytes out ----------------------------------------------------------------
 
@@ -432,15 +330,15 @@ class ClientProtocol:
                 f"{kind.upper()} needs SMTPUTF8 for non-ASCII text: {line!r}"
             ) from exc
 
-    def _check(self, command: _Command) -> None:
+    def _check(self, command: CommandName) -> None:
         """The one check before a command is sent: the state allows it
-        (:data:`_SENDABLE_IN`), and so do the replies still awaited (PIPELINING)."""
-        if self.state not in _SENDABLE_IN[command]:
+        (:data:`SENDABLE_IN`), and so do the replies still awaited (PIPELINING)."""
+        if self.state not in SENDABLE_IN[command]:
             why = f"in state {self.state.value}"
         elif self._pending and not (
-            command in _PIPELINABLE
+            command in PIPELINABLE
             and self.capabilities.pipelining
-            and _PIPELINE_AFTER.issuperset(self._pending)
+            and PIPELINE_AFTER.issuperset(self._pending)
         ):
             why = f"while awaiting the {self._pending[0]} reply (no PIPELINING)"
         else:
@@ -490,11 +388,11 @@ class ClientProtocol:
     def tls_started(self) -> None:
         """The driver finished the TLS handshake: forget what EHLO said before it
         (RFC 3207 4.2) and expect EHLO again."""
-        if self.state is not _TLS_HANDSHAKE:
+        if self.state is not TLS_HANDSHAKE:
             raise LocalProtocolError(f"TLS started in state {self.state.value}")
         self.tls = True
         self.capabilities = Capabilities.helo()
-        self.state = _CONNECTED
+        self.state = CONNECTED
 
     def auth(self, mechanism: str, initial_response: str | None = None) -> bytes:
         """``AUTH MECH [initial-response]``; the response is masked in the transcript."""
@@ -651,7 +549,7 @@ class ClientProtocol:
         close one): the result is then the content's pieces followed by the QUIT line,
         to be written one after the other without waiting for a reply in between (one
         round trip fewer), and without joining a large message into a copy of itself."""
-        if self.state is not _DATA or self._pending:
+        if self.state is not DATA or self._pending:
             raise LocalProtocolError(f"message content in state {self.state.value}")
         if isinstance(data, bytes):
             parts: tuple[bytes, ...] = (data,)
@@ -692,26 +590,3 @@ class ClientProtocol:
     def quit(self) -> bytes:
         self._check("quit")
         return self._command("quit", "QUIT")
-
-
-def _awaited(kind: Stage) -> str:
-    return "the greeting" if kind == "greeting" else f"the reply to {_NAMES[kind]}"
-
-
-def _unexpected(kind: Stage, reply: Reply) -> RemoteProtocolError:
-    """The error for a reply that is neither success nor refusal for ``kind``."""
-    code = reply.code
-    text = " ".join(reply.lines).strip()
-    if len(text) > 200:
-        text = text[:200] + "..."
-    if kind == "greeting":
-        what = f"the server greeted with {code} (not a valid greeting)"
-    elif kind == "message":
-        what = (
-            f"the server answered the end of data with {code} (not a valid reply to it: "
-            "the message may or may not have been delivered)"
-        )
-    else:
-        name = _NAMES[kind]
-        what = f"{name} answered {code} (not a valid reply to {name})"
-    return RemoteProtocolError(f"{what}: {text}" if text else what, stage=kind)

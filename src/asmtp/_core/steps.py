@@ -38,10 +38,14 @@ __all__ = [
     "Send",
     "Step",
     "Steps",
+    "command",
     "receive",
+    "send",
 ]
 
 T = TypeVar("T")
+
+_tuple_new: Final = tuple.__new__
 
 Data = bytes | tuple[bytes | memoryview, ...]
 """What a step writes: bytes, or pieces written one after the other without waiting
@@ -62,6 +66,12 @@ class Command(NamedTuple):
 
     data: Data
     timeout: float | None
+
+
+def command(data: Data, timeout: float | None) -> Command:
+    """``Command(data, timeout)``, made without the Python-level ``__new__`` a NamedTuple
+    is called through (a command or two a message: the difference is measurable)."""
+    return _tuple_new(Command, (data, timeout))
 
 
 class Receive(NamedTuple):
@@ -99,6 +109,11 @@ class Send(NamedTuple):
     data: Data
     timeout: float | None
     drain: bool = False
+
+
+def send(data: Data, timeout: float | None, drain: bool = False) -> Send:
+    """``Send(data, timeout, drain)``, made as :func:`command` makes a Command."""
+    return _tuple_new(Send, (data, timeout, drain))
 
 
 class Await(NamedTuple):

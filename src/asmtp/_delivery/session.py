@@ -33,11 +33,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Final, TypeVar
 
 from .._core.prepared import PreparedMessage
-from .._core.protocol import AUTH_CONTINUE, SUCCESS_CODES, ClientProtocol, State
+from .._core.protocol import SUCCESS_CODES, ClientProtocol, State
 from .._core.reply import Reply
 from .._core.sanitize import printable
-from .._core.sasl import Mechanism, choose_mechanism, make_mechanism
-from .._core.steps import GREETING, Await, Command, Receive, Steps, receive
+from .._core.sasl import choose_mechanism, make_mechanism
+from .._core.steps import GREETING, Await, Command, Receive, Steps, command, receive
 from .._io.anyio_driver import AnyConnection, loop_clock, open_best
 from .._io.connect import ConnectOptions
 from ..config import Timeouts
@@ -52,6 +52,7 @@ from ..errors import (
 )
 from ..results import RecipientResult, Status, TLSState, answered, result_from_error
 from .endpoint import AuthCache, Endpoint, resolve_password, tls_state_of, token_digest
+from .exchanges import authenticate, exchange, hello
 from .transaction import (
     NO_ANSWERS,
     NO_EXTRAS,
@@ -60,16 +61,12 @@ from .transaction import (
     StageObserver,
     reply_error,
     transaction,
-    transaction_steps,
 )
 
 __all__ = [
     "Session",
     "StageObserver",
-    "authenticate",
     "enable_debug",
-    "exchange",
-    "hello",
 ]
 
 logger: Final = logging.getLogger("asmtp")
@@ -256,7 +253,7 @@ class Session(SessionState):
             return
         if self.on_stage is not None:
             self._mark("starttls")
-        reply: Reply = yield Command(self.proto.starttls(), self.timeouts.command)
+        reply: Reply = yield command(self.proto.starttls(), self.timeouts.command)
         if reply.code not in SUCCESS_CODES["starttls"]:
             # Offered but refused: even opportunistic TLS does not carry on in the clear
             # (plaintext only when STARTTLS is not offered); the next host may do better.
@@ -340,14 +337,14 @@ class Session(SessionState):
         extras: Extras = NO_EXTRAS,
         last: bool = False,
     ) -> Steps[tuple[dict[str, Reply], Reply]]:
-        """One mail transaction's steps
-        (:func:`~asmtp._delivery.transaction.transaction_steps`): they return the refused
-        recipients (with their RCPT reply) and the reply to the end of data (with LMTP,
-        the first refusal among the recipients' own replies, or the last), and raise
-        an :class:`~asmtp.errors.SMTPError` when the transaction as a whole fails (MAIL
-        or DATA refused, no recipient accepted, the connection lost); ``self.stage`` and
-        ``self.dot_sent`` say where."""
-        return transaction_steps(self, sender, recipients, message, extras, last)
+        """One mail transaction's steps (:func:`~asmtp._delivery.transaction.transaction`):
+        they return the refused recipients (with their RCPT reply) and the reply to the
+        end of data (with LMTP, the first refusal among the recipients' own replies, or
+        the last), and raise an :class:`~asmtp.errors.SMTPError` when the transaction as
+        a whole fails (MAIL or DATA refused, no recipient accepted, the connection lost);
+        ``self.stage`` and ``self.dot_sent`` say where."""
+        final = yield from transaction(self, sender, recipients, message, extras, last)
+        return self._refused, final
 
     async def deliver(
         self,
@@ -510,7 +507,7 @@ class Session(SessionState):
         if proto.awaiting == "quit":  # pipelined after the last message
             step: Command | Receive = self.wait_reply
         elif proto.state in _CAN_QUIT:
-            step = Command(proto.quit(), self.timeouts.command)
+            step = command(proto.quit(), self.timeouts.command)
         else:
             return None
         if self.on_stage is not None:
@@ -536,46 +533,6 @@ class Session(SessionState):
         """Close the connection (after :meth:`one_shot`, which said QUIT)."""
         if self._conn is not None:
             await self._conn.aclose()
-
-
-# -- steps shared by sessions and ``asmtp bench`` -------------------------------------
-
-
-def exchange(command: bytes, timeout: float | None) -> Steps[Reply]:
-    """One command and its reply."""
-    reply: Reply = yield Command(command, timeout)
-    return reply
-
-
-def hello(proto: ClientProtocol, name: str, timeout: float | None) -> Steps[None]:
-    """EHLO, and HELO for a server that does not know EHLO (RFC 5321 3.2); on an LMTP
-    session LHLO, and nothing else (RFC 2033 4.1)."""
-    if proto.lmtp:
-        reply: Reply = yield Command(proto.lhlo(name), timeout)
-        if reply.code not in SUCCESS_CODES["lhlo"]:
-            raise reply_error(reply, "lhlo")
-        return
-    reply = yield Command(proto.ehlo(name), timeout)
-    if reply.code in SUCCESS_CODES["ehlo"]:
-        return
-    if reply.code >= 500 and not proto.closed:
-        reply = yield Command(proto.helo(name), timeout)
-        if reply.code in SUCCESS_CODES["helo"]:
-            return
-    raise reply_error(reply, "ehlo")
-
-
-def authenticate(
-    proto: ClientProtocol, name: str, mech: Mechanism, timeout: float | None
-) -> Steps[None]:
-    """AUTH with ``mech`` (RFC 4954): the command, an answer to each 334 challenge,
-    and :class:`~asmtp.errors.AuthenticationError` unless the end is 235."""
-    reply: Reply = yield Command(proto.auth(name, mech.initial()), timeout)
-    while reply.code == AUTH_CONTINUE:
-        challenge = reply.lines[0] if reply.lines else ""
-        reply = yield Command(proto.auth_response(mech.respond(challenge)), timeout)
-    if reply.code not in SUCCESS_CODES["auth"]:
-        raise AuthenticationError(reply.code, reply.message, enhanced_status=reply.enhanced_status)
 
 
 def _result_of(

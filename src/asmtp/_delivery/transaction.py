@@ -18,22 +18,27 @@ is the hot path of every send: compiled with the session by mypyc (hatch_build.p
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Final, Literal
+from collections.abc import Sequence
+from typing import Final
 
 from .._core.prepared import PreparedMessage
 from .._core.protocol import SUCCESS_CODES, ClientProtocol
 from .._core.reply import Reply
 from .._core.requiretls import requiretls_refusal
-from .._core.steps import Await, Command, Receive, Send, Steps
-from .._io.anyio_driver import AnyConnection
-from ..config import DSN, Timeouts
-from ..errors import ConnectionLostError, MessageRejectedError, ReplyError, SMTPError, Stage
-from ..results import TLSState
-from .endpoint import Endpoint
+from .._core.steps import Await, Steps, command, send
+from ..config import DSN
+from ..errors import ConnectionLostError, MessageRejectedError, SMTPError
+from .session_state import (
+    NO_ANSWERS,
+    NO_EXTRAS,
+    Extras,
+    SessionState,
+    StageObserver,
+    reply_error,
+)
 
 __all__ = [
+    "NO_ANSWERS",
     "NO_DATA",
     "NO_EXTRAS",
     "Extras",
@@ -41,10 +46,9 @@ __all__ = [
     "StageObserver",
     "reply_error",
     "transaction",
-    "transaction_steps",
 ]
 
-# Each command's success replies, from the one table in asmtp._core.protocol.
+# Each command's success replies, from the one table in asmtp._core.rules.
 _MAIL_OK: Final = SUCCESS_CODES["mail"]
 _RCPT_OK: Final = SUCCESS_CODES["rcpt"]
 _DATA_OK: Final = SUCCESS_CODES["data"]
@@ -54,109 +58,6 @@ _RSET_OK: Final = SUCCESS_CODES["rset"]
 
 #: the end-of-data reply of a transaction in which no recipient was accepted
 NO_DATA: Final = Reply(554, ("5.5.1 no valid recipients",))
-
-StageObserver = Callable[[Stage | Literal["idle"], float], None]
-"""``on_stage(stage, at)``: called by a :class:`Session <asmtp._delivery.session.Session>`
-as a stage begins, with the session's clock; ``"idle"`` ends the stage before it."""
-
-BeforeDot = Callable[[Sequence[str]], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Extras:
-    """What a bulk sender adds to each transaction: DSN requests (used only when the
-    server offers DSN), a hook awaited just before the end-of-data dot is sent,
-    with the recipients that will get the message (the journal's pre-dot line), and
-    ``requiretls`` (RFC 8689: only over authenticated TLS to a server offering it)."""
-
-    dsn: DSN | None = None
-    before_dot: BeforeDot | None = None
-    requiretls: bool = False
-
-
-NO_EXTRAS: Final[Extras] = Extras()
-
-#: ``SessionState._answered`` of a transaction no LMTP server has answered for: empty,
-#: and never written (:func:`_per_recipient` makes a dict of its own), so not one per
-#: transaction
-NO_ANSWERS: Final[dict[str, Reply]] = {}
-
-
-def reply_error(reply: Reply, stage: Stage) -> ReplyError:
-    """The error for an error reply to the ``stage`` command."""
-    return ReplyError(reply.code, reply.message, enhanced_status=reply.enhanced_status, stage=stage)
-
-
-class SessionState:
-    """What a mail transaction reads and updates of the session it runs in (set by
-    :class:`Session <asmtp._delivery.session.Session>`, which is one)."""
-
-    __slots__ = (
-        "_answered",
-        "_clock",
-        "_conn",
-        "_needs_rset",
-        "_refused",
-        "dot_sent",
-        "endpoint",
-        "on_stage",
-        "proto",
-        "stage",
-        "timeouts",
-        "tls",
-        "wait_end",
-        "wait_reply",
-    )
-
-    endpoint: Endpoint
-    timeouts: Timeouts
-    #: the steps that wait for a reply within the command timeout, and for the end of
-    #: data's within its own (made once per session: ``receive(timeouts.command)``...)
-    wait_reply: Receive
-    wait_end: Receive
-    proto: ClientProtocol
-    #: told as each stage begins, with the time from ``_clock`` (see StageObserver)
-    on_stage: StageObserver | None
-    _clock: Callable[[], float] | None
-    #: the end of data is out and its reply not read: a failure leaves the fate unknown
-    dot_sent: bool
-    tls: TLSState
-    #: where the session is: the stage a failure is reported in
-    stage: Stage
-    #: a failed transaction may be open on the server still: RSET before the next MAIL
-    _needs_rset: bool
-    #: the current transaction's refused recipients, kept when the transaction then
-    #: fails: a 550 read before a 421 is that recipient's answer, not the 421
-    _refused: dict[str, Reply]
-    #: LMTP: the accepted recipients' own replies to the end of data read so far, kept
-    #: when the transaction then fails (the connection lost before the others came)
-    _answered: dict[str, Reply]
-    _conn: AnyConnection | None
-
-    def _mark(self, stage: Stage | Literal["idle"]) -> None:
-        """Tell the observer ``stage`` begins (callers check there is one first)."""
-        on_stage, clock = self.on_stage, self._clock
-        assert on_stage is not None and clock is not None
-        on_stage(stage, clock())
-
-    def abort(self) -> None:
-        """Close at once, without QUIT (errors, cancellation)."""
-        if self._conn is not None:
-            self._conn.abort()
-
-
-def transaction_steps(
-    s: SessionState,
-    sender: str,
-    recipients: Sequence[str],
-    message: PreparedMessage,
-    extras: Extras = NO_EXTRAS,
-    last: bool = False,
-) -> Steps[tuple[dict[str, Reply], Reply]]:
-    """One mail transaction on ``s``: the refused recipients (with their RCPT reply) and
-    the reply to the end of data (see :func:`transaction`)."""
-    final = yield from transaction(s, sender, recipients, message, extras, last)
-    return s._refused, final
 
 
 def transaction(
@@ -207,7 +108,7 @@ def transaction(
 
 def _rset(s: SessionState) -> Steps[None]:
     """RSET before the next MAIL, when a failed transaction may still be open."""
-    reply: Reply = yield Command(s.proto.rset(), s.timeouts.command)
+    reply: Reply = yield command(s.proto.rset(), s.timeouts.command)
     if reply.code not in _RSET_OK:
         raise reply_error(reply, "mail")
     s._needs_rset = False
@@ -338,14 +239,14 @@ def _rcpt_judged(s: SessionState, t: _Transaction, rcpt: str, reply: Reply) -> N
 def _mail_and_rcpts(s: SessionState, t: _Transaction) -> Steps[bool]:
     """MAIL, then each RCPT, each awaiting its reply (no PIPELINING). False when no
     recipient was accepted: the transaction ends there (RSET before the next)."""
-    mail_reply: Reply = yield Command(t.mail(s.proto), s.timeouts.command)
+    mail_reply: Reply = yield command(t.mail(s.proto), s.timeouts.command)
     if mail_reply.code not in _MAIL_OK:
         raise reply_error(mail_reply, "mail")
-    proto, dsn, command = s.proto, t.dsn, s.timeouts.command
+    proto, dsn, timeout = s.proto, t.dsn, s.timeouts.command
     _rcpts_begin(s)
     for rcpt in t.recipients:
         rcpt_params = dsn.rcpt_params(rcpt) if dsn is not None else ()
-        _rcpt_judged(s, t, rcpt, (yield Command(proto.rcpt(rcpt, rcpt_params), command)))
+        _rcpt_judged(s, t, rcpt, (yield command(proto.rcpt(rcpt, rcpt_params), timeout)))
     if len(t.refused) < len(t.recipients):
         return True
     s._needs_rset = True
@@ -358,13 +259,13 @@ def _by_data(s: SessionState, t: _Transaction) -> Steps[Reply]:
     """:func:`transaction_steps` with DATA: the reply to the end of data."""
     proto = s.proto
     timeouts = s.timeouts
-    command = timeouts.command
+    timeout = timeouts.command
     refused = t.refused
     if s._needs_rset:
         yield from _rset(s)
     if proto.capabilities.pipelining:
         # RFC 2920: MAIL, every RCPT and DATA in one write; then check every reply.
-        mail_reply: Reply = yield Command(t.envelope(proto), command)
+        mail_reply: Reply = yield command(t.envelope(proto), timeout)
         if proto.closed:
             raise reply_error(mail_reply, "mail")
         _rcpts_begin(s)
@@ -386,7 +287,7 @@ def _by_data(s: SessionState, t: _Transaction) -> Steps[Reply]:
         s.stage = "data"
         if s.on_stage is not None:
             s._mark("data")
-        data_reply = yield Command(proto.data(), command)
+        data_reply = yield command(proto.data(), timeout)
     if len(refused) == len(t.recipients):
         # RFC 2920 3.1: no recipient, so a 354 gets an empty message.
         s._needs_rset = True
@@ -405,7 +306,7 @@ def _by_data(s: SessionState, t: _Transaction) -> Steps[Reply]:
         yield from _before_dot(s, t)
     content = proto.message(t.message.parts, then_quit=t.then_quit(proto))
     # Drained: lost while the kernel would not take more means the dot never left.
-    yield Send(content, timeouts.data_block, True)
+    yield send(content, timeouts.data_block, True)
     s.dot_sent = True
     try:
         final: Reply = yield s.wait_end
@@ -458,7 +359,7 @@ def _per_recipient(s: SessionState, t: _Transaction, first: Reply) -> Steps[Repl
 
 
 def _empty_message(s: SessionState) -> Steps[None]:
-    yield Command(s.proto.message(b"\r\n.\r\n"), s.timeouts.data_end)
+    yield command(s.proto.message(b"\r\n.\r\n"), s.timeouts.data_end)
 
 
 def _before_dot(s: SessionState, t: _Transaction) -> Steps[None]:
@@ -534,7 +435,7 @@ def _by_bdat(s: SessionState, t: _Transaction) -> Steps[Reply]:
         first = proto.bdat(chunks[0])
     # The commands in one piece, the chunk's own after them. Drained when it holds the
     # last chunk: lost while the kernel would not take more means that never left.
-    yield Send((commands + first[0], *first[1:]), timeouts.data_block, whole)
+    yield send((commands + first[0], *first[1:]), timeouts.data_block, whole)
     s.dot_sent = whole
     try:
         mail_reply: Reply = yield s.wait_reply
@@ -590,7 +491,7 @@ def _chunks(
     s.stage = "bdat"
     if not proto.capabilities.pipelining:
         for chunk in middle:
-            reply: Reply = yield Command(proto.bdat(chunk), timeouts.data_block)
+            reply: Reply = yield command(proto.bdat(chunk), timeouts.data_block)
             if reply.code not in _BDAT_OK:
                 s._needs_rset = not proto.closed
                 raise reply_error(reply, "bdat")
@@ -604,7 +505,7 @@ def _chunks(
     if s.on_stage is not None:
         s._mark("message")
     # Drained: lost while the kernel would not take more means LAST never left.
-    yield Send(tuple(out), timeouts.data_block, True)
+    yield send(tuple(out), timeouts.data_block, True)
     s.dot_sent = True
     failed: Reply | None = None
     try:

@@ -76,10 +76,6 @@ _REPLY: Final = 1
 _DRAIN: Final = 2
 
 
-#: the queue of a connection that has never had to queue anything: empty, never added
-#: to (see Connection._write), so not a deque per connection
-_NO_QUEUE: Final[deque[memoryview]] = deque()
-
 #: what the task's waiter is resolved with when the steps have ended (their value
 #: is in ``Connection._value``)
 _FINISHED: Final = object()
@@ -138,9 +134,7 @@ class Connection(asyncio.BufferedProtocol):
         self._inbox = proto.inbox
         self._transport: asyncio.Transport | None = None
         self._raw: asyncio.Transport | None = None  # the TCP transport under TLS
-        # what waits for the kernel to take more: none most often (data up to WRITE_BLOCK
-        # goes at once), so a deque of its own only once something has to wait
-        self._queue: deque[memoryview] = _NO_QUEUE
+        self._queue: deque[memoryview] = deque()  # what waits for the kernel to take more
         self._poll: asyncio.TimerHandle | None = None  # see _unsent
         self._waiter: asyncio.Future[Any] | None = None
         self._lost = False
@@ -397,19 +391,7 @@ class Connection(asyncio.BufferedProtocol):
                         self._wants = _REPLY
                         return
                 elif type(step) is Command:
-                    data = step.data
-                    transport = self._transport
-                    if (
-                        type(data) is bytes
-                        and transport is not None
-                        and not self._queue
-                        and not self._lost
-                        and len(data) <= WRITE_BLOCK
-                        and not transport.is_closing()
-                    ):
-                        transport.write(data)  # a command: _write's first case, inline
-                    else:
-                        self._write(data)
+                    self._write(step.data)
                     value = proto.next_reply()
                     if value is not NEED_DATA:
                         continue
@@ -471,16 +453,12 @@ class Connection(asyncio.BufferedProtocol):
             if len(data) <= WRITE_BLOCK and not queue:
                 transport.write(data)  # a command, a small message: as it comes
                 return
-            if queue is _NO_QUEUE:
-                queue = self._queue = deque()
             queue.append(memoryview(data))
         elif sum(map(len, data)) <= WRITE_BLOCK and not queue:
             # A small message and its pipelined QUIT: one write (one system call).
             transport.write(b"".join(data))
             return
         else:
-            if queue is _NO_QUEUE:
-                queue = self._queue = deque()
             queue.extend(map(memoryview, data))
         self._feed()
 

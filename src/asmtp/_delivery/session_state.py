@@ -1,0 +1,120 @@
+"""What a mail transaction reads and updates of the session it runs in
+(:class:`SessionState`, which a :class:`~asmtp._delivery.session.Session` is), what a
+bulk sender adds to each transaction (:class:`Extras`: DSN, the hook before the dot,
+REQUIRETLS), and the error a refusal becomes (:func:`reply_error`). The steps that use
+them are :mod:`asmtp._delivery.transaction`'s; compiled with them by mypyc.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from .._core.protocol import ClientProtocol
+from .._core.reply import Reply
+from .._core.steps import Receive
+from .._io.anyio_driver import AnyConnection
+from ..config import DSN, Timeouts
+from ..errors import ReplyError, Stage
+from ..results import TLSState
+from .endpoint import Endpoint
+
+__all__ = [
+    "NO_ANSWERS",
+    "NO_EXTRAS",
+    "BeforeDot",
+    "Extras",
+    "SessionState",
+    "StageObserver",
+    "reply_error",
+]
+
+StageObserver = Callable[[Stage | Literal["idle"], float], None]
+"""``on_stage(stage, at)``: called by a :class:`Session <asmtp._delivery.session.Session>`
+as a stage begins, with the session's clock; ``"idle"`` ends the stage before it."""
+
+BeforeDot = Callable[[Sequence[str]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Extras:
+    """What a bulk sender adds to each transaction: DSN requests (used only when the
+    server offers DSN), a hook awaited just before the end-of-data dot is sent,
+    with the recipients that will get the message (the journal's pre-dot line), and
+    ``requiretls`` (RFC 8689: only over authenticated TLS to a server offering it)."""
+
+    dsn: DSN | None = None
+    before_dot: BeforeDot | None = None
+    requiretls: bool = False
+
+
+NO_EXTRAS: Final[Extras] = Extras()
+
+#: ``SessionState._answered`` of a transaction no LMTP server has answered for: empty,
+#: and never written (:func:`_per_recipient` makes a dict of its own), so not one per
+#: transaction
+NO_ANSWERS: Final[dict[str, Reply]] = {}
+
+
+def reply_error(reply: Reply, stage: Stage) -> ReplyError:
+    """The error for an error reply to the ``stage`` command."""
+    return ReplyError(reply.code, reply.message, enhanced_status=reply.enhanced_status, stage=stage)
+
+
+class SessionState:
+    """What a mail transaction reads and updates of the session it runs in (set by
+    :class:`Session <asmtp._delivery.session.Session>`, which is one)."""
+
+    __slots__ = (
+        "_answered",
+        "_clock",
+        "_conn",
+        "_needs_rset",
+        "_refused",
+        "dot_sent",
+        "endpoint",
+        "on_stage",
+        "proto",
+        "stage",
+        "timeouts",
+        "tls",
+        "wait_end",
+        "wait_reply",
+    )
+
+    endpoint: Endpoint
+    timeouts: Timeouts
+    #: the steps that wait for a reply within the command timeout, and for the end of
+    #: data's within its own (made once per session: ``receive(timeouts.command)``...)
+    wait_reply: Receive
+    wait_end: Receive
+    proto: ClientProtocol
+    #: told as each stage begins, with the time from ``_clock`` (see StageObserver)
+    on_stage: StageObserver | None
+    _clock: Callable[[], float] | None
+    #: the end of data is out and its reply not read: a failure leaves the fate unknown
+    dot_sent: bool
+    tls: TLSState
+    #: where the session is: the stage a failure is reported in
+    stage: Stage
+    #: a failed transaction may be open on the server still: RSET before the next MAIL
+    _needs_rset: bool
+    #: the current transaction's refused recipients, kept when the transaction then
+    #: fails: a 550 read before a 421 is that recipient's answer, not the 421
+    _refused: dict[str, Reply]
+    #: LMTP: the accepted recipients' own replies to the end of data read so far, kept
+    #: when the transaction then fails (the connection lost before the others came)
+    _answered: dict[str, Reply]
+    _conn: AnyConnection | None
+
+    def _mark(self, stage: Stage | Literal["idle"]) -> None:
+        """Tell the observer ``stage`` begins (callers check there is one first)."""
+        on_stage, clock = self.on_stage, self._clock
+        assert on_stage is not None and clock is not None
+        on_stage(stage, clock())
+
+    def abort(self) -> None:
+        """Close at once, without QUIT (errors, cancellation)."""
+        if self._conn is not None:
+            self._conn.abort()
