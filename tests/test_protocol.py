@@ -29,6 +29,15 @@ def reply(proto: ClientProtocol, data: bytes) -> Reply:
     return r
 
 
+def codes_read(proto: ClientProtocol) -> list[int]:
+    """The codes of every whole reply buffered, read one after the other."""
+    codes = []
+    while (r := proto.next_reply()) is not NEED_DATA:
+        assert isinstance(r, Reply)
+        codes.append(r.code)
+    return codes
+
+
 def greeted(ehlo: bytes = EHLO_REPLY) -> ClientProtocol:
     proto = ClientProtocol()
     assert reply(proto, b"220 mx.example.org ESMTP ready\r\n").code == 220
@@ -173,11 +182,7 @@ def test_greeting_ehlo_and_one_pipelined_transaction() -> None:
     )
     proto.receive_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no such user\r\n")
     proto.receive_data(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-    codes = []
-    while (r := proto.next_reply()) is not NEED_DATA:
-        assert isinstance(r, Reply)
-        codes.append(r.code)
-    assert codes == [250, 250, 550, 354]
+    assert codes_read(proto) == [250, 250, 550, 354]
     assert proto.state is State.DATA
     assert proto.message(b"Subject: hi\r\n\r\n..dot\r\n.\r\n").endswith(b"\r\n.\r\n")
     assert reply(proto, b"250 2.0.0 Ok: queued as 1234\r\n").code == 250
@@ -213,11 +218,7 @@ def test_envelope_is_mail_rcpts_and_data_in_one_piece() -> None:
     # the same replies take both to the same place
     for proto in (one_by_one, at_once):
         proto.receive_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no such user\r\n354 go\r\n")
-        codes = []
-        while (r := proto.next_reply()) is not NEED_DATA:
-            assert isinstance(r, Reply)
-            codes.append(r.code)
-        assert codes == [250, 250, 550, 354]
+        assert codes_read(proto) == [250, 250, 550, 354]
         assert proto.state is State.DATA
 
 

@@ -555,6 +555,37 @@ def test_a_bound_message_called_is_still_an_email_message() -> None:
     assert_same_reading_but_ids(prepared, prepare_message(message))
 
 
+async def test_celery_queues_each_bound_copy_as_the_mailer_sends_it() -> None:
+    # asmtp.celery stores each job's message as sent: a bound template's copy is filled
+    # into the template's compiled message there too (not built whole), with the
+    # template's sender unless the job gives one.
+    from asmtp._delivery.redis_state.campaign import message_from_blob
+    from asmtp.celery import _items
+
+    letter = asmtp.Template(subject="Hi {{ first }}", body="Dear {{ first }},\n.\nbye\n")
+    names = ["Ann", "Jörg <3", ".dot"]
+    jobs = [
+        asmtp.Job(
+            f"u{i}@example.org", letter.bind({"first": n}, to=f"u{i}@example.org", from_=SENDER)
+        )
+        for i, n in enumerate(names)
+    ]
+    jobs.append(
+        asmtp.Job(
+            "u9@example.org",
+            letter.bind({"first": "Ann"}, to="u9@example.org", from_=SENDER),
+            sender="bounces@example.org",
+        )
+    )
+    queued = [item async for item in _items(jobs)]
+    assert len(letter._messages._kept) == 1  # compiled once, and filled for each job
+    assert [entry[2] for entry, _, _ in queued] == [SENDER] * 3 + ["bounces@example.org"]
+    for (entry, _, blob), job, name in zip(queued, jobs, [*names, "Ann"], strict=True):
+        assert entry[0] == job.recipient
+        built = prepare_message(letter.message({"first": name}, to=job.recipient, from_=SENDER))
+        assert_same_reading_but_ids(message_from_blob(blob), built)
+
+
 def test_options_are_compiled_on_their_second_sight_and_a_few_kept() -> None:
     template = asmtp.Template(subject="Hi {{ first }}", body="{{ first }}")
     kept = template._messages._kept

@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 
 from . import sync
 from ._core.prepared import PreparedMessage, prepare_message
+from ._core.template import BoundMessage
 from ._delivery.jobs import Job
 from ._delivery.journal_format import JournalIdentity
 from ._delivery.personalise import envelope_sender
@@ -368,12 +369,18 @@ async def _items(
     async for job in source:
         if not isinstance(job, Job):
             raise InputError(f"enqueue takes asmtp.Job items, not {type(job).__name__}")
-        message: Any = job.message() if callable(job.message) else job.message
+        bound_sender = None
+        message: Any
+        if isinstance(job.message, BoundMessage):
+            # a Template's copy: filled into its compiled message, not built whole
+            bound_sender, message = job.message.prepare()
+        else:
+            message = job.message() if callable(job.message) else job.message
         if last is None or last[0] is not message:
             prepared = message if isinstance(message, PreparedMessage) else prepare_message(message)
             last = (message, *message_blob(prepared))
         _, ref, blob = last
-        sender = job.sender
+        sender = job.sender if job.sender is not None else bound_sender
         if sender is None:
             if not isinstance(message, email.message.EmailMessage):
                 raise InputError("a message given as bytes needs the job's sender")

@@ -53,15 +53,8 @@ from ..errors import (
 from ..results import RecipientResult, Status, TLSState, answered, result_from_error
 from .endpoint import AuthCache, Endpoint, resolve_password, tls_state_of, token_digest
 from .exchanges import authenticate, exchange, hello
-from .transaction import (
-    NO_ANSWERS,
-    NO_EXTRAS,
-    Extras,
-    SessionState,
-    StageObserver,
-    reply_error,
-    transaction,
-)
+from .session_state import NO_ANSWERS, NO_EXTRAS, Extras, SessionState, StageObserver, reply_error
+from .transaction import transaction
 
 __all__ = [
     "Session",
