@@ -71,7 +71,7 @@ from ..errors import (
     Stage,
 )
 from .capabilities import Capabilities
-from .reply import KNOWN, MAX_LINE, NEED_DATA, Reply, ReplyParser, _NeedData, one_line
+from .reply import NEED_DATA, Reply, ReplyParser, _NeedData, take_one_line
 from .rules import (
     AFTER_REPLY,
     AUTH,
@@ -177,16 +177,8 @@ class ClientProtocol:
         buf = self.inbox
         reply: Reply | _NeedData | None = None
         if buf:
-            # The parser's fast path, inline (a call fewer per reply): a reply of one
-            # line, most often seen before (KNOWN holds only whole, valid replies).
-            end = buf.find(b"\n")
-            if 3 < end <= MAX_LINE and buf[3] == 0x20:
-                raw = bytes(buf[: end + 1])
-                reply = KNOWN.get(raw)
-                if reply is None:
-                    reply = one_line(raw, end)  # None: not a plain one; the parser says why
-                if reply is not None:
-                    del buf[: end + 1]
+            # A plain one-line reply, most often seen before, without the parser's call.
+            reply = take_one_line(buf)
         elif not self._parser.eof:
             return NEED_DATA  # the common case after writing a command
         parser = self._parser

@@ -14,7 +14,16 @@ from typing import Final
 
 from ..errors import RemoteProtocolError
 
-__all__ = ["KNOWN", "MAX_LINE", "MAX_LINES", "NEED_DATA", "Reply", "ReplyParser", "one_line"]
+__all__ = [
+    "KNOWN",
+    "MAX_LINE",
+    "MAX_LINES",
+    "NEED_DATA",
+    "Reply",
+    "ReplyParser",
+    "one_line",
+    "take_one_line",
+]
 
 #: longest reply line accepted, CRLF included (RFC 5321 4.5.3.1.5 says 512; servers
 #: exceed it in EHLO and error texts, so allow headroom but stay bounded).
@@ -155,28 +164,21 @@ class ReplyParser:
             return NEED_DATA
         if not self._scan:
             # Fast path: most replies are one line ("250 2.1.0 Ok\r\n"), and seen before.
-            end = buf.find(b"\n")
-            if 4 <= end <= self.max_line:
-                if buf[3] == 0x20:
-                    raw = bytes(buf[: end + 1])
-                    reply = KNOWN.get(raw)
-                    if reply is None:
-                        reply = one_line(raw, end)
-                    if reply is not None:
-                        del buf[: end + 1]
-                        return reply
-                elif buf[3] == 0x2D and len(buf) <= _SEEN_LONGEST:
-                    # A reply of several lines (EHLO's) that is all there is and was
-                    # seen before, whole: a key of KNOWN is one complete, valid reply
-                    # (within this parser's limits too, which may be other than its).
-                    reply = KNOWN.get(bytes(buf))
-                    if (
-                        reply is not None
-                        and len(buf) <= self.max_line
-                        and len(reply.lines) <= self.max_lines
-                    ):
-                        buf.clear()
-                        return reply
+            reply = take_one_line(buf, self.max_line)
+            if reply is not None:
+                return reply
+            if len(buf) > 4 and buf[3] == 0x2D and len(buf) <= _SEEN_LONGEST:
+                # A reply of several lines (EHLO's) that is all there is and was seen
+                # before, whole: a key of KNOWN is one complete, valid reply (within
+                # this parser's limits too, which may be other than its).
+                reply = KNOWN.get(bytes(buf))
+                if (
+                    reply is not None
+                    and len(buf) <= self.max_line
+                    and len(reply.lines) <= self.max_lines
+                ):
+                    buf.clear()
+                    return reply
         return self._slow(buf)
 
     def _slow(self, buf: bytearray) -> Reply | _NeedData:
@@ -205,6 +207,25 @@ class ReplyParser:
         if seen is not None:
             return seen
         return _remember(raw, _parse_block(raw, count))
+
+
+def take_one_line(buf: bytearray, max_line: int = MAX_LINE) -> Reply | None:
+    """The reply at the start of ``buf`` when it is a whole plain line of at most
+    ``max_line`` octets ("250 2.1.0 Ok\\r\\n", most often seen before), taken out of
+    ``buf``; None otherwise (a reply of several lines, one not whole yet, or one that is
+    not plain: the general path then reads it, or says what is wrong). Sans-IO: the
+    parser's fast path, and the protocol's, which calls it before the parser."""
+    end = buf.find(b"\n")
+    if not 3 < end <= max_line or buf[3] != 0x20:
+        return None
+    raw = bytes(buf[: end + 1])
+    reply = KNOWN.get(raw)
+    if reply is None:
+        reply = one_line(raw, end)
+        if reply is None:
+            return None
+    del buf[: end + 1]
+    return reply
 
 
 def one_line(raw: bytes, end: int) -> Reply | None:

@@ -140,7 +140,7 @@ async def run_session(
         if watch is not None:
             watch.end(session, (), cut)
         raise
-    await conn.aclose()  # session.close(), a coroutine fewer
+    await conn.aclose()  # as session.close() does, without its coroutine
     # map, not a comprehension: one capturing ``final`` would make it a cell, and the
     # comprehension a function object, for every session
     results = list(map(final.__getitem__, recipients))

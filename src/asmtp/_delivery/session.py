@@ -53,7 +53,7 @@ from ..errors import (
 from ..results import RecipientResult, Status, TLSState, answered, result_from_error
 from .endpoint import AuthCache, Endpoint, resolve_password, tls_state_of, token_digest
 from .exchanges import authenticate, exchange, hello
-from .session_state import NO_ANSWERS, NO_EXTRAS, Extras, SessionState, StageObserver, reply_error
+from .session_state import NO_EXTRAS, NO_REPLIES, Extras, SessionState, StageObserver, reply_error
 from .transaction import transaction
 
 __all__ = [
@@ -85,8 +85,6 @@ def enable_debug() -> None:
 
 #: the states QUIT may be sent in, when it was not pipelined after the last message
 _CAN_QUIT: Final = frozenset({State.READY, State.MAIL, State.CONNECTED, State.REFUSED})
-
-_NO_REFUSALS: Final[Mapping[str, Reply]] = {}
 
 
 class Session(SessionState):
@@ -132,8 +130,8 @@ class Session(SessionState):
         self.tls = "none"
         self.stage = "connect"
         self._needs_rset = False
-        self._refused = NO_ANSWERS  # never written: each transaction makes its own
-        self._answered = NO_ANSWERS
+        self._refused = NO_REPLIES
+        self._answered = NO_REPLIES
         self._conn = None
         trace = None
         if debug or logger.isEnabledFor(logging.DEBUG):
@@ -425,8 +423,8 @@ class Session(SessionState):
         recipients: Sequence[str],
         error: SMTPError,
         elapsed: float,
-        refused: Mapping[str, Reply] = _NO_REFUSALS,
-        answered: Mapping[str, Reply] = _NO_REFUSALS,
+        refused: Mapping[str, Reply] = NO_REPLIES,
+        answered: Mapping[str, Reply] = NO_REPLIES,
     ) -> list[RecipientResult]:
         """One result per recipient of a transaction that failed with ``error``: a
         recipient the server had refused already keeps that refusal (a server that

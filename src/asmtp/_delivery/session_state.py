@@ -21,8 +21,8 @@ from ..results import TLSState
 from .endpoint import Endpoint
 
 __all__ = [
-    "NO_ANSWERS",
     "NO_EXTRAS",
+    "NO_REPLIES",
     "BeforeDot",
     "Extras",
     "SessionState",
@@ -51,10 +51,11 @@ class Extras:
 
 NO_EXTRAS: Final[Extras] = Extras()
 
-#: ``SessionState._answered`` of a transaction no LMTP server has answered for: empty,
-#: and never written (:func:`_per_recipient` makes a dict of its own), so not one per
+#: an empty map of recipients to replies, never written: a session's ``_refused`` and
+#: ``_answered`` before its first transaction, and ``_answered`` while no LMTP server has
+#: answered for anyone (``_per_recipient`` makes a dict of its own), so not one per
 #: transaction
-NO_ANSWERS: Final[dict[str, Reply]] = {}
+NO_REPLIES: Final[dict[str, Reply]] = {}
 
 
 def reply_error(reply: Reply, stage: Stage) -> ReplyError:

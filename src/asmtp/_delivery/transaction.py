@@ -29,8 +29,8 @@ from .._core.steps import Await, Steps, command, send
 from ..config import DSN
 from ..errors import ConnectionLostError, MessageRejectedError, SMTPError
 from .session_state import (
-    NO_ANSWERS,
     NO_EXTRAS,
+    NO_REPLIES,
     Extras,
     SessionState,
     StageObserver,
@@ -38,9 +38,9 @@ from .session_state import (
 )
 
 __all__ = [
-    "NO_ANSWERS",
     "NO_DATA",
     "NO_EXTRAS",
+    "NO_REPLIES",
     "Extras",
     "SessionState",
     "StageObserver",
@@ -81,7 +81,7 @@ def transaction(
     refusal among them, or the last of them."""
     refused: dict[str, Reply] = {}
     s._refused = refused
-    s._answered = NO_ANSWERS
+    s._answered = NO_REPLIES
     proto = s.proto
     if proto.closed:
         raise ConnectionLostError("the session is closed", stage=s.stage)
@@ -463,7 +463,7 @@ def _by_bdat(s: SessionState, t: _Transaction) -> Steps[Reply]:
     s.dot_sent = False
     if mail_reply.code not in _MAIL_OK:
         refused.clear()  # the RCPTs' replies (503) answered no transaction
-        s._answered = NO_ANSWERS
+        s._answered = NO_REPLIES
         raise reply_error(mail_reply, "mail")  # the chunk got 503 too
     if len(refused) == len(t.recipients):
         # No recipient: the chunk's refusal (503 5.5.1) says nothing more.

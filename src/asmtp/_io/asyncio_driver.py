@@ -11,17 +11,12 @@ A connection through a proxy, or on a socket the caller connected, starts from t
 socket (:mod:`asmtp._io.proxy` opens the tunnel) and is the same connection from there;
 so is one to a Unix-domain socket (``loop.create_unix_connection``).
 
-Writing keeps memory bounded: data up to :data:`~asmtp._core.steps.WRITE_BLOCK` goes to the
-transport at once; larger data (a big message) stays views of the caller's bytes in a
-queue of this connection, handed over a block at a time whenever the kernel has taken
-everything before it. A transport copies only what the kernel did not take, so a
-session holds at most about one block of copies, whatever the message's size.
-
-A session's steps (:mod:`asmtp._core.steps`) run from the read callback: each reply is
-parsed in ``buffer_updated`` and the next command written there and then, so a whole
-session wakes its task only when it ends or asks for something awaited. Running steps
-(:meth:`Connection.run`) is the only way to talk over a connection: every user of it
-(every send, ``asmtp bench``) goes through a session's steps.
+Writing keeps memory bounded: a big message stays views of the caller's bytes, handed
+to the transport a :data:`~asmtp._core.steps.WRITE_BLOCK` at a time as the kernel takes
+them (:meth:`Connection._write`). A session's steps (:mod:`asmtp._core.steps`) run from
+the read callback: each reply parsed in ``buffer_updated`` and the next command written
+there and then, so a whole session wakes its task only when it ends or asks for something
+awaited. Running steps (:meth:`Connection.run`) is the only way to talk over a connection.
 """
 
 from __future__ import annotations
@@ -70,14 +65,11 @@ def _read_buffer() -> memoryview:
     return view
 
 
-# What running steps wait for, between callbacks.
+# What running steps wait for, between callbacks: nothing, a reply, the kernel to take all.
 _IDLE: Final = 0
 _REPLY: Final = 1
 _DRAIN: Final = 2
-
-
-#: what the task's waiter is resolved with when the steps have ended (their value
-#: is in ``Connection._value``)
+#: resolves the task's waiter when the steps have ended (their value: ``Connection._value``)
 _FINISHED: Final = object()
 
 
@@ -152,8 +144,7 @@ class Connection(asyncio.BufferedProtocol):
         self._wants = _IDLE  # what they wait for
 
     def __call__(self) -> Connection:
-        """This connection: the protocol factory handed to ``loop.create_connection``
-        (no closure made per connection)."""
+        """Itself: the protocol factory of ``loop.create_connection`` (no closure)."""
         return self
 
     # -- asyncio.BufferedProtocol callbacks ---------------------------------------
@@ -407,14 +398,7 @@ class Connection(asyncio.BufferedProtocol):
                 else:
                     waiter.set_result(step)  # an Await: the task runs it
                     return
-                # A Command or Receive waits for its reply: step(timeout), inline.
-                timeout = self._timeout = step.timeout
-                if timeout is None:
-                    self._deadline = float("inf")
-                else:
-                    deadline = self._deadline = self._loop.time() + timeout
-                    if self._timer is None or deadline < self._timer_at:
-                        self.step(timeout)
+                self.step(step.timeout)  # a Command or Receive waits for its reply
                 self._wants = _REPLY
                 return
             except SMTPError as exc:
