@@ -10,6 +10,7 @@ start-up, imports and the first connections cancel out. The kernel's work is not
     python benchmarks/instructions.py                          # asmtp and the ceiling, uvloop
     python benchmarks/instructions.py --loop asyncio --clients asmtp,ceiling
     python benchmarks/instructions.py --no-gc       # without the collector: its share
+    python benchmarks/instructions.py --clients core,policy   # asmtp's sans-IO parts alone
     PYTHONPATH=/path/to/other/src python benchmarks/instructions.py --clients asmtp
 
 Needs valgrind and smtp-sink (``apt-get install valgrind postfix``) and the ``bench`` extra.
@@ -32,7 +33,9 @@ from pathlib import Path
 
 from _common import HELO, HERE, HOST, SENDER, free_port, wait_port
 
-CLIENTS = ("asmtp", "ceiling", "bare")
+CLIENTS = ("asmtp", "ceiling", "bare", "core", "policy")
+#: asmtp's sans-IO parts alone, scripted replies, no I/O (scripted_session.py)
+SCRIPTED = ("core", "policy")
 MAX_MESSAGES = 20_000
 
 
@@ -41,6 +44,11 @@ def run_client(client: str, port: int, count: int, concurrency: int) -> None:
     from fanout import build_message, build_recipients
 
     message, recipients = build_message(), build_recipients(count)
+    if client in SCRIPTED:
+        import scripted_session
+
+        scripted_session.run(client, message, recipients)
+        return
 
     async def main() -> None:
         if client == "asmtp":

@@ -145,14 +145,18 @@ def test_a_receive_step_is_made_once_per_timeout() -> None:
 # ---------------------------------------------------------------------------- ceiling client
 
 
-def ceiling_client() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ceiling_client.py"
-    spec = importlib.util.spec_from_file_location("ceiling_client", path)
+def benchmark_module(name: str) -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ceiling_client", module)
+    sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def ceiling_client() -> ModuleType:
+    return benchmark_module("ceiling_client")
 
 
 MESSAGE = b"Subject: ceiling\r\n\r\n.a line with a dot\r\nhello\r\n"
@@ -208,3 +212,22 @@ def test_the_ceiling_client_times_out(fault_server: MakeFault) -> None:
         )
     )  # fmt: skip
     assert not ok and error == "timeout after 0.3 s" and elapsed > 0
+
+
+# ------------------------------------------------------- asmtp's sans-IO parts, scripted
+
+
+@pytest.mark.parametrize("kind", ["core", "policy"])
+def test_the_scripted_session_delivers_as_against_a_server(kind: str) -> None:
+    scripted = benchmark_module("scripted_session")
+    recipients = [f"r{i}@example.org" for i in range(3)]
+    scripted.run(kind, MESSAGE, recipients)  # each session checks its replies and result
+
+
+@pytest.mark.parametrize("kind", ["core", "policy"])
+def test_the_scripted_session_notices_a_refusal(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted = benchmark_module("scripted_session")
+    refused = (*scripted.READS[:3], b"554 5.7.1 rejected\r\n221 2.0.0 Bye\r\n")
+    monkeypatch.setattr(scripted, "READS", refused)
+    with pytest.raises(AssertionError):
+        scripted.run(kind, MESSAGE, ["r@example.org"])

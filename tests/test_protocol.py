@@ -228,6 +228,10 @@ def test_envelope_is_mail_rcpts_and_data_in_one_piece() -> None:
         ("a@example.com\r\nRSET", ["b@example.org"], None, "MAIL"),
         ("a@example.com", ["b@example.org", "c\0@example.org"], None, "RCPT"),
         ("a@example.com", ["b@example.org"], [["NOTIFY=NEVER\nQUIT"]], "RCPT"),
+        # a lone CR or LF (the group's own line breaks are CR LF pairs: counted apart)
+        ("a\n@example.com", ["b@example.org"], None, "MAIL"),
+        ("a@example.com", ["b@example.org", "c\r@example.org"], None, "RCPT"),
+        ("a@example.com", ["b@example.org\r", "\nc@example.org"], None, "RCPT"),
     ],
 )
 def test_envelope_refuses_cr_lf_nul_and_sends_nothing(
@@ -238,6 +242,23 @@ def test_envelope_refuses_cr_lf_nul_and_sends_nothing(
         proto.envelope(sender, recipients, (), rcpt_params)
     assert proto.awaiting is None  # nothing was counted as sent: a clean transaction may follow
     assert proto.envelope("a@example.com", ["b@example.org"]).startswith(b"MAIL FROM:")
+
+
+@pytest.mark.parametrize("param", ["BODY=8BITMIME\r", "SIZE=1\nRSET", "RET=HDRS\0"])
+def test_envelope_refuses_a_mail_parameter_with_cr_lf_nul(param: str) -> None:
+    proto = greeted()
+    with pytest.raises(LocalProtocolError, match="MAIL argument holds"):
+        proto.envelope("a@example.com", ["b@example.org"], [param])
+    assert proto.awaiting is None
+
+
+@pytest.mark.parametrize("name", ["client.example.com\r\nQUIT", "client\n", "cli\0ent"])
+def test_ehlo_refuses_a_name_with_cr_lf_nul(name: str) -> None:
+    proto = ClientProtocol()
+    assert reply(proto, b"220 mx.example.org ESMTP ready\r\n").code == 220
+    with pytest.raises(LocalProtocolError, match="EHLO argument holds"):
+        proto.ehlo(name)
+    assert proto.ehlo("client.example.com") == b"EHLO client.example.com\r\n"
 
 
 def test_envelope_keeps_the_rules_of_its_commands() -> None:

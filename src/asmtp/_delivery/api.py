@@ -11,7 +11,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import replace
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -27,7 +35,7 @@ from .._core.prepared import PreparedMessage, prepare_envelope
 from .._core.recipients import address_key
 from .._core.template import MessageOptions, Template
 from ..config import Direct, Relay, Timeouts, TimeoutSpec, check_number
-from ..errors import InputError
+from ..errors import InputError, SMTPError
 from ..results import RecipientResult, Report
 from .direct import DirectDelivery, plan_jobs
 from .dispatch import Job, run_pool, run_session
@@ -315,8 +323,11 @@ async def _fan_out(
             relay, timeouts, helo=relay.helo or await default_helo(), debug=debug
         )
 
-        async def run(job: Job) -> list[RecipientResult]:
-            return await direct.deliver(sender, [rcpts[i] for i in job], message_of(job))
+        async def by_mx(job: Job) -> tuple[list[RecipientResult], None]:
+            return await direct.deliver(sender, [rcpts[i] for i in job], message_of(job)), None
+
+        run: Callable[[Job], Awaitable[tuple[Sequence[RecipientResult], SMTPError | None]]]
+        run = by_mx
 
         if not isinstance(prepared, PreparedMessage):
             relay = replace(relay, batch_per_domain=False)
@@ -324,12 +335,14 @@ async def _fan_out(
     elif isinstance(relay, Relay):
         endpoint = await Endpoint.for_relay(relay)
 
-        async def run(job: Job) -> list[RecipientResult]:
+        def by_relay(
+            job: Job,
+        ) -> Coroutine[Any, Any, tuple[list[RecipientResult], SMTPError | None]]:
+            # The session's own coroutine, none around it: an object and a level fewer.
             recipients = list(map(rcpts.__getitem__, job))  # no comprehension function made
-            results, _ = await run_session(
-                endpoint, timeouts, sender, recipients, message_of(job), debug=debug
-            )
-            return results
+            return run_session(endpoint, timeouts, sender, recipients, message_of(job), debug=debug)
+
+        run = by_relay
 
         jobs = [[i] for i in range(len(rcpts))]
     results = await run_pool(len(rcpts), jobs, concurrency, run)

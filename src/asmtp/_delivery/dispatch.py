@@ -37,17 +37,19 @@ async def run_pool(
     count: int,
     jobs: Sequence[Job],
     concurrency: int,
-    run: Callable[[Job], Awaitable[Sequence[RecipientResult]]],
+    run: Callable[[Job], Awaitable[tuple[Sequence[RecipientResult], SMTPError | None]]],
 ) -> list[RecipientResult]:
     """Run every job with at most ``concurrency`` in flight. Each job covers some of
-    the ``count`` recipients and returns their results in its own order; the whole is
-    returned in recipient order."""
+    the ``count`` recipients and returns their results in its own order, with the
+    error that cut it short (as :func:`run_session` does: ``run`` may return its
+    coroutine, no coroutine around it); the whole is returned in recipient order."""
     results: list[RecipientResult | None] = [None] * count
     queue = iter(jobs)
 
     async def worker() -> None:
         for job in queue:
-            for i, result in zip(job, await run(job), strict=True):
+            got, _ = await run(job)
+            for i, result in zip(job, got, strict=True):
                 results[i] = result
 
     async with anyio.create_task_group() as tg:
@@ -83,7 +85,10 @@ async def run_session(
     refused = endpoint.auth_cache.refusal()
     if refused is not None:
         # The relay refused these credentials earlier in the run: no connection, no AUTH.
-        results = [result_from_error(r, refused, host=endpoint.host) for r in recipients]
+        host = endpoint.host
+        results = []  # a loop: a comprehension would make cells of its names every call
+        for rcpt in recipients:
+            results.append(result_from_error(rcpt, refused, host=host))
         if telemetry.hooks is not None:
             telemetry.hooks.unsent(results, refused)
         return results, refused
