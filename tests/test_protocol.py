@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from asmtp._core import reply as reply_module
 from asmtp._core.capabilities import Capabilities
 from asmtp._core.protocol import ClientProtocol, State
-from asmtp._core.reply import NEED_DATA, Reply, ReplyParser
+from asmtp._core.reply import NEED_DATA, Reply, ReplyParser, take_known_lines
 from asmtp.errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
 
 EHLO_REPLY = (
@@ -402,7 +403,65 @@ def test_final_reply_to_the_message() -> None:
     assert proto.state is State.READY
 
 
-def test_starttls_discards_what_came_before_the_handshake() -> None:
+def seen(known: bool, *lines: bytes) -> None:
+    """Make each of ``lines`` a reply seen before (``known``) or never seen: a read of
+    replies all seen before is taken in one go (take_known_lines), any other line by
+    line; both must come to the same."""
+    reply_module.KNOWN.clear()
+    parser = ReplyParser()
+    for line in lines if known else ():
+        parser.feed(line)
+        assert isinstance(parser.next_reply(), Reply)
+
+
+GROUP = (b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n", b"550 5.1.1 no\r\n", b"354 go\r\n")
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_a_pipelined_groups_replies_read_at_once(known: bool) -> None:
+    seen(known, *GROUP)
+    proto = greeted()
+    proto.envelope("a@example.com", ["b@example.org", "c@example.org"])
+    proto.receive_data(b"".join(GROUP))
+    first = proto.next_reply()
+    assert isinstance(first, Reply) and first.code == 250
+    assert not proto.inbox if known else proto.inbox  # taken at once only when all known
+    assert proto.state is State.MAIL and proto.awaiting == "rcpt"
+    assert codes_read(proto) == [250, 550, 354]
+    assert proto.state is State.DATA
+
+
+def test_only_whole_known_one_line_replies_are_taken_at_once() -> None:
+    seen(True, *GROUP, b"250-mx\r\n250 SIZE 10\r\n")
+    assert take_known_lines(bytearray(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")) is not None
+    for read in (
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go",  # the last one not whole yet
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 never seen\r\n",  # one not seen before
+        b"250-mx\r\n250 SIZE 10\r\n",  # a reply of several lines (the parser's)
+        b"250 2.1.0 Ok\r\r\n",  # a lone CR: splitlines() breaks there, nothing matches
+        b"250 2.1.0 Ok\r\n\r\n",  # an empty line after it
+    ):
+        buf = bytearray(read)
+        assert take_known_lines(buf) is None and buf == read  # nothing taken
+    buf = bytearray(b"250 2.1.0 Ok\r\n")
+    assert take_known_lines(buf, max_line=10) is None  # this parser's limit is lower
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_a_reply_after_354_in_the_same_read_ends_the_session(known: bool) -> None:
+    seen(known, *GROUP, b"250 2.0.0 queued\r\n")
+    proto = greeted()
+    proto.envelope("a@example.com", ["b@example.org", "c@example.org"])
+    proto.receive_data(b"".join(GROUP) + b"250 2.0.0 queued\r\n")
+    assert [proto.next_reply() for _ in range(3)]
+    with pytest.raises(RemoteProtocolError, match="more after 354") as caught:
+        proto.next_reply()
+    assert caught.value.stage == "data" and proto.state is State.CLOSED
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_starttls_discards_what_came_before_the_handshake(known: bool) -> None:
+    seen(known, b"220 2.0.0 go ahead\r\n", b"250 forged\r\n")
     proto = greeted()
     assert proto.starttls() == b"STARTTLS\r\n"
     # A man in the middle appends a forged reply after the 220 (RFC 3207 4.2).

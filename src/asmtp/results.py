@@ -133,55 +133,6 @@ class Report(Sequence[RecipientResult]):
         return iter(self.results)
 
 
-# Every field but the nine a session's answer sets, with its default; and each field's
-# slot, to fill it without the frozen class's per-field object.__setattr__ (a result is
-# made per recipient: this is the fan-out's hot path).
-_ANSWER_FIELDS = ("recipient", "status", "code", "enhanced_status", "message", "stage")
-_SLOT = {
-    f.name: getattr(RecipientResult, f.name).__set__ for f in dataclasses.fields(RecipientResult)
-}
-_REST = tuple(
-    (_SLOT[f.name], f.default)
-    for f in dataclasses.fields(RecipientResult)
-    if f.name not in (*_ANSWER_FIELDS, "host", "tls", "elapsed")
-    and f.default is not dataclasses.MISSING
-)
-_QUICK = len(_REST) + 9 == len(_SLOT) and not hasattr(RecipientResult, "__post_init__")
-
-
-def answered(
-    recipient: str,
-    status: Status,
-    code: int,
-    enhanced_status: str | None,
-    message: str,
-    stage: Stage,
-    host: str | None,
-    tls: TLSState,
-    elapsed: float,
-) -> RecipientResult:
-    """``RecipientResult(recipient, status, code, ...)`` for a server's answer, every
-    other field at its default; the same value, made about three times as fast."""
-    if not _QUICK:  # a field without a default, or a check in __post_init__
-        return RecipientResult(
-            recipient, status, code, enhanced_status, message, stage, host, tls, elapsed
-        )
-    result: RecipientResult = object.__new__(RecipientResult)
-    slot = _SLOT
-    slot["recipient"](result, recipient)
-    slot["status"](result, status)
-    slot["code"](result, code)
-    slot["enhanced_status"](result, enhanced_status)
-    slot["message"](result, message)
-    slot["stage"](result, stage)
-    slot["host"](result, host)
-    slot["tls"](result, tls)
-    slot["elapsed"](result, elapsed)
-    for set_default, value in _REST:
-        set_default(result, value)
-    return result
-
-
 def result_from_error(
     recipient: str,
     error: SMTPError,

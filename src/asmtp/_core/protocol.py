@@ -71,7 +71,7 @@ from ..errors import (
     Stage,
 )
 from .capabilities import Capabilities
-from .reply import NEED_DATA, Reply, ReplyParser, _NeedData, take_one_line
+from .reply import NEED_DATA, Reply, ReplyParser, _NeedData, take_known_lines, take_one_line
 from .rules import (
     AFTER_REPLY,
     AUTH,
@@ -99,6 +99,8 @@ Trace = Callable[[str], None]
 
 
 _BAD_CHAR: Final = re.compile("[\r\n\0]")
+#: no reply ahead (never written: a protocol's own list replaces it)
+_NONE_AHEAD: Final[list[Reply]] = []
 
 
 class ClientProtocol:
@@ -115,6 +117,7 @@ class ClientProtocol:
 
     __slots__ = (
         "_accepted",
+        "_ahead",
         "_chunked",
         "_parser",
         "_pending",
@@ -134,6 +137,9 @@ class ClientProtocol:
         self, *, trace: Trace | None = None, tls: bool = False, lmtp: bool = False
     ) -> None:
         self._parser = ReplyParser()
+        #: replies taken from the inbox with others (one read of a pipelined group's),
+        #: not yet handed out: the last first
+        self._ahead = _NONE_AHEAD
         #: the bytes received and not parsed yet: a driver may append what it reads
         #: here (``proto.inbox += data``) as :meth:`receive_data` does, without a call
         #: per read; the end of the stream still goes through ``receive_data(b"")``
@@ -174,11 +180,19 @@ class ClientProtocol:
         are needed. A reply the awaited command does not allow (see
         :data:`SUCCESS_CODES`) raises :class:`~asmtp.errors.RemoteProtocolError` and
         closes the session."""
+        ahead = self._ahead
         buf = self.inbox
         reply: Reply | _NeedData | None = None
-        if buf:
-            # A plain one-line reply, most often seen before, without the parser's call.
-            reply = take_one_line(buf)
+        if ahead:
+            reply = ahead.pop()  # the next of a read's replies, all taken at once
+        elif buf:
+            # Replies seen before, one or a pipelined group's, without the parser's call.
+            replies = take_known_lines(buf)
+            if replies is not None:
+                reply = replies.pop()
+                self._ahead = replies
+            else:
+                reply = take_one_line(buf)
         elif not self._parser.eof:
             return NEED_DATA  # the common case after writing a command
         parser = self._parser
@@ -252,7 +266,7 @@ class ClientProtocol:
             if kind == "data":
                 if self._pending:
                     raise RemoteProtocolError("354 to DATA while replies are outstanding")
-                if self._parser.buffered:
+                if self._parser.buffered or self._ahead:
                     # Nothing may follow 354 before the content: a reply already here
                     # would be taken as the answer to a dot the server has not seen yet.
                     raise RemoteProtocolError("the server sent more after 354 to DATA")
@@ -264,6 +278,7 @@ class ClientProtocol:
                 # RFC 3207 4.2: anything after the 220 came in the clear; drop it
                 # (a man in the middle could have injected replies there).
                 self._parser.clear()
+                self._ahead = _NONE_AHEAD
             elif kind == "auth":
                 self.authenticated = True
         elif code >= 400:

@@ -22,6 +22,7 @@ __all__ = [
     "Reply",
     "ReplyParser",
     "one_line",
+    "take_known_lines",
     "take_one_line",
 ]
 
@@ -226,6 +227,27 @@ def take_one_line(buf: bytearray, max_line: int = MAX_LINE) -> Reply | None:
             return None
     del buf[: end + 1]
     return reply
+
+
+def take_known_lines(buf: bytearray, max_line: int = MAX_LINE) -> list[Reply] | None:
+    """Every reply in ``buf`` when it holds nothing but whole one-line replies, each seen
+    before (the replies to a pipelined group, read at once: "250 2.1.0 Ok\\r\\n250 2.1.5
+    Ok\\r\\n354 ..."), taken out of ``buf`` in one go, the last first (for ``pop()``);
+    None otherwise, and nothing taken (:func:`take_one_line` and the parser read it
+    then). Sans-IO: the protocol's fast path, which hands them out one at a time."""
+    if buf[-1] != 0x0A or len(buf) < 4 or buf[3] != 0x20:
+        return None  # the read ends mid-line, or starts a reply of several lines
+    replies = []
+    # splitlines() breaks at a lone CR too: the piece before it ends in CR, and no
+    # key of KNOWN does (each is a whole reply, ending in LF), so it is never taken.
+    for line in bytes(buf).splitlines(True):
+        reply = KNOWN.get(line)
+        if reply is None or len(line) > max_line + 1:
+            return None
+        replies.append(reply)
+    buf.clear()
+    replies.reverse()
+    return replies
 
 
 def one_line(raw: bytes, end: int) -> Reply | None:

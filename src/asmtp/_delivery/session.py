@@ -50,10 +50,18 @@ from ..errors import (
     Stage,
     TLSUnavailableError,
 )
-from ..results import RecipientResult, Status, TLSState, answered, result_from_error
+from ..results import RecipientResult, Status, TLSState, result_from_error
 from .endpoint import AuthCache, Endpoint, resolve_password, tls_state_of, token_digest
 from .exchanges import authenticate, exchange, hello
-from .session_state import NO_EXTRAS, NO_REPLIES, Extras, SessionState, StageObserver, reply_error
+from .session_state import (
+    NO_EXTRAS,
+    NO_REPLIES,
+    Extras,
+    SessionState,
+    StageObserver,
+    answered,
+    reply_error,
+)
 from .transaction import transaction
 
 __all__ = [

@@ -1,15 +1,17 @@
 """What a mail transaction reads and updates of the session it runs in
 (:class:`SessionState`, which a :class:`~asmtp._delivery.session.Session` is), what a
 bulk sender adds to each transaction (:class:`Extras`: DSN, the hook before the dot,
-REQUIRETLS), and the error a refusal becomes (:func:`reply_error`). The steps that use
-them are :mod:`asmtp._delivery.transaction`'s; compiled with them by mypyc.
+REQUIRETLS), the error a refusal becomes (:func:`reply_error`) and the result a
+recipient's answer becomes (:func:`answered`). The steps that use them are
+:mod:`asmtp._delivery.transaction`'s; compiled with them by mypyc.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from .._core.protocol import ClientProtocol
 from .._core.reply import Reply
@@ -17,7 +19,7 @@ from .._core.steps import Receive
 from .._io.anyio_driver import AnyConnection
 from ..config import DSN, Timeouts
 from ..errors import ReplyError, Stage
-from ..results import TLSState
+from ..results import RecipientResult, Status, TLSState
 from .endpoint import Endpoint
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "Extras",
     "SessionState",
     "StageObserver",
+    "answered",
     "reply_error",
 ]
 
@@ -61,6 +64,66 @@ NO_REPLIES: Final[dict[str, Reply]] = {}
 def reply_error(reply: Reply, stage: Stage) -> ReplyError:
     """The error for an error reply to the ``stage`` command."""
     return ReplyError(reply.code, reply.message, enhanced_status=reply.enhanced_status, stage=stage)
+
+
+# Each field's slot, to fill it without the frozen class's per-field object.__setattr__
+# (a result is made per recipient: the fan-out's hot path); the nine a server's answer
+# sets, and every other one with its default.
+_SLOT: Final[dict[str, Callable[[Any, Any], None]]] = {
+    f.name: getattr(RecipientResult, f.name).__set__ for f in dataclasses.fields(RecipientResult)
+}
+_SET_RECIPIENT: Final = _SLOT["recipient"]
+_SET_STATUS: Final = _SLOT["status"]
+_SET_CODE: Final = _SLOT["code"]
+_SET_ENHANCED: Final = _SLOT["enhanced_status"]
+_SET_MESSAGE: Final = _SLOT["message"]
+_SET_STAGE: Final = _SLOT["stage"]
+_SET_HOST: Final = _SLOT["host"]
+_SET_TLS: Final = _SLOT["tls"]
+_SET_ELAPSED: Final = _SLOT["elapsed"]
+_ANSWER_FIELDS: Final = frozenset(
+    ["recipient", "status", "code", "enhanced_status", "message", "stage", "host", "tls", "elapsed"]
+)
+_REST: Final[tuple[tuple[Callable[[Any, Any], None], Any], ...]] = tuple(
+    (_SLOT[f.name], f.default)
+    for f in dataclasses.fields(RecipientResult)
+    if f.name not in _ANSWER_FIELDS and f.default is not dataclasses.MISSING
+)
+#: every other field has a default and nothing checks a result as it is made
+QUICK: Final = len(_REST) + 9 == len(_SLOT) and not hasattr(RecipientResult, "__post_init__")
+
+
+def answered(
+    recipient: str,
+    status: Status,
+    code: int,
+    enhanced_status: str | None,
+    message: str,
+    stage: Stage,
+    host: str | None,
+    tls: TLSState,
+    elapsed: float,
+) -> RecipientResult:
+    """``RecipientResult(recipient, status, code, ...)`` for a server's answer, every
+    other field at its default; the same value, made about three times as fast (ten
+    compiled)."""
+    if not QUICK:  # a field without a default, or a check in __post_init__
+        return RecipientResult(
+            recipient, status, code, enhanced_status, message, stage, host, tls, elapsed
+        )
+    result: RecipientResult = object.__new__(RecipientResult)
+    _SET_RECIPIENT(result, recipient)
+    _SET_STATUS(result, status)
+    _SET_CODE(result, code)
+    _SET_ENHANCED(result, enhanced_status)
+    _SET_MESSAGE(result, message)
+    _SET_STAGE(result, stage)
+    _SET_HOST(result, host)
+    _SET_TLS(result, tls)
+    _SET_ELAPSED(result, elapsed)
+    for set_default, value in _REST:
+        set_default(result, value)
+    return result
 
 
 class SessionState:
