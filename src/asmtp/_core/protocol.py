@@ -99,6 +99,8 @@ Trace = Callable[[str], None]
 
 
 _BAD_CHAR: Final = re.compile("[\r\n\0]")
+#: what a new session awaits (copied: never written)
+_GREETING_FIRST: Final[deque[Stage]] = deque(("greeting",))
 #: no reply ahead (never written: a protocol's own list replaces it)
 _NONE_AHEAD: Final[list[Reply]] = []
 
@@ -144,7 +146,7 @@ class ClientProtocol:
         #: here (``proto.inbox += data``) as :meth:`receive_data` does, without a call
         #: per read; the end of the stream still goes through ``receive_data(b"")``
         self.inbox = self._parser.buffer
-        self._pending: deque[Stage] = deque(("greeting",))
+        self._pending: deque[Stage] = _GREETING_FIRST.copy()  # twice as fast as deque(...)
         self._txn = False  # a MAIL has been sent and not yet closed (projected state)
         self._rcpts = 0  # RCPTs sent in the open transaction
         self._accepted = 0  # RCPTs accepted in it: LMTP's replies due after the end of data

@@ -39,6 +39,7 @@ from .._core.sanitize import printable
 from .._core.sasl import choose_mechanism, make_mechanism
 from .._core.steps import GREETING, Await, Command, Receive, Steps, command, receive
 from .._io.anyio_driver import AnyConnection, loop_clock, open_best
+from .._io.asyncio_driver import open_connection
 from .._io.connect import ConnectOptions
 from ..config import Timeouts
 from ..errors import (
@@ -202,7 +203,13 @@ class Session(SessionState):
             if ep.path is not None:
                 options["path"] = ep.path
             try:
-                self._conn = await open_best(self.proto, ep.host, ep.port, loop=loop, **options)
+                if loop is not None:  # the caller knows it runs on asyncio: its driver
+                    conn: AnyConnection = await open_connection(
+                        self.proto, ep.host, ep.port, loop=loop, **options
+                    )
+                else:
+                    conn = await open_best(self.proto, ep.host, ep.port, **options)
+                self._conn = conn
                 break
             except ConnectError as exc:
                 last = exc
