@@ -71,6 +71,8 @@ _REPLY: Final = 1
 _DRAIN: Final = 2
 #: resolves the task's waiter when the steps have ended (their value: ``Connection._value``)
 _FINISHED: Final = object()
+#: the write queue of a connection until something must wait (never written: _write)
+_NO_QUEUE: Final[deque[memoryview]] = deque()
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -119,14 +121,13 @@ class Connection(asyncio.BufferedProtocol):
     ) -> None:
         self.proto = proto
         self.host = host
-        # Asking for the running loop costs a getpid() system call on Python 3.11:
-        # callers that have it pass it.
+        # Asking for the running loop costs a system call on 3.11: callers pass theirs.
         self._loop = loop or asyncio.get_running_loop()
         self._view = _read_buffer()
         self._inbox = proto.inbox
         self._transport: asyncio.Transport | None = None
         self._raw: asyncio.Transport | None = None  # the TCP transport under TLS
-        self._queue: deque[memoryview] = deque()  # what waits for the kernel to take more
+        self._queue = _NO_QUEUE  # what waits for the kernel to take more (see _write)
         self._poll: asyncio.TimerHandle | None = None  # see _unsent
         self._waiter: asyncio.Future[Any] | None = None
         self._lost = False
@@ -155,10 +156,9 @@ class Connection(asyncio.BufferedProtocol):
         self._exact_flow_control()
 
     def _exact_flow_control(self, *, tls: bool = False) -> None:
-        # Pause as soon as anything stays queued and resume only once all of it went
-        # to the kernel, so a drained Send tells when the end-of-data dot has really left.
-        # A socket's transport pauses above `high`; the TLS layer at `high` and above
-        # (at 0 it would pause with nothing queued and flip at every call).
+        # Pause once anything stays queued, resume once all of it went to the kernel: a
+        # drained Send tells when the end-of-data dot has really left. A socket's transport
+        # pauses above `high`; the TLS layer at `high` and above (0 would flip every call).
         assert self._transport is not None
         self._transport.set_write_buffer_limits(high=1 if tls else 0, low=0)
 
@@ -167,8 +167,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._inbox += self._view[:nbytes]  # proto.receive_data, without the calls
-        # Otherwise the bytes wait in the parser for the step that asks for a reply
-        # (a server may answer early, even while the message is still being written).
+        # Else the bytes wait for the step that asks (a server may answer early).
         if self._wants == _REPLY:
             self._on_reply()
 
@@ -253,8 +252,7 @@ class Connection(asyncio.BufferedProtocol):
         deadline = self._deadline = self._loop.time() + timeout
         timer = self._timer
         if timer is None or deadline < self._timer_at:
-            # None yet, or it would fire too late for this (shorter) step.
-            if timer is not None:
+            if timer is not None:  # it would fire too late for this (shorter) step
                 timer.cancel()
                 self._timer = None
             if not self._lost:
@@ -328,8 +326,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._advance(value, error)
                 outcome = await waiter
             except BaseException:
-                # Cancelled (a deadline) or failed: these steps are over; nothing may
-                # carry them on from a callback.
+                # Cancelled (a deadline) or failed: no callback may carry these steps on.
                 self._wants = _IDLE
                 self._steps = None
                 raise
@@ -433,15 +430,18 @@ class Connection(asyncio.BufferedProtocol):
         if transport is None or self._lost or transport.is_closing():
             raise connection_closed(self.proto.awaiting or "connect")
         queue = self._queue
-        if isinstance(data, bytes):
-            if len(data) <= WRITE_BLOCK and not queue:
-                transport.write(data)  # a command, a small message: as it comes
+        if not queue:  # nothing waits: a command, a small message go as they come
+            if isinstance(data, bytes):
+                if len(data) <= WRITE_BLOCK:
+                    transport.write(data)
+                    return
+            elif sum(map(len, data)) <= WRITE_BLOCK:  # with its pipelined QUIT: one write
+                transport.write(b"".join(data))
                 return
+            if queue is _NO_QUEUE:  # the first write that must wait: a queue of its own
+                queue = self._queue = deque()
+        if isinstance(data, bytes):
             queue.append(memoryview(data))
-        elif sum(map(len, data)) <= WRITE_BLOCK and not queue:
-            # A small message and its pipelined QUIT: one write (one system call).
-            transport.write(b"".join(data))
-            return
         else:
             queue.extend(map(memoryview, data))
         self._feed()
@@ -477,8 +477,8 @@ class Connection(asyncio.BufferedProtocol):
         self.proto.tls_started()
 
     async def _handshake(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
-        # Implicit TLS comes this way too: the TCP transport under TLS stays known, so
-        # that its write limits are ours and a drained Send can ask it what it still holds.
+        # Implicit TLS too. The TCP transport under TLS stays known: its write limits are
+        # ours, and a drained Send asks it what it still holds.
         transport = self._transport
         assert transport is not None
         new = await self._loop.start_tls(transport, self, context, server_hostname=server_hostname)
