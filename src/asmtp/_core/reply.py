@@ -235,7 +235,7 @@ def take_known_lines(buf: bytearray, max_line: int = MAX_LINE) -> list[Reply] | 
     Ok\\r\\n354 ..."), taken out of ``buf`` in one go, the last first (for ``pop()``);
     None otherwise, and nothing taken (:func:`take_one_line` and the parser read it
     then). Sans-IO: the protocol's fast path, which hands them out one at a time."""
-    if buf[-1] != 0x0A or len(buf) < 4 or buf[3] != 0x20:
+    if len(buf) < 4 or buf[-1] != 0x0A or buf[3] != 0x20:
         return None  # the read ends mid-line, or starts a reply of several lines
     replies = []
     # splitlines() breaks at a lone CR too: the piece before it ends in CR, and no
