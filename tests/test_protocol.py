@@ -4,6 +4,8 @@ what it makes of each reply. No sockets."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asmtp._core import reply as reply_module
 from asmtp._core.capabilities import Capabilities
@@ -607,3 +609,49 @@ def test_quit_after_the_message_needs_pipelining() -> None:
     reply(proto, b"354 go\r\n")
     with pytest.raises(LocalProtocolError, match="PIPELINING"):
         proto.message(b"hi\r\n.\r\n", then_quit=True)
+
+
+# A read of replies taken at once (all seen before) or line by line (some never seen) must
+# come to the same: the same replies in the same order, the same error at the same point.
+PIECES = [
+    b"250 2.1.0 Ok\r\n",
+    b"250 2.1.5 Ok\r\n",
+    b"550 5.1.1 no such user\r\n",
+    b"354 go ahead\r\n",
+    b"250 2.0.0 queued\r\n",
+    b"221 2.0.0 Bye\r\n",
+    b"421 4.3.2 closing\r\n",
+    b"250 bare LF\n",
+    b"250-a continuation\r\n",
+    b"250 lone\rCR\r\n",
+    b"garbage\r\n",
+    b"999 out of range\r\n",
+    b"\r\n",
+    b"25",
+]
+
+
+def outcomes(read: bytes, known: bool) -> tuple[list[str], State]:
+    seen(known, *(p for p in PIECES if p.endswith(b"\n") and p[3:4] == b" " and p[:1] != b"9"))
+    proto = greeted()
+    proto.envelope("a@example.com", ["b@example.org", "c@example.org"])
+    proto.receive_data(read)
+    got: list[str] = []
+    for _ in range(10):
+        try:
+            r = proto.next_reply()
+        except (RemoteProtocolError, ConnectionLostError) as exc:
+            got.append(f"{type(exc).__name__}: {exc}")
+            break
+        if r is NEED_DATA:
+            break
+        assert isinstance(r, Reply)
+        got.append(f"{r.code} {r.lines}")
+    return got, proto.state
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), min_size=1, max_size=6))
+def test_a_read_taken_at_once_or_line_by_line_comes_to_the_same(pieces: list[bytes]) -> None:
+    read = b"".join(pieces)
+    assert outcomes(read, known=True) == outcomes(read, known=False)
