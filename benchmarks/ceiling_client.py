@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 READ_BUFFER_SIZE = 16 * 1024
@@ -218,8 +218,40 @@ async def send_all(
     """Send ``message`` to each recipient over its own connection, at most
     ``concurrency`` at once, each within ``message_timeout`` seconds from connect to
     the reply to QUIT; one outcome per recipient, in the order given."""
-    loop = asyncio.get_running_loop()
     plan = _Plan(helo, sender, message)
+
+    def make(
+        recipient: str,
+        buffer: memoryview,
+        done: asyncio.Future[None],
+        task: asyncio.Task[None] | None,
+    ) -> _Session:
+        rcpt = b"RCPT TO:<" + recipient.encode("ascii") + b">\r\n"
+        return _Session(plan, rcpt, buffer, done, task)
+
+    return await run_sessions(
+        host, port, recipients, make, concurrency=concurrency, message_timeout=message_timeout
+    )
+
+
+MakeSession = Callable[
+    [str, memoryview, "asyncio.Future[None]", "asyncio.Task[None] | None"], _Session
+]
+
+
+async def run_sessions(
+    host: str,
+    port: int,
+    recipients: Sequence[str],
+    make: MakeSession,
+    *,
+    concurrency: int,
+    message_timeout: float = 30.0,
+) -> list[Outcome]:
+    """The frame of :func:`send_all`: C long-lived tasks, a connection per recipient to
+    the session ``make(recipient, buffer, done, task)`` returns (a :class:`_Session`, or
+    one that runs the exchange its own way), one outcome per recipient, in order."""
+    loop = asyncio.get_running_loop()
     buffer = memoryview(bytearray(READ_BUFFER_SIZE))
     outcomes: list[Outcome] = [(False, 0.0, "not sent")] * len(recipients)
     work = iter(enumerate(recipients))  # shared by the workers; next() never interleaves
@@ -227,9 +259,8 @@ async def send_all(
     async def worker() -> None:
         task = asyncio.current_task()
         for index, recipient in work:
-            rcpt = b"RCPT TO:<" + recipient.encode("ascii") + b">\r\n"
             done: asyncio.Future[None] = loop.create_future()
-            session = _Session(plan, rcpt, buffer, done, task)
+            session = make(recipient, buffer, done, task)
             start = time.perf_counter()
             timer = loop.call_later(message_timeout, session.time_out)
             try:

@@ -11,6 +11,7 @@ start-up, imports and the first connections cancel out. The kernel's work is not
     python benchmarks/instructions.py --loop asyncio --clients asmtp,ceiling
     python benchmarks/instructions.py --no-gc       # without the collector: its share
     python benchmarks/instructions.py --clients core,policy   # asmtp's sans-IO parts alone
+    python benchmarks/instructions.py --clients proto-ceiling # the ceiling on asmtp's protocol
     PYTHONPATH=/path/to/other/src python benchmarks/instructions.py --clients asmtp
 
 Needs valgrind and smtp-sink (``apt-get install valgrind postfix``) and the ``bench`` extra.
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from _common import HELO, HERE, HOST, SENDER, free_port, wait_port
 
-CLIENTS = ("asmtp", "ceiling", "bare", "core", "policy")
+CLIENTS = ("asmtp", "ceiling", "bare", "core", "policy", "proto-ceiling")
 #: asmtp's sans-IO parts alone, scripted replies, no I/O (scripted_session.py)
 SCRIPTED = ("core", "policy")
 MAX_MESSAGES = 20_000
@@ -59,10 +60,12 @@ def run_client(client: str, port: int, count: int, concurrency: int) -> None:
                 message, sender=SENDER, recipients=recipients, relay=relay, concurrency=concurrency
             )
             bad = [r for r in report.results if r.status != "delivered"]
-        elif client == "ceiling":
-            import ceiling_client
-
-            outcomes = await ceiling_client.send_all(
+        elif client in ("ceiling", "proto-ceiling"):
+            if client == "ceiling":
+                import ceiling_client as ceiling
+            else:
+                import protocol_ceiling as ceiling
+            outcomes = await ceiling.send_all(
                 HOST, port, message, SENDER, recipients, concurrency=concurrency, helo=HELO
             )
             bad = [o for o in outcomes if not o[0]]

@@ -230,3 +230,36 @@ def test_the_scripted_session_notices_a_refusal(kind: str, monkeypatch: pytest.M
     monkeypatch.setattr(scripted, "READS", refused)
     with pytest.raises(AssertionError):
         scripted.run(kind, MESSAGE, ["r@example.org"])
+
+
+# ------------------------------------------------- the ceiling client on asmtp's protocol
+
+
+def test_the_protocol_ceiling_does_every_exchange(fault_server: MakeFault) -> None:
+    server = fault_server()  # offers PIPELINING, which this client needs
+    benchmark_module("ceiling_client")  # what it is built on, importable by name
+    client = benchmark_module("protocol_ceiling")
+    recipients = [f"r{i}@example.org" for i in range(5)]
+    outcomes = asyncio.run(
+        client.send_all(
+            server.host, server.port, MESSAGE, "s@example.com", recipients,
+            concurrency=2, helo="ceiling.example.test", message_timeout=10.0,
+        )
+    )  # fmt: skip
+    assert [ok for ok, _, _ in outcomes] == [True] * 5, outcomes
+    got = sorted(server.messages, key=lambda m: m.rcpt_tos)
+    assert [m.rcpt_tos for m in got] == [[r] for r in recipients]
+    assert all(b"\r\n.a line with a dot\r\n" in m.content for m in got)  # unstuffed
+
+
+def test_the_protocol_ceiling_fails_a_refused_recipient(fault_server: MakeFault) -> None:
+    server = fault_server(rcpt="reply:550 5.1.1 no such user")
+    benchmark_module("ceiling_client")
+    client = benchmark_module("protocol_ceiling")
+    ((ok, _, error),) = asyncio.run(
+        client.send_all(
+            server.host, server.port, MESSAGE, "s@example.com", ["x@example.org"],
+            concurrency=1, helo="ceiling.example.test", message_timeout=10.0,
+        )
+    )  # fmt: skip
+    assert not ok and "550" in error and "MAIL, RCPT and DATA" in error
