@@ -14,6 +14,7 @@ protocol costs at least, this row shows.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 
 from ceiling_client import Outcome, ReplyCodeError, _Session, run_sessions
@@ -105,16 +106,8 @@ async def send_all(
     message_timeout: float = 30.0,
 ) -> list[Outcome]:
     """As ``ceiling_client.send_all``, through asmtp's protocol."""
-    content = prepare_message(message).parts
-
-    def make(
-        recipient: str,
-        buffer: memoryview,
-        done: asyncio.Future[None],
-        task: asyncio.Task[None] | None,
-    ) -> _Session:
-        return _ProtocolSession(helo, sender, content, recipient, buffer, done, task)
-
+    # make(recipient, buffer, done, task), as run_sessions calls it
+    make = functools.partial(_ProtocolSession, helo, sender, prepare_message(message).parts)
     return await run_sessions(
         host, port, recipients, make, concurrency=concurrency, message_timeout=message_timeout
     )
