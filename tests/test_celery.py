@@ -467,7 +467,13 @@ async def test_redis_restarted_mid_run(
     await asyncio.to_thread(redis_service.stop)
     await asyncio.sleep(1.0)
     await asyncio.to_thread(redis_service.start)
-    results = await asyncio.wait_for(follow_all(campaign), 120)
+    try:
+        results = await asyncio.wait_for(follow_all(campaign), 120)
+    except TimeoutError:  # say what the workers were doing (a rare hang seen once in CI)
+        tails = "\n".join(f"{log.name}:\n{log.read_text()[-3000:]}" for log in workers.logs)
+        raise AssertionError(
+            f"the run did not end; {len(handler.received)} received\n{tails}"
+        ) from None
     received = handler.counts()
     assert max(received.values()) == 1  # nothing sent twice
     by_key = collections.Counter(r.key for r in results)
