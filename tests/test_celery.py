@@ -442,38 +442,46 @@ async def test_cancel_stops_taking_chunks(
 
 
 async def test_redis_restarted_mid_run(
-    workers: Workers, redis_service: RedisServer, sink: tuple[SlowSink, int]
+    redis_service: RedisServer, sink: tuple[SlowSink, int], tmp_path: Path
 ) -> None:
     """Redis (append-only file, fsync always) stopped and started again mid-run: the
     workers reconnect, the chunks whose journal writes failed are handed out again,
-    and the run ends with nothing sent twice."""
+    and the run ends with nothing sent twice. A chunk's task the outage left
+    unacknowledged comes back after the broker's visibility timeout (10 s for these
+    workers, as ``asmtp worker --visibility-timeout`` sets it; 600 s by default)."""
     handler, port = sink
     handler.delay = 0.01
-    app = queue.make_app(redis_service.url)
-    count = 1000
-    campaign = await queue.enqueue_async(
-        app,
-        "restarted",
-        jobs(count),
-        relay=relay(port),
-        chunk=100,
-        concurrency=10,
-        lease_ttl=3.0,
-        retry=None,
-    )
-    deadline = time.monotonic() + 60
-    while len(handler.received) < 200 and time.monotonic() < deadline:  # noqa: ASYNC110 (polling another process)
-        await asyncio.sleep(0.02)
-    await asyncio.to_thread(redis_service.stop)
-    await asyncio.sleep(1.0)
-    await asyncio.to_thread(redis_service.start)
+    url = redis_service.url.rpartition("/")[0] + "/2"  # a queue and state of their own
+    machines = Workers(redis_service, tmp_path, url=url, options=("--visibility-timeout", "10"))
+    machines.start(WORKERS)
     try:
-        results = await asyncio.wait_for(follow_all(campaign), 120)
-    except TimeoutError:  # say what the workers were doing (a rare hang seen once in CI)
-        tails = "\n".join(f"{log.name}:\n{log.read_text()[-3000:]}" for log in workers.logs)
-        raise AssertionError(
-            f"the run did not end; {len(handler.received)} received\n{tails}"
-        ) from None
+        app = queue.make_app(url)
+        count = 1000
+        campaign = await queue.enqueue_async(
+            app,
+            "restarted",
+            jobs(count),
+            relay=relay(port),
+            chunk=100,
+            concurrency=10,
+            lease_ttl=3.0,
+            retry=None,
+        )
+        deadline = time.monotonic() + 60
+        while len(handler.received) < 200 and time.monotonic() < deadline:  # noqa: ASYNC110 (polling another process)
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(redis_service.stop)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(redis_service.start)
+        try:
+            results = await asyncio.wait_for(follow_all(campaign), 120)
+        except TimeoutError:  # say what the workers were doing (a hang seen twice, loaded)
+            tails = "\n".join(f"{log.name}:\n{log.read_text()[-3000:]}" for log in machines.logs)
+            raise AssertionError(
+                f"the run did not end; {len(handler.received)} received\n{tails}"
+            ) from None
+    finally:
+        machines.stop()
     received = handler.counts()
     assert max(received.values()) == 1  # nothing sent twice
     by_key = collections.Counter(r.key for r in results)
