@@ -92,11 +92,7 @@ class DovecotServer:
         self.passwords = dict(passwords or {})
         self.ca = ca
         self.host = "127.0.0.1"
-        self.port = free_port(self.host)
-        #: IMAP (STARTTLS), IMAPS, POP3 (STLS), POP3S: served when ``ca`` is given
-        self.imap_port, self.imaps_port, self.pop3_port, self.pop3s_port = (
-            (free_port(self.host) for _ in range(4)) if ca is not None else (0, 0, 0, 0)
-        )
+        self._pick_ports()
         # Not pytest's tmp_path: its parent is root's alone (0700), and Dovecot's
         # services, running as other users, open paths under this folder by name.
         self.root = Path(tempfile.mkdtemp(prefix="asmtp-dovecot-"))
@@ -119,7 +115,7 @@ class DovecotServer:
         user = pwd.getpwnam(_MAIL_USER)
         root = self.root
         for name in ("run", "state", "mail"):
-            (root / name).mkdir()
+            (root / name).mkdir(exist_ok=True)  # started again: there already
         os.chown(root / "mail", user.pw_uid, user.pw_gid)
         lines = []
         for mailbox in self.mailboxes:
@@ -220,22 +216,40 @@ service pop3-login {{
 }}
 """
 
+    def _pick_ports(self) -> None:
+        self.port = free_port(self.host)
+        #: IMAP (STARTTLS), IMAPS, POP3 (STLS), POP3S: served when ``ca`` is given
+        self.imap_port, self.imaps_port, self.pop3_port, self.pop3s_port = (
+            (free_port(self.host) for _ in range(4)) if self.ca is not None else (0, 0, 0, 0)
+        )
+
     def start(self) -> DovecotServer:
-        self._write_config()
-        with (self.root / "master.err").open("wb") as errors:  # the child keeps its own
-            self._master = subprocess.Popen(
-                [_DOVECOT, "-F", "-c", str(self.root / "dovecot.conf")],
-                stdout=subprocess.DEVNULL,
-                stderr=errors,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 15.0
-        while not self._answers():
-            if self._master.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Dovecot did not start: {self._diagnostics()}")
-            time.sleep(0.05)
-        return self
+        """Start Dovecot; a master that exits at once (another process took one of its
+        free ports between their choice and its bind, as parallel tests can) is started
+        again on fresh ports, twice at most."""
+        for attempt in range(3):
+            self._write_config()
+            with (self.root / "master.err").open("wb") as errors:  # the child keeps its own
+                self._master = subprocess.Popen(
+                    [_DOVECOT, "-F", "-c", str(self.root / "dovecot.conf")],
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                    start_new_session=True,
+                )
+            deadline = time.monotonic() + 30.0
+            while not self._answers():
+                exited = self._master.poll() is not None
+                if exited or time.monotonic() > deadline:
+                    why = self._diagnostics()  # before stop() removes the folder
+                    if exited and attempt < 2:
+                        self._pick_ports()
+                        break
+                    self.stop()
+                    raise RuntimeError(f"Dovecot did not start: {why}")
+                time.sleep(0.05)
+            else:
+                return self
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _answers(self) -> bool:
         if not os.path.exists(self.socket):
@@ -249,7 +263,8 @@ service pop3-login {{
         return True
 
     def _diagnostics(self) -> str:
-        texts = [p.read_text(errors="replace") for p in (self.root / "master.err", self.log)]
+        paths = (self.root / "master.err", self.log)
+        texts = [p.read_text(errors="replace") for p in paths if p.exists()]
         return " | ".join(t.strip() for t in texts if t.strip()) or "(no log)"
 
     def stop(self) -> None:
