@@ -380,6 +380,46 @@ async def test_batch_452_moves_the_rest_to_a_new_transaction(
     assert server.sessions_opened <= 3
 
 
+async def test_batch_452_then_closed_still_one_result_each(
+    dns_server: MakeDNS, smtp_server: MakeServer
+) -> None:
+    # The third recipient is refused with 452 (too many recipients), then the end of
+    # data gets 421 and the session is over: it cannot go on in a new transaction there,
+    # and the 452 is its result, not a missing one.
+    dns = dns_server({"example.test": "@ MX 10 mx\nmx A 127.0.0.2"})
+    port = free_port(MX1)
+    server = smtp_server(
+        host=MX1,
+        port=port,
+        max_rcpt_per_transaction=2,
+        data_reply="421 4.3.2 shutting down",
+    )
+    to = ["ann@example.test", "bob@example.test", "cy@example.test"]
+    # shaping=None: a 421 would slow the site down and retry, as it should; not the point
+    report = await send(to, direct(dns, port, batch_per_domain=True, shaping=None))
+    assert [r.recipient for r in report] == to
+    by = {r.recipient: r for r in report}
+    assert {by[r].code for r in to[:2]} == {421}
+    assert (by["cy@example.test"].code, by["cy@example.test"].stage) == (452, "rcpt")
+    assert all(r.status == "transient" for r in report)
+    assert server.messages == []  # the 421 took nothing
+
+
+async def test_connected_session_452_then_closed_still_one_result_each(
+    smtp_server: MakeServer,
+) -> None:
+    server = smtp_server(max_rcpt_per_transaction=1, data_reply="421 4.3.2 shutting down")
+    host, port = server.address
+    relay = asmtp.Relay(host, port, tls="none")
+    to = ["ann@example.test", "bob@example.test"]
+    async with asmtp.connect(relay, timeout=5) as connected:
+        report = await connected.sendmail("sender@client.test", to, b"Subject: hi\r\n\r\nhi\r\n")
+    assert [(r.recipient, r.code, r.stage) for r in report] == [
+        ("ann@example.test", 421, "message"),
+        ("bob@example.test", 452, "rcpt"),
+    ]
+
+
 async def test_batch_mixed_outcomes_one_result_each(
     dns_server: MakeDNS, smtp_server: MakeServer
 ) -> None:

@@ -403,6 +403,32 @@ def test_session_result_for_every_command_and_reply_class(
         assert result.code is None  # not a reply of the command's own
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+@pytest.mark.parametrize("closing", ["data", "message"], ids=["421-to-DATA", "421-after-the-dot"])
+def test_session_452_then_closed_leaves_no_recipient_without_a_result(
+    closing: str, pipelining: bool
+) -> None:
+    # c@ is refused with 452 (too many recipients: it would go on in a new transaction),
+    # then the server closes the session: c@ cannot go on, and its 452 is its result.
+    script = {
+        "rcpt": [b"250 2.1.5 ok\r\n", b"452 4.5.3 too many\r\n"],
+        closing: [b"421 4.3.2 shutting down\r\n"],
+    }
+    endpoint = Endpoint(host="mx.example.org", port=25, helo="client.example.com", tls="none")
+    session = Session(endpoint, Timeouts())
+    results: dict[str, RecipientResult] = {}
+    rcpts = ["b@example.org", "c@example.org"]
+    drive(
+        session,
+        session.one_shot("a@example.com", rcpts, MESSAGE, results, started=0.0, clock=lambda: 0),
+        ScriptedServer(script, pipelining=pipelining),
+    )
+    assert sorted(results) == rcpts
+    assert (results["b@example.org"].code, results["b@example.org"].status) == (421, "transient")
+    c = results["c@example.org"]
+    assert (c.code, c.stage, c.status) == (452, "rcpt", "transient")
+
+
 def test_session_extra_reply_in_a_pipelined_group_delivers_nothing() -> None:
     # An extra 250 after MAIL shifts every reply by one: c@'s refusal lands on DATA,
     # and the 354 left over answers no command (QUIT gets it).

@@ -562,12 +562,19 @@ def _go_again(
     got: Sequence[RecipientResult], results: dict[str, RecipientResult], closed: bool
 ) -> list[str]:
     """After one transaction: the recipients refused with 452 "too many recipients"
-    that go on in another (RFC 5321 section 4.5.3.1.10), the others' results kept in
+    that go on in another (RFC 5321 section 4.5.3.1.10), every other result kept in
     ``results``. None go again when the transaction made no progress (every one was
     refused so) or the connection is closed: then the 452 is their result."""
-    again = [r.recipient for r in got if r.code == 452 and r.stage == "rcpt"]
-    progress = len(again) < len(got)
+    again: list[RecipientResult] = []
     for r in got:
-        if not (progress and r.recipient in again):
+        if r.code == 452 and r.stage == "rcpt":
+            again.append(r)
+        else:
             results[r.recipient] = r
-    return again if progress and not closed else []
+    if not again:
+        return []
+    if len(again) < len(got) and not closed:
+        return [r.recipient for r in again]
+    for r in again:
+        results[r.recipient] = r
+    return []
