@@ -21,7 +21,7 @@ from asmtp._core import reply as reply_module
 from asmtp._core.capabilities import Capabilities
 from asmtp._core.protocol import ClientProtocol
 from asmtp._core.reply import Reply, ReplyParser
-from asmtp._core.steps import Receive, receive
+from asmtp._core.steps import Command, Receive, Send, receive
 from asmtp._delivery.session_state import QUICK, answered
 from asmtp.errors import RemoteProtocolError
 from asmtp.results import RecipientResult
@@ -159,6 +159,13 @@ def ceiling_client() -> ModuleType:
 
 
 MESSAGE = b"Subject: ceiling\r\n\r\n.a line with a dot\r\nhello\r\n"
+
+
+def test_the_steps_fields_are_where_the_asyncio_driver_reads_them() -> None:
+    # Connection._advance reads the steps' fields by position, not by name.
+    assert Receive._fields == ("timeout", "same_step")
+    assert Command._fields == ("data", "timeout")
+    assert Send._fields == ("data", "timeout", "drain")
 
 
 def test_the_ceiling_client_does_every_exchange(smtp_server: MakeServer) -> None:

@@ -1,5 +1,5 @@
 """The steps of single exchanges a session is made of, over the sans-IO protocol: a
-command and its reply, EHLO with its HELO fallback (LHLO on LMTP), and AUTH with its
+command and its reply, HELO when EHLO is refused, LHLO on LMTP, and AUTH with its
 challenges (RFC 5321 3.2, RFC 2033 4.1, RFC 4954). Each raises the error its refusal
 means; the session (:mod:`asmtp._delivery.session`) decides what follows.
 """
@@ -13,7 +13,7 @@ from .._core.steps import Steps, command
 from ..errors import AuthenticationError
 from .session_state import reply_error
 
-__all__ = ["authenticate", "exchange", "hello"]
+__all__ = ["authenticate", "exchange", "helo_instead", "lhlo"]
 
 
 def exchange(line: bytes, timeout: float | None) -> Steps[Reply]:
@@ -22,17 +22,18 @@ def exchange(line: bytes, timeout: float | None) -> Steps[Reply]:
     return reply
 
 
-def hello(proto: ClientProtocol, name: str, timeout: float | None) -> Steps[None]:
-    """EHLO, and HELO for a server that does not know EHLO (RFC 5321 3.2); on an LMTP
-    session LHLO, and nothing else (RFC 2033 4.1)."""
-    if proto.lmtp:
-        reply: Reply = yield command(proto.lhlo(name), timeout)
-        if reply.code not in SUCCESS_CODES["lhlo"]:
-            raise reply_error(reply, "lhlo")
-        return
-    reply = yield command(proto.ehlo(name), timeout)
-    if reply.code in SUCCESS_CODES["ehlo"]:
-        return
+def lhlo(proto: ClientProtocol, name: str, timeout: float | None) -> Steps[None]:
+    """LHLO, on an LMTP session (RFC 2033 4.1): no HELO to fall back to."""
+    reply: Reply = yield command(proto.lhlo(name), timeout)
+    if reply.code not in SUCCESS_CODES["lhlo"]:
+        raise reply_error(reply, "lhlo")
+
+
+def helo_instead(
+    proto: ClientProtocol, name: str, timeout: float | None, reply: Reply
+) -> Steps[None]:
+    """After EHLO was refused with ``reply``: HELO for a server that does not know
+    EHLO (a 5xx, the session still open: RFC 5321 3.2), else the refusal's error."""
     if reply.code >= 500 and not proto.closed:
         reply = yield command(proto.helo(name), timeout)
         if reply.code in SUCCESS_CODES["helo"]:

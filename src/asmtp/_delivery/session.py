@@ -53,7 +53,7 @@ from ..errors import (
 )
 from ..results import RecipientResult, Status, TLSState, result_from_error
 from .endpoint import AuthCache, Endpoint, resolve_password, tls_state_of, token_digest
-from .exchanges import authenticate, exchange, hello
+from .exchanges import authenticate, exchange, helo_instead, lhlo
 from .session_state import (
     NO_EXTRAS,
     NO_REPLIES,
@@ -78,6 +78,7 @@ _session_ids = 0  # numbers sessions in the transcript, so interleaved ones can 
 #: a recipient's "delivered": the end of data's success replies, from the one table in
 #: asmtp._core.protocol (the other commands' are looked up there as they are checked)
 _MESSAGE_OK: Final = SUCCESS_CODES["message"]
+_EHLO_OK: Final = SUCCESS_CODES["ehlo"]
 
 T = TypeVar("T")
 
@@ -205,7 +206,7 @@ class Session(SessionState):
             try:
                 if loop is not None:  # the caller knows it runs on asyncio: its driver
                     conn: AnyConnection = await open_connection(
-                        self.proto, ep.host, ep.port, loop=loop, **options
+                        self.proto, ep.host, ep.port, options, loop=loop
                     )
                 else:
                     conn = await open_best(self.proto, ep.host, ep.port, **options)
@@ -227,26 +228,36 @@ class Session(SessionState):
     def greet(self) -> Steps[None]:
         """The greeting (within the connect's step), EHLO, STARTTLS and AUTH."""
         ep = self.endpoint
+        proto = self.proto
         self.stage = "greeting"  # since open()
         greeting: Reply = yield GREETING
         if greeting.code not in SUCCESS_CODES["greeting"]:
             raise reply_error(greeting, "greeting")
-        yield from self._ehlo()
-        if ep.tls in ("starttls", "opportunistic") and not self.proto.tls:
-            yield from self._starttls()
+        timeout = self.timeouts.command
+        while True:  # EHLO (LHLO for LMTP), again once TLS is up (RFC 3207 4.2)
+            # Inline, not a generator of its own: an object fewer every session.
+            self.stage = "lhlo" if proto.lmtp else "ehlo"
+            if self.on_stage is not None:
+                self._mark(self.stage)
+            if proto.lmtp:
+                yield from lhlo(proto, ep.helo, timeout)
+            else:
+                reply: Reply = yield command(proto.ehlo(ep.helo), timeout)
+                if reply.code not in _EHLO_OK:
+                    yield from helo_instead(proto, ep.helo, timeout, reply)
+            if ep.tls not in ("starttls", "opportunistic") or proto.tls:
+                break
+            if not (yield from self._starttls()):
+                break
         if ep.username is not None:
             yield from self._auth()
         self.stage = "mail"
         if self.on_stage is not None:
             self._mark("idle")
 
-    def _ehlo(self) -> Steps[None]:
-        self.stage = "lhlo" if self.proto.lmtp else "ehlo"
-        if self.on_stage is not None:
-            self._mark(self.stage)
-        return hello(self.proto, self.endpoint.helo, self.timeouts.command)  # no level around
-
-    def _starttls(self) -> Steps[None]:
+    def _starttls(self) -> Steps[bool]:
+        """STARTTLS and the handshake: True once TLS is up (EHLO comes again), False
+        when the server does not offer it and the endpoint allows plaintext."""
         ep = self.endpoint
         self.stage = "starttls"
         if not self.proto.capabilities.starttls:
@@ -256,7 +267,7 @@ class Session(SessionState):
                     '(tls="opportunistic" or "none" allows it)',
                     stage="starttls",
                 )
-            return
+            return False
         if self.on_stage is not None:
             self._mark("starttls")
         reply: Reply = yield command(self.proto.starttls(), self.timeouts.command)
@@ -273,7 +284,7 @@ class Session(SessionState):
 
         yield Await(handshake)
         self.tls = tls_state_of(context)
-        yield from self._ehlo()
+        return True
 
     def _auth(self) -> Steps[None]:
         ep = self.endpoint
@@ -474,7 +485,7 @@ class Session(SessionState):
         ``results`` (recipients refused with 452 "too many recipients" go on in a new
         transaction), then QUIT (pipelined after the last message when it can be)."""
         yield from self.greet()
-        pending = list(recipients)
+        pending: Sequence[str] = recipients  # never changed: each round makes a new list
         while pending:
             # _deliver's steps, inline: a generator level fewer for every reply.
             try:
@@ -485,7 +496,10 @@ class Session(SessionState):
                 got = self._results(pending, final, clock() - started)
             pending = _go_again(got, results, self.proto.closed)
         try:
-            yield from self.quit_steps()
+            if self.proto.awaiting == "quit" and self.on_stage is None:
+                yield self.wait_reply  # QUIT's, pipelined after the message: no generator
+            else:
+                yield from self.quit_steps()
         except SMTPError:
             return  # every recipient has its result: a server gone by now is no failure
 

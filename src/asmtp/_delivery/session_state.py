@@ -81,16 +81,20 @@ _SET_STAGE: Final = _SLOT["stage"]
 _SET_HOST: Final = _SLOT["host"]
 _SET_TLS: Final = _SLOT["tls"]
 _SET_ELAPSED: Final = _SLOT["elapsed"]
-_ANSWER_FIELDS: Final = frozenset(
-    ["recipient", "status", "code", "enhanced_status", "message", "stage", "host", "tls", "elapsed"]
+_SET_TRIED: Final = _SLOT["tried"]
+_SET_KEY: Final = _SLOT["key"]
+_SET_ATTEMPTS: Final = _SLOT["attempts"]
+_SET_TLS_POLICY: Final = _SLOT["tls_policy"]
+_SET_SITE: Final = _SLOT["site"]
+#: the fields an answer does not set, with the defaults ``answered`` gives them
+_REST: Final = {"tried": (), "key": None, "attempts": 1, "tls_policy": None, "site": None}
+#: every field is one of the nine an answer sets or one of _REST with that default, and
+#: nothing checks a result as it is made
+QUICK: Final = (
+    {f.name: f.default for f in dataclasses.fields(RecipientResult) if f.name in _REST} == _REST
+    and len(_SLOT) == 9 + len(_REST)
+    and not hasattr(RecipientResult, "__post_init__")
 )
-_REST: Final[tuple[tuple[Callable[[Any, Any], None], Any], ...]] = tuple(
-    (_SLOT[f.name], f.default)
-    for f in dataclasses.fields(RecipientResult)
-    if f.name not in _ANSWER_FIELDS and f.default is not dataclasses.MISSING
-)
-#: every other field has a default and nothing checks a result as it is made
-QUICK: Final = len(_REST) + 9 == len(_SLOT) and not hasattr(RecipientResult, "__post_init__")
 
 
 def answered(
@@ -121,8 +125,11 @@ def answered(
     _SET_HOST(result, host)
     _SET_TLS(result, tls)
     _SET_ELAPSED(result, elapsed)
-    for set_default, value in _REST:
-        set_default(result, value)
+    _SET_TRIED(result, ())  # each default written out: no loop over a table
+    _SET_KEY(result, None)
+    _SET_ATTEMPTS(result, 1)
+    _SET_TLS_POLICY(result, None)
+    _SET_SITE(result, None)
     return result
 
 

@@ -26,8 +26,8 @@ import contextlib
 import ssl
 import threading
 from collections import deque
-from collections.abc import Iterator
-from typing import Any, Final, TypeVar, Unpack, cast
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from typing import Any, Final, TypeVar, cast
 
 from .._core.protocol import ClientProtocol
 from .._core.reply import NEED_DATA
@@ -75,6 +75,16 @@ _FINISHED: Final = object()
 _NO_QUEUE: Final[deque[memoryview]] = deque()
 
 
+class _Nothing:
+    """Awaited, over at once (a close with nothing to wait for)."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return iter(())  # type: ignore[return-value]  # an iterator is what await takes
+
+
+_NOTHING: Final = _Nothing()
+
+
 class Connection(asyncio.BufferedProtocol):
     """One connection to an SMTP server. Sessions hand it their steps (:meth:`run`),
     the TLS handshake (:meth:`start_tls`) and the deadline of a step they await
@@ -85,6 +95,8 @@ class Connection(asyncio.BufferedProtocol):
     only for a step shorter than the time it has left, moved on only when it fires
     early, so a fast session with even timeouts costs one timer in all.
     """
+
+    _send: Callable[[Any], Any]  # the steps' send(), looked up once a run (set by run)
 
     __slots__ = (
         "_close_waiter",
@@ -97,6 +109,7 @@ class Connection(asyncio.BufferedProtocol):
         "_poll",
         "_queue",
         "_raw",
+        "_send",
         "_steps",
         "_task",
         "_timed_out",
@@ -181,12 +194,16 @@ class Connection(asyncio.BufferedProtocol):
             self._lost = True
             self._lost_exc = exc
             self.proto.receive_data(b"")
-        self._drop_queue()
-        self._wake()
+        # Each call only when it has something to do: every connection ends here.
+        if self._queue or self._poll is not None:
+            self._drop_queue()
+        if self._wants != _IDLE:
+            self._wake()
         waiter = self._close_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -319,6 +336,7 @@ class Connection(asyncio.BufferedProtocol):
         wakes only at the end, or to await an :class:`~asmtp._core.steps.Await` step."""
         value: Any = None
         error: BaseException | None = None
+        self._send = steps.send
         while True:
             waiter = self._waiter = self._loop.create_future()
             self._steps = steps
@@ -355,9 +373,10 @@ class Connection(asyncio.BufferedProtocol):
         if steps is None or waiter is None or waiter.done():
             return
         proto = self.proto
+        send = self._send
         while True:
             try:
-                step = steps.send(value) if error is None else steps.throw(error)
+                step = send(value) if error is None else steps.throw(error)
             except StopIteration as stop:
                 self._steps = None
                 self._value = stop.value
@@ -368,6 +387,8 @@ class Connection(asyncio.BufferedProtocol):
                 waiter.set_exception(exc)
                 return
             value = error = None
+            # Fields by position (no descriptor to go through): Receive (timeout,
+            # same_step), Command (data, timeout), Send (data, timeout, drain).
             try:
                 if type(step) is Receive:
                     # A reply already here (pipelined replies come in one read) ends
@@ -375,18 +396,20 @@ class Connection(asyncio.BufferedProtocol):
                     value = proto.next_reply()
                     if value is not NEED_DATA:
                         continue
-                    if step.same_step:
+                    if step[1]:  # same_step
                         self._wants = _REPLY
                         return
+                    self.step(step[0])
                 elif type(step) is Command:
-                    self._write(step.data)
+                    self._write(step[0])
                     value = proto.next_reply()
                     if value is not NEED_DATA:
                         continue
+                    self.step(step[1])
                 elif isinstance(step, Send):
-                    self.step(step.timeout)
-                    self._write(step.data)
-                    if step.drain and (self._lost or self._unsent()):
+                    self.step(step[1])
+                    self._write(step[0])
+                    if step[2] and (self._lost or self._unsent()):  # drain
                         if self._lost:
                             raise self._lost_while_sending()
                         self._wants = _DRAIN
@@ -395,8 +418,7 @@ class Connection(asyncio.BufferedProtocol):
                 else:
                     waiter.set_result(step)  # an Await: the task runs it
                     return
-                self.step(step.timeout)  # a Command or Receive waits for its reply
-                self._wants = _REPLY
+                self._wants = _REPLY  # a Command or Receive waits for its reply
                 return
             except SMTPError as exc:
                 value, error = None, exc
@@ -513,13 +535,17 @@ class Connection(asyncio.BufferedProtocol):
             return info or None
         return str(info[0]) if info else None
 
-    async def aclose(self, timeout: float = 1.0) -> None:
+    def aclose(self, timeout: float = 1.0) -> Awaitable[None]:
         """Close and, over TLS, wait (at most ``timeout``) until the close_notify
         exchange is over and the socket is really closed, so that nothing is left
-        behind when the event loop ends right after a send."""
+        behind when the event loop ends right after a send. In plaintext nothing is
+        left to wait for: no coroutine is made."""
         self.close()
         if self._lost or not self.proto.tls:
-            return
+            return _NOTHING
+        return self._closed(timeout)
+
+    async def _closed(self, timeout: float) -> None:
         waiter = self._close_waiter = self._loop.create_future()
         handle = self._loop.call_later(timeout, self.abort)
         try:
@@ -529,10 +555,13 @@ class Connection(asyncio.BufferedProtocol):
             self._close_waiter = None
 
     def close(self) -> None:
-        self._cancel_timer()
-        self._drop_queue()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+        if self._timer is not None:
+            self._cancel_timer()
+        if self._queue or self._poll is not None:
+            self._drop_queue()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
 
     def abort(self) -> None:
         self._cancel_timer()
@@ -545,14 +574,15 @@ async def open_connection(
     proto: ClientProtocol,
     host: str,
     port: int,
+    options: ConnectOptions,
     *,
     loop: asyncio.AbstractEventLoop | None = None,
-    **options: Unpack[ConnectOptions],
 ) -> Connection:
     """Connect to ``host`` (or to ``address``) and return the connection; the options
     (implicit TLS, a proxy, the caller's socket...) are
-    :class:`~asmtp._io.connect.ConnectOptions`. ``timeout`` covers the connect, the
-    implicit TLS handshake and, once the caller reads it, the greeting."""
+    :class:`~asmtp._io.connect.ConnectOptions`, passed as the mapping they are (no
+    keyword arguments packed and unpacked per connection). ``timeout`` covers the
+    connect, the implicit TLS handshake and, once the caller reads it, the greeting."""
     loop = loop or asyncio.get_running_loop()
     timeout, proxy, sock = options.get("timeout"), options.get("proxy"), options.get("sock")
     source_address, path = options.get("source_address"), unix_path_of(options)
