@@ -2,9 +2,10 @@
 "delivered" only after a success reply to the end of data: hypothesis scripts a server's
 replies command by command (successes, refusals of every class, 452 "too many
 recipients", 421 closing, a reply the command does not allow, garbage, the connection
-closed) and runs a whole session's steps (:meth:`Session.one_shot`) on them, counting the
-results the way the fan-out does (:func:`asmtp._delivery.dispatch.run_session`: a
-session that fails leaves its missing recipients to :meth:`Session.cut_short`).
+closed), on DATA or BDAT (CHUNKING: one chunk or several), SMTP or LMTP, and runs a whole
+session's steps (:meth:`Session.one_shot`) on them, counting the results the way the
+fan-out does (:func:`asmtp._delivery.dispatch.run_session`: a session that fails leaves
+its missing recipients to :meth:`Session.cut_short`).
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asmtp._core.prepared import prepare_message
+from asmtp._core.prepared import PreparedMessage, prepare_message
 from asmtp._core.reply import NEED_DATA
 from asmtp._core.steps import Await, Send
+from asmtp._core.wire import BDAT_CHUNK
 from asmtp._delivery.endpoint import Endpoint
 from asmtp._delivery.session import Session
 from asmtp.config import Timeouts
 from asmtp.errors import SMTPError
 from asmtp.results import RecipientResult
 
-MESSAGE = prepare_message(b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n")
+SMALL = prepare_message(b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n")
+#: over two BDAT chunks: the first goes with the envelope, the others once it is answered
+LARGE = prepare_message(
+    b"From: a@example.com\r\n\r\n" + (b"x" * 76 + b"\r\n") * (2 * BDAT_CHUNK // 78 + 1)
+)
 CLOSE = b""  # the server closes the connection instead of answering
 GARBAGE = b"hello there\r\n"
 
@@ -36,6 +42,7 @@ NORMAL = {
     "rcpt": b"250 2.1.5 ok\r\n",
     "data": b"354 go ahead\r\n",
     "message": b"250 2.0.0 queued\r\n",
+    "bdat": b"250 2.0.0 chunk ok\r\n",
     "rset": b"250 2.0.0 ok\r\n",
     "quit": b"221 2.0.0 bye\r\n",
 }
@@ -80,6 +87,14 @@ ANSWERS = {
         GARBAGE,
         CLOSE,
     ],
+    "bdat": [
+        b"421 4.3.2 bye\r\n",
+        b"451 4.3.0 later\r\n",
+        b"503 5.5.1 no valid recipients\r\n",
+        b"554 5.6.0 bad chunk\r\n",
+        GARBAGE,
+        CLOSE,
+    ],
     "rset": [b"421 4.3.2 bye\r\n", b"500 5.5.1 what\r\n", CLOSE],
     "quit": [b"421 4.3.2 bye\r\n", GARBAGE, CLOSE],
 }
@@ -89,9 +104,10 @@ class Server:
     """Answers whatever the client awaits: the script's replies for that command first,
     in order, then the normal one; keeps every reply given to the end of data."""
 
-    def __init__(self, script: dict[str, list[bytes]], *, pipelining: bool) -> None:
+    def __init__(self, script: dict[str, list[bytes]], *, pipelining: bool, chunking: bool) -> None:
         self.script = script
-        self.ehlo = CAPS + (b"250-PIPELINING\r\n" if pipelining else b"") + b"250 8BITMIME\r\n"
+        self.ehlo = CAPS + (b"250-PIPELINING\r\n" if pipelining else b"")
+        self.ehlo += (b"250-CHUNKING\r\n" if chunking else b"") + b"250 8BITMIME\r\n"
         self.to_the_dot: list[bytes] = []
         self.closed = False
 
@@ -108,13 +124,15 @@ class Server:
         return answer
 
 
-def run_session(session: Session, rcpts: list[str], server: Server) -> dict[str, RecipientResult]:
+def run_session(
+    session: Session, rcpts: list[str], message: PreparedMessage, server: Server
+) -> dict[str, RecipientResult]:
     """A whole session's steps, each reply sent back and each SMTPError met while reading
     thrown in at the step (as the drivers do); then, as the fan-out does, the recipients
     left without a result by a session that failed get theirs from ``cut_short``."""
     results: dict[str, RecipientResult] = {}
     steps = session.one_shot(
-        "a@example.com", rcpts, MESSAGE, results, started=0.0, clock=lambda: 0.0
+        "a@example.com", rcpts, message, results, started=0.0, clock=lambda: 0.0
     )
     proto = session.proto
     value: Any = None
@@ -151,10 +169,17 @@ scripts = st.fixed_dictionaries(
     script=scripts,
     count=st.integers(min_value=1, max_value=4),
     pipelining=st.booleans(),
+    chunking=st.booleans(),
+    large=st.booleans(),
     lmtp=st.booleans(),
 )
 def test_every_recipient_gets_one_result_whatever_the_server_answers(
-    script: dict[str, list[bytes]], count: int, pipelining: bool, lmtp: bool
+    script: dict[str, list[bytes]],
+    count: int,
+    pipelining: bool,
+    chunking: bool,
+    large: bool,
+    lmtp: bool,
 ) -> None:
     if lmtp:
         script["lhlo"] = script.pop("ehlo")
@@ -163,8 +188,8 @@ def test_every_recipient_gets_one_result_whatever_the_server_answers(
     )
     session = Session(endpoint, Timeouts())
     rcpts = [f"user{i}@example.org" for i in range(count)]
-    server = Server(script, pipelining=pipelining)
-    results = run_session(session, rcpts, server)
+    server = Server(script, pipelining=pipelining, chunking=chunking)
+    results = run_session(session, rcpts, LARGE if large else SMALL, server)
     assert sorted(results) == rcpts
     for rcpt, result in results.items():
         assert result.recipient == rcpt
