@@ -22,6 +22,7 @@ from asmtp._core.capabilities import Capabilities
 from asmtp._core.protocol import ClientProtocol
 from asmtp._core.reply import Reply, ReplyParser
 from asmtp._core.steps import Command, Receive, Send, receive
+from asmtp._delivery.api import _Alone
 from asmtp._delivery.session_state import QUICK, answered
 from asmtp.errors import RemoteProtocolError
 from asmtp.results import RecipientResult
@@ -159,6 +160,17 @@ def ceiling_client() -> ModuleType:
 
 
 MESSAGE = b"Subject: ceiling\r\n\r\n.a line with a dot\r\nhello\r\n"
+
+
+def test_the_relay_fan_out_makes_each_job_as_it_is_taken() -> None:
+    # One recipient a session: (0,), (1,) ... as a sequence, without a list per recipient.
+    jobs = _Alone(4)
+    assert len(jobs) == 4
+    assert list(jobs) == [(0,), (1,), (2,), (3,)]
+    assert jobs[0] == (0,) and jobs[-1] == (3,) and list(jobs[1:3]) == [(1,), (2,)]
+    with pytest.raises(IndexError):
+        jobs[4]
+    assert list(_Alone(0)) == []
 
 
 def test_the_steps_fields_are_where_the_asyncio_driver_reads_them() -> None:

@@ -17,6 +17,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -24,7 +25,7 @@ from dataclasses import replace
 from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, overload
 
 import anyio
 
@@ -328,6 +329,7 @@ async def _fan_out(
 
         run: Callable[[Job], Awaitable[tuple[Sequence[RecipientResult], SMTPError | None]]]
         run = by_mx
+        jobs: Sequence[Job]
 
         if not isinstance(prepared, PreparedMessage):
             relay = replace(relay, batch_per_domain=False)
@@ -339,14 +341,40 @@ async def _fan_out(
             job: Job,
         ) -> Coroutine[Any, Any, tuple[list[RecipientResult], SMTPError | None]]:
             # The session's own coroutine, none around it: an object and a level fewer.
-            recipients = list(map(rcpts.__getitem__, job))  # no comprehension function made
+            recipients = [rcpts[job[0]]]  # every job here is one recipient's (_Alone)
             return run_session(endpoint, timeouts, sender, recipients, message_of(job), debug=debug)
 
         run = by_relay
 
-        jobs = [[i] for i in range(len(rcpts))]
+        jobs = _Alone(len(rcpts))
     results = await run_pool(len(rcpts), jobs, concurrency, run)
     return Report(tuple(results))
+
+
+class _Alone(Sequence[tuple[int]]):
+    """Every recipient in a session of its own: the jobs (0,), (1,), ... each made as the
+    pool takes it, not a list per recipient made up front and kept for the whole run
+    (which, besides the memory, the garbage collector walked again and again)."""
+
+    __slots__ = ("_count",)
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int]: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[tuple[int]]: ...
+    def __getitem__(self, index: int | slice) -> tuple[int] | Sequence[tuple[int]]:
+        if isinstance(index, slice):
+            return [(i,) for i in range(self._count)[index]]
+        return (range(self._count)[index],)
+
+    def __iter__(self) -> Iterator[tuple[int]]:
+        return zip(range(self._count))  # the tuples made in C, one at a time
 
 
 def _check_concurrency(concurrency: int) -> int:
