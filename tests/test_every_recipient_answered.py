@@ -10,20 +10,17 @@ its missing recipients to :meth:`Session.cut_short`).
 
 from __future__ import annotations
 
-from typing import Any
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asmtp._core.prepared import PreparedMessage, prepare_message
-from asmtp._core.reply import NEED_DATA
-from asmtp._core.steps import Await, Send
 from asmtp._core.wire import BDAT_CHUNK
 from asmtp._delivery.endpoint import Endpoint
 from asmtp._delivery.session import Session
 from asmtp.config import Timeouts
 from asmtp.errors import SMTPError
 from asmtp.results import RecipientResult
+from scripted import drive
 
 SMALL = prepare_message(b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n")
 #: over two BDAT chunks: the first goes with the envelope, the others once it is answered
@@ -134,24 +131,8 @@ def run_session(
     steps = session.one_shot(
         "a@example.com", rcpts, message, results, started=0.0, clock=lambda: 0.0
     )
-    proto = session.proto
-    value: Any = None
-    error: SMTPError | None = None
     try:
-        while True:
-            try:
-                step = steps.send(value) if error is None else steps.throw(error)
-            except StopIteration:
-                break
-            value = error = None
-            assert not isinstance(step, Await), "nothing is awaited in these sessions"
-            if isinstance(step, Send):
-                continue
-            try:
-                while (value := proto.next_reply()) is NEED_DATA:
-                    proto.receive_data(server.reply(proto.awaiting))
-            except SMTPError as exc:
-                value, error = None, exc
+        drive(session, steps, server)
     except SMTPError as exc:
         missing = [r for r in rcpts if r not in results]
         for result in session.cut_short(missing, exc, 0.0):

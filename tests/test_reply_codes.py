@@ -21,13 +21,13 @@ import asmtp
 from asmtp._core.capabilities import Capabilities
 from asmtp._core.prepared import prepare_message
 from asmtp._core.protocol import SUCCESS_CODES, ClientProtocol, State
-from asmtp._core.reply import NEED_DATA, Reply
-from asmtp._core.steps import Await, Send, Steps
+from asmtp._core.reply import Reply
 from asmtp._delivery.endpoint import Endpoint
 from asmtp._delivery.session import Session
 from asmtp.config import Timeouts
 from asmtp.errors import LocalProtocolError, RemoteProtocolError, SMTPError
 from asmtp.results import RecipientResult, result_from_error
+from scripted import drive
 from servers import FaultServer
 from test_bench import bench_json, target
 
@@ -304,28 +304,6 @@ class ScriptedServer:
         return self.ehlo if kind == "ehlo" else NORMAL[kind]
 
 
-def drive(session: Session, steps: Steps[T], server: ScriptedServer) -> T:
-    """Run ``steps`` as asmtp's drivers do: each reply sent back, each SMTPError met
-    while reading thrown in at the step's ``yield``."""
-    proto = session.proto
-    value: Any = None
-    error: SMTPError | None = None
-    while True:
-        try:
-            step = steps.send(value) if error is None else steps.throw(error)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        value = error = None
-        assert not isinstance(step, Await), "nothing is awaited in these sessions"
-        if isinstance(step, Send):
-            continue
-        try:
-            while (value := proto.next_reply()) is NEED_DATA:
-                proto.receive_data(server.reply(proto.awaiting))
-        except SMTPError as exc:
-            value, error = None, exc
-
-
 def endpoint_for(kind: str) -> Endpoint:
     """STARTTLS for its own rows; AUTH for the others that get past EHLO (after HELO
     no extension is known, AUTH included)."""
@@ -403,6 +381,16 @@ def test_session_result_for_every_command_and_reply_class(
         assert result.code is None  # not a reply of the command's own
 
 
+def one_shot_results(rcpts: list[str], server: ScriptedServer) -> dict[str, RecipientResult]:
+    """The results of a whole session (one message to ``rcpts``, plaintext) on ``server``."""
+    endpoint = Endpoint(host="mx.example.org", port=25, helo="client.example.com", tls="none")
+    session = Session(endpoint, Timeouts())
+    results: dict[str, RecipientResult] = {}
+    steps = session.one_shot("a@example.com", rcpts, MESSAGE, results, started=0.0, clock=lambda: 0)
+    drive(session, steps, server)
+    return results
+
+
 @pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
 @pytest.mark.parametrize("closing", ["data", "message"], ids=["421-to-DATA", "421-after-the-dot"])
 def test_session_452_then_closed_leaves_no_recipient_without_a_result(
@@ -414,15 +402,8 @@ def test_session_452_then_closed_leaves_no_recipient_without_a_result(
         "rcpt": [b"250 2.1.5 ok\r\n", b"452 4.5.3 too many\r\n"],
         closing: [b"421 4.3.2 shutting down\r\n"],
     }
-    endpoint = Endpoint(host="mx.example.org", port=25, helo="client.example.com", tls="none")
-    session = Session(endpoint, Timeouts())
-    results: dict[str, RecipientResult] = {}
     rcpts = ["b@example.org", "c@example.org"]
-    drive(
-        session,
-        session.one_shot("a@example.com", rcpts, MESSAGE, results, started=0.0, clock=lambda: 0),
-        ScriptedServer(script, pipelining=pipelining),
-    )
+    results = one_shot_results(rcpts, ScriptedServer(script, pipelining=pipelining))
     assert sorted(results) == rcpts
     assert (results["b@example.org"].code, results["b@example.org"].status) == (421, "transient")
     c = results["c@example.org"]
@@ -434,14 +415,8 @@ def test_session_extra_reply_in_a_pipelined_group_delivers_nothing() -> None:
     # and the 354 left over answers no command (QUIT gets it).
     group = b"250 ok\r\n250 extra\r\n250 ok\r\n550 5.1.1 no\r\n354 go ahead\r\n"
     script = {"mail": [group]}
-    endpoint = Endpoint(host="mx.example.org", port=25, helo="client.example.com", tls="none")
-    session = Session(endpoint, Timeouts())
-    results: dict[str, RecipientResult] = {}
-    rcpts = ["b@example.org", "c@example.org"]
-    drive(
-        session,
-        session.one_shot("a@example.com", rcpts, MESSAGE, results, started=0.0, clock=lambda: 0),
-        ScriptedServer(script, pipelining=True),
+    results = one_shot_results(
+        ["b@example.org", "c@example.org"], ScriptedServer(script, pipelining=True)
     )
     assert {r.status for r in results.values()} == {"permanent"}
     assert {r.stage for r in results.values()} == {"data"}
